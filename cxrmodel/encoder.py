@@ -1,0 +1,267 @@
+"""Load a dual-encoder checkpoint (+ optional LoRA adapter) and turn images and texts into vectors.
+
+`load_encoder(EncoderConfig(...))` is the only place RadLens loads a model. Nothing is loaded at
+import time and nothing is downloaded unless a hub id is given and not found locally.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+
+from .errors import ModelLoadError
+from .preprocess import PREPROCESSOR_FILE, ImagePreprocess
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MODEL = "openai/clip-vit-base-patch32"
+MODEL_ENV = "RADLENS_MODEL"
+PRECISIONS = ("auto", "bf16", "fp32")
+
+
+@dataclass
+class EncoderConfig:
+    """Which checkpoint to load and how to run it."""
+
+    model: str = field(default=DEFAULT_MODEL, metadata={"help": "Hub id or local directory of the checkpoint."})
+    adapter: str | None = field(default=None, metadata={"help": "Directory of a peft LoRA adapter."})
+    merge: bool = field(default=False, metadata={"help": "Merge the adapter into the weights for inference."})
+    precision: str = field(default="auto", metadata={"help": "auto (bf16 where fast), bf16 or fp32."})
+    device: str = field(default="auto", metadata={"help": "auto, cpu or cuda[:N]."})
+    batch_size: int = field(default=32, metadata={"help": "Images or texts per forward pass."})
+
+
+def resolve_model_name(cli_value: str | None = None) -> str:
+    """`--model` if given, else `$RADLENS_MODEL`, else the hub default."""
+    return cli_value or os.environ.get(MODEL_ENV) or DEFAULT_MODEL
+
+
+def cpu_supports_bf16() -> bool:
+    """True when this CPU runs bf16 matmuls natively (AVX-512 BF16 / AMX) through oneDNN."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def choose_device(requested: str = "auto") -> torch.device:
+    """CUDA when present (or asked for), else CPU."""
+    if requested == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(requested)
+
+
+def choose_dtype(precision: str, device: torch.device) -> torch.dtype:
+    """Resolve `auto` to bf16 where the hardware runs it fast, fp32 otherwise."""
+    if precision not in PRECISIONS:
+        raise ModelLoadError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
+    if precision == "fp32":
+        return torch.float32
+    if precision == "bf16":
+        return torch.bfloat16
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.bfloat16 if cpu_supports_bf16() else torch.float32
+
+
+def adapter_fingerprint(adapter_dir: str | Path | None) -> str | None:
+    """sha256 over an adapter directory's files, so an index knows which adapter built it."""
+    if not adapter_dir:
+        return None
+    digest = hashlib.sha256()
+    for path in sorted(Path(adapter_dir).iterdir()):
+        if path.is_file() and path.name.startswith("adapter_"):
+            digest.update(path.name.encode())
+            digest.update(path.read_bytes())
+    return digest.hexdigest()
+
+
+def features(output) -> torch.Tensor:
+    """The projected embedding from `get_*_features`, which returns a tensor or an output object."""
+    if isinstance(output, torch.Tensor):
+        return output
+    return output.pooler_output
+
+
+def _hub_hint(name: str) -> str:
+    return (
+        f"RadLens tried to load {name!r}. If this machine cannot reach the Hugging Face hub, copy the "
+        f"checkpoint to a local directory on a connected machine "
+        f"(`hf download {name} --local-dir DIR`) and pass `--model DIR` or set {MODEL_ENV}=DIR."
+    )
+
+
+def _model_class(model_type: str):
+    from transformers import CLIPModel, VisionTextDualEncoderModel
+
+    classes = {"clip": CLIPModel, "vision-text-dual-encoder": VisionTextDualEncoderModel}
+    if model_type not in classes:
+        raise ModelLoadError(
+            f"model type {model_type!r} is not a supported dual encoder (supported: {', '.join(classes)})"
+        )
+    return classes[model_type]
+
+
+def load_pretrained_parts(name: str, dtype: torch.dtype = torch.float32):
+    """Load (model, tokenizer, preprocess) from a hub id or local directory; raises ModelLoadError."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    local = Path(name).expanduser()
+    if local.exists() and not local.is_dir():
+        raise ModelLoadError(f"--model {name!r} is a file; give the checkpoint's directory. " + _hub_hint(name))
+    if not local.exists() and (name.startswith((".", "/", "~")) or name.count("/") > 1):
+        raise ModelLoadError(f"model directory {name!r} does not exist. " + _hub_hint(name))
+    source = str(local) if local.is_dir() else name
+    try:
+        config = AutoConfig.from_pretrained(source)
+        model = _model_class(config.model_type).from_pretrained(source, dtype=dtype)
+        tokenizer = AutoTokenizer.from_pretrained(source)
+        preprocess = _load_preprocess(source)
+    except ModelLoadError:
+        raise
+    except (OSError, ValueError, KeyError, EnvironmentError) as exc:
+        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ModelLoadError(f"cannot load model {name!r}: {first_line}. " + _hub_hint(name)) from None
+    model.eval()
+    return model, tokenizer, preprocess
+
+
+def _load_preprocess(source: str) -> ImagePreprocess:
+    if Path(source).is_dir():
+        path = Path(source) / PREPROCESSOR_FILE
+        if not path.exists():
+            raise ModelLoadError(f"{source} has no {PREPROCESSOR_FILE}; save the image processor beside the model")
+        return ImagePreprocess.from_pretrained(source)
+    from huggingface_hub import hf_hub_download
+
+    return ImagePreprocess.from_pretrained(Path(hf_hub_download(source, PREPROCESSOR_FILE)).parent)
+
+
+def attach_adapter(model, adapter_dir: str | Path, merge: bool = False, trainable: bool = False):
+    """Wrap `model` with a saved peft adapter; optionally merge it into the base weights."""
+    from peft import PeftModel
+
+    adapter_dir = Path(adapter_dir)
+    if not (adapter_dir / "adapter_config.json").exists():
+        raise ModelLoadError(f"{adapter_dir} is not a peft adapter directory (no adapter_config.json)")
+    try:
+        wrapped = PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=trainable)
+    except (OSError, ValueError, KeyError, RuntimeError) as exc:
+        raise ModelLoadError(f"cannot load adapter {adapter_dir}: {exc}") from None
+    return wrapped.merge_and_unload() if merge else wrapped
+
+
+class Encoder:
+    """Turns images and texts into L2-normalised float32 vectors in one shared space.
+
+    Thread-safe: forward passes are serialised by a lock, so one Encoder can serve a web app.
+    """
+
+    def __init__(self, model, tokenizer, preprocess: ImagePreprocess, *, model_name: str,
+                 adapter: str | None = None, device: torch.device | None = None,
+                 dtype: torch.dtype = torch.float32, batch_size: int = 32):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.preprocess = preprocess
+        self.model_name = model_name
+        self.adapter = adapter
+        self.adapter_hash = adapter_fingerprint(adapter)
+        self.device = device or torch.device("cpu")
+        self.dtype = dtype
+        self.batch_size = batch_size
+        self._lock = threading.Lock()
+        self.max_text_tokens = _max_text_tokens(model, tokenizer)
+
+    @property
+    def dim(self) -> int:
+        """Length of every vector this encoder returns."""
+        return int(self._base_config().projection_dim)
+
+    @property
+    def identity(self) -> dict:
+        """What an index records to know which encoder built it."""
+        return {"model": self.model_name, "adapter": self.adapter, "adapter_hash": self.adapter_hash,
+                "dim": self.dim}
+
+    def _base_config(self):
+        model = self.model
+        return model.get_base_model().config if hasattr(model, "get_base_model") else model.config
+
+    def encode_pixels(self, pixels: torch.Tensor) -> np.ndarray:
+        """Preprocessed pixel batch (B, 3, H, W) -> (B, dim) unit vectors."""
+        out = []
+        for start in range(0, len(pixels), self.batch_size):
+            chunk = pixels[start : start + self.batch_size].to(self.device, self.dtype)
+            with self._lock, torch.inference_mode():
+                out.append(_normalise(features(self.model.get_image_features(pixel_values=chunk))))
+        return _stack(out, self.dim)
+
+    def encode_images(self, images: Sequence[Image.Image]) -> np.ndarray:
+        """PIL images (``L`` or ``RGB``) -> (N, dim) unit vectors."""
+        out = []
+        for start in range(0, len(images), self.batch_size):
+            out.append(self.encode_pixels(self.preprocess.to_tensor(list(images[start : start + self.batch_size]))))
+        return _stack(out, self.dim)
+
+    def encode_texts(self, texts: Iterable[str]) -> np.ndarray:
+        """Strings -> (N, dim) unit vectors."""
+        texts = list(texts)
+        out = []
+        for start in range(0, len(texts), self.batch_size):
+            batch = self.tokenize(texts[start : start + self.batch_size])
+            with self._lock, torch.inference_mode():
+                out.append(_normalise(features(self.model.get_text_features(**batch))))
+        return _stack(out, self.dim)
+
+    def tokenize(self, texts: Sequence[str]) -> dict[str, torch.Tensor]:
+        """Tokenise texts for the text tower, padded to the longest and truncated to its limit."""
+        batch = self.tokenizer(list(texts), padding=True, truncation=True, max_length=self.max_text_tokens,
+                               return_tensors="pt")
+        keep = {"input_ids", "attention_mask"}
+        if "token_type_ids" in batch and self._base_config().model_type != "clip":
+            keep.add("token_type_ids")
+        return {k: v.to(self.device) for k, v in batch.items() if k in keep}
+
+
+def _max_text_tokens(model, tokenizer) -> int:
+    cfg = model.get_base_model().config if hasattr(model, "get_base_model") else model.config
+    limit = getattr(cfg.text_config, "max_position_embeddings", None) or 77
+    tok_limit = getattr(tokenizer, "model_max_length", limit) or limit
+    return int(min(limit, tok_limit))
+
+
+def _normalise(vectors: torch.Tensor) -> np.ndarray:
+    vectors = vectors.float()
+    vectors = vectors / vectors.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+    return vectors.cpu().numpy().astype(np.float32, copy=False)
+
+
+def _stack(parts: list[np.ndarray], dim: int) -> np.ndarray:
+    return np.concatenate(parts, axis=0) if parts else np.zeros((0, dim), dtype=np.float32)
+
+
+def load_encoder(config: EncoderConfig) -> Encoder:
+    """Load checkpoint, tokenizer, preprocessing and adapter as `config` says; raises ModelLoadError."""
+    device = choose_device(config.device)
+    dtype = choose_dtype(config.precision, device)
+    model, tokenizer, preprocess = load_pretrained_parts(config.model, dtype=torch.float32)
+    if config.adapter:
+        model = attach_adapter(model, config.adapter, merge=config.merge)
+    model = model.to(device=device, dtype=dtype)
+    model.eval()
+    log.info("loaded %s%s on %s in %s", config.model,
+             f" + adapter {config.adapter}" if config.adapter else "", device, dtype)
+    adapter = str(Path(config.adapter).resolve()) if config.adapter else None
+    local = Path(config.model).expanduser()
+    name = str(local.resolve()) if local.is_dir() else config.model
+    return Encoder(model, tokenizer, preprocess, model_name=name, adapter=adapter,
+                   device=device, dtype=dtype, batch_size=config.batch_size)

@@ -1,0 +1,216 @@
+"""Decode one medical image (PNG/JPEG/TIFF/BMP/GIF/WebP or DICOM) into display-ready pixels.
+
+Every entry point of RadLens -- the indexer, the CLI, the web upload, training -- reads images
+through `decode_bytes` / `load_image`, so preprocessing never drifts between them. Anything that
+is not a readable image raises `ImageDecodeError` with a one-line reason.
+
+The result is 8-bit: mode ``L`` for grayscale sources (most radiographs, CT, MRI) and ``RGB``
+for colour ones. Grayscale is kept as one channel because it is three times cheaper to resize;
+`DecodedImage.rgb()` gives the RGB view a model expects.
+"""
+
+from __future__ import annotations
+
+import io
+import struct
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from .errors import ImageDecodeError
+
+DICOM_MAGIC_OFFSET = 128
+DICOM_EXTENSIONS = (".dcm", ".dicom")
+RASTER_EXTENSIONS = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".gif", ".webp")
+IMAGE_EXTENSIONS = RASTER_EXTENSIONS + DICOM_EXTENSIONS
+
+# The only DICOM attributes RadLens ever reads into metadata. Everything else -- patient name,
+# id, birth date, accession number, institution -- is never copied anywhere.
+DICOM_METADATA_TAGS = {
+    "modality": "Modality",
+    "body_part": "BodyPartExamined",
+    "view": "ViewPosition",
+}
+
+
+@dataclass(frozen=True)
+class ImageLimits:
+    """Bounds that protect a process against hostile or absurd inputs."""
+
+    max_pixels: int = field(default=100_000_000, metadata={"help": "Largest width*height*frames decoded."})
+    max_bytes: int = field(default=512 * 1024 * 1024, metadata={"help": "Largest encoded file accepted."})
+
+
+@dataclass
+class DecodedImage:
+    """Pixels ready for a model or a thumbnail, and the non-identifying metadata of the file."""
+
+    image: Image.Image
+    format: str
+    metadata: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def width(self) -> int:
+        return self.image.width
+
+    @property
+    def height(self) -> int:
+        return self.image.height
+
+    def rgb(self) -> Image.Image:
+        """The image as 8-bit RGB."""
+        return self.image if self.image.mode == "RGB" else self.image.convert("RGB")
+
+
+def looks_like_dicom(data: bytes) -> bool:
+    """True when the bytes carry the DICOM Part 10 preamble marker."""
+    return data[DICOM_MAGIC_OFFSET : DICOM_MAGIC_OFFSET + 4] == b"DICM"
+
+
+def is_image_path(path: Path) -> bool:
+    """True when a file name has an extension RadLens reads."""
+    return path.suffix.lower() in IMAGE_EXTENSIONS
+
+
+def load_image(path: str | Path, limits: ImageLimits = ImageLimits()) -> DecodedImage:
+    """Read and decode an image file; raises `ImageDecodeError` when it is not a readable image."""
+    path = Path(path)
+    try:
+        size = path.stat().st_size
+        if size > limits.max_bytes:
+            raise ImageDecodeError(f"{path.name}: file is {size} bytes, over the {limits.max_bytes}-byte limit")
+        data = path.read_bytes()
+    except OSError as exc:
+        raise ImageDecodeError(f"{path.name}: cannot read file ({exc.strerror or exc})") from None
+    return decode_bytes(data, name=path.name, limits=limits)
+
+
+def decode_bytes(data: bytes, name: str = "image", limits: ImageLimits = ImageLimits()) -> DecodedImage:
+    """Decode image bytes (raster or DICOM) into a `DecodedImage`."""
+    if not data:
+        raise ImageDecodeError(f"{name}: file is empty")
+    if len(data) > limits.max_bytes:
+        raise ImageDecodeError(f"{name}: {len(data)} bytes, over the {limits.max_bytes}-byte limit")
+    if looks_like_dicom(data) or name.lower().endswith(DICOM_EXTENSIONS):
+        return _decode_dicom(data, name, limits)
+    return _decode_raster(data, name, limits)
+
+
+def _decode_raster(data: bytes, name: str, limits: ImageLimits) -> DecodedImage:
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            im = Image.open(io.BytesIO(data))
+            fmt = im.format or "unknown"
+            _check_pixels(im.width * im.height * getattr(im, "n_frames", 1), name, limits)
+            im.seek(0)
+            im.load()
+            im = ImageOps.exif_transpose(im)
+    except ImageDecodeError:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise ImageDecodeError(f"{name}: image too large ({exc})") from None
+    except UnidentifiedImageError:
+        raise ImageDecodeError(f"{name}: not a recognised image format") from None
+    except (OSError, SyntaxError, ValueError, TypeError, EOFError, struct.error) as exc:
+        raise ImageDecodeError(f"{name}: corrupt or truncated image ({exc})") from None
+    return DecodedImage(image=_to_display_mode(im), format=fmt)
+
+
+def _check_pixels(count: int, name: str, limits: ImageLimits) -> None:
+    if count > limits.max_pixels:
+        raise ImageDecodeError(f"{name}: {count} pixels, over the {limits.max_pixels}-pixel limit")
+
+
+def _to_display_mode(im: Image.Image) -> Image.Image:
+    """Bring any PIL mode to 8-bit ``L`` or ``RGB``."""
+    if im.mode in ("L", "RGB"):
+        return im
+    if im.mode in ("1",):
+        return im.convert("L")
+    if im.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):
+        return Image.fromarray(scale_to_uint8(np.asarray(im, dtype=np.float64)), mode="L")
+    if im.mode in ("LA", "La"):
+        return _flatten_alpha(im.convert("RGBA")).convert("L")
+    if im.mode in ("RGBA", "RGBa", "PA") or (im.mode == "P" and "transparency" in im.info):
+        return _flatten_alpha(im.convert("RGBA"))
+    return im.convert("RGB")  # P, CMYK, YCbCr, LAB, HSV
+
+
+def _flatten_alpha(rgba: Image.Image) -> Image.Image:
+    """Composite on black: radiographs are dark where nothing was imaged."""
+    background = Image.new("RGBA", rgba.size, (0, 0, 0, 255))
+    return Image.alpha_composite(background, rgba).convert("RGB")
+
+
+def scale_to_uint8(pixels: np.ndarray) -> np.ndarray:
+    """Linearly map an array's min..max onto 0..255 (a flat array becomes all zeros)."""
+    pixels = np.asarray(pixels, dtype=np.float64)
+    lo, hi = float(np.min(pixels)), float(np.max(pixels))
+    if not np.isfinite(lo) or not np.isfinite(hi):
+        pixels = np.nan_to_num(pixels, nan=0.0, posinf=0.0, neginf=0.0)
+        lo, hi = float(np.min(pixels)), float(np.max(pixels))
+    if hi <= lo:
+        return np.zeros(pixels.shape, dtype=np.uint8)
+    return np.round((pixels - lo) * (255.0 / (hi - lo))).astype(np.uint8)
+
+
+def _decode_dicom(data: bytes, name: str, limits: ImageLimits) -> DecodedImage:
+    import pydicom
+    from pydicom.errors import InvalidDicomError
+
+    try:
+        ds = pydicom.dcmread(io.BytesIO(data), force=not looks_like_dicom(data))
+    except (InvalidDicomError, EOFError, OSError, ValueError, TypeError, KeyError, AttributeError) as exc:
+        raise ImageDecodeError(f"{name}: not a readable DICOM file ({exc})") from None
+    if "PixelData" not in ds:
+        raise ImageDecodeError(f"{name}: DICOM file has no pixel data")
+    try:
+        rows, cols = int(ds.Rows), int(ds.Columns)
+        frames = int(getattr(ds, "NumberOfFrames", 1) or 1)
+    except (AttributeError, TypeError, ValueError):
+        raise ImageDecodeError(f"{name}: DICOM file lacks valid Rows/Columns") from None
+    _check_pixels(rows * cols * frames, name, limits)
+    try:
+        pixels = _dicom_display_pixels(ds, frames)
+    except ImageDecodeError:
+        raise
+    except Exception as exc:  # pydicom raises many types for bad or unsupported pixel data
+        raise ImageDecodeError(f"{name}: cannot decode DICOM pixels ({type(exc).__name__}: {exc})") from None
+    mode = "RGB" if pixels.ndim == 3 else "L"
+    return DecodedImage(image=Image.fromarray(pixels, mode=mode), format="DICOM", metadata=dicom_metadata(ds))
+
+
+def _dicom_display_pixels(ds, frames: int) -> np.ndarray:
+    """Modality LUT (rescale), VOI LUT (window), MONOCHROME1 inversion, first frame -> uint8."""
+    from pydicom.pixels import apply_modality_lut, apply_voi_lut
+
+    arr = ds.pixel_array
+    samples = int(getattr(ds, "SamplesPerPixel", 1) or 1)
+    if frames > 1:
+        arr = arr[0]
+    if samples == 3:
+        if arr.dtype != np.uint8:
+            arr = scale_to_uint8(arr)
+        return np.ascontiguousarray(arr)
+    arr = apply_modality_lut(arr, ds)
+    has_window = "WindowCenter" in ds and "WindowWidth" in ds
+    if has_window or "VOILUTSequence" in ds:
+        arr = apply_voi_lut(arr, ds, index=0)
+    out = scale_to_uint8(arr)
+    if str(getattr(ds, "PhotometricInterpretation", "")).upper() == "MONOCHROME1":
+        out = 255 - out
+    return out
+
+
+def dicom_metadata(ds) -> dict[str, str]:
+    """The whitelisted, non-identifying DICOM attributes (modality, body part, view)."""
+    out = {}
+    for key, keyword in DICOM_METADATA_TAGS.items():
+        value = getattr(ds, keyword, None)
+        if value not in (None, ""):
+            out[key] = str(value).strip()
+    return out

@@ -1,0 +1,128 @@
+"""Model input preprocessing: the one copy of resize, crop and normalisation in RadLens.
+
+`ImagePreprocess` is read from the checkpoint's own ``preprocessor_config.json`` (the file a
+Hugging Face image processor is saved to) so it matches the model, and it reproduces what
+`CLIPImageProcessor` does -- shortest-edge bicubic resize, centre crop, rescale, normalise --
+while resizing grayscale images on one channel instead of three.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+PREPROCESSOR_FILE = "preprocessor_config.json"
+OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+@dataclass(frozen=True)
+class ImagePreprocess:
+    """How a checkpoint wants its pixels: resize, crop and normalisation constants."""
+
+    shortest_edge: int | None = 224
+    resize_to: tuple[int, int] | None = None  # (height, width) when the processor resizes exactly
+    crop: tuple[int, int] | None = (224, 224)
+    mean: tuple[float, float, float] = OPENAI_CLIP_MEAN
+    std: tuple[float, float, float] = OPENAI_CLIP_STD
+    resample: int = Image.Resampling.BICUBIC
+
+    @classmethod
+    def from_dict(cls, cfg: dict) -> "ImagePreprocess":
+        """Build from the keys of a Hugging Face ``preprocessor_config.json``."""
+        size = cfg.get("size", 224)
+        shortest, exact = None, None
+        if isinstance(size, int):
+            shortest = size
+        elif "shortest_edge" in size:
+            shortest = int(size["shortest_edge"])
+        else:
+            exact = (int(size["height"]), int(size["width"]))
+        crop = None
+        if cfg.get("do_center_crop", shortest is not None):
+            c = cfg.get("crop_size", shortest)
+            crop = (int(c), int(c)) if isinstance(c, int) else (int(c["height"]), int(c["width"]))
+        return cls(
+            shortest_edge=shortest,
+            resize_to=exact,
+            crop=crop,
+            mean=tuple(cfg.get("image_mean", OPENAI_CLIP_MEAN)),
+            std=tuple(cfg.get("image_std", OPENAI_CLIP_STD)),
+            resample=int(cfg.get("resample", Image.Resampling.BICUBIC)),
+        )
+
+    @classmethod
+    def from_pretrained(cls, directory: str | Path) -> "ImagePreprocess":
+        """Read ``preprocessor_config.json`` from a checkpoint directory."""
+        with open(Path(directory) / PREPROCESSOR_FILE, encoding="utf-8") as f:
+            return cls.from_dict(json.load(f))
+
+    def to_dict(self) -> dict:
+        """The keys a Hugging Face image processor config would hold."""
+        size = {"shortest_edge": self.shortest_edge} if self.shortest_edge else {
+            "height": self.resize_to[0], "width": self.resize_to[1]}
+        out = {"size": size, "do_resize": True, "do_center_crop": self.crop is not None,
+               "image_mean": list(self.mean), "image_std": list(self.std), "resample": self.resample,
+               "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True,
+               "do_convert_rgb": True, "image_processor_type": "CLIPImageProcessor"}
+        if self.crop:
+            out["crop_size"] = {"height": self.crop[0], "width": self.crop[1]}
+        return out
+
+    @property
+    def output_size(self) -> tuple[int, int]:
+        """(height, width) of the tensor a model receives."""
+        if self.crop:
+            return self.crop
+        if self.resize_to:
+            return self.resize_to
+        return (self.shortest_edge, self.shortest_edge)
+
+    def resize(self, image: Image.Image) -> Image.Image:
+        """Resize and crop one ``L`` or ``RGB`` image to the model's input size."""
+        w, h = image.size
+        if self.resize_to is not None:
+            target = (self.resize_to[1], self.resize_to[0])
+        else:
+            short, long = (w, h) if w <= h else (h, w)
+            new_long = int(self.shortest_edge * long / short)
+            target = (self.shortest_edge, new_long) if w <= h else (new_long, self.shortest_edge)
+        if image.size != target:
+            image = image.resize(target, resample=self.resample)
+        if self.crop is not None:
+            ch, cw = self.crop
+            w, h = image.size
+            top, left = (h - ch) // 2, (w - cw) // 2
+            if top < 0 or left < 0:  # image smaller than the crop: pad like transformers does
+                canvas = Image.new(image.mode, (max(w, cw), max(h, ch)))
+                canvas.paste(image, ((max(w, cw) - w) // 2, (max(h, ch) - h) // 2))
+                image, w, h = canvas, canvas.width, canvas.height
+                top, left = (h - ch) // 2, (w - cw) // 2
+            image = image.crop((left, top, left + cw, top + ch))
+        return image
+
+    def pixels(self, image: Image.Image) -> np.ndarray:
+        """Resized, cropped 8-bit pixels: (H, W) for grayscale, (H, W, 3) for colour."""
+        return np.asarray(self.resize(image), dtype=np.uint8)
+
+    def batch_tensor(self, pixel_arrays: list[np.ndarray]):
+        """8-bit arrays from `pixels` -> normalised float32 torch tensor (B, 3, H, W)."""
+        import torch  # decode workers import this module without paying for torch
+
+        h, w = self.output_size
+        out = np.empty((len(pixel_arrays), 3, h, w), dtype=np.float32)
+        scale = (1.0 / (255.0 * np.asarray(self.std, dtype=np.float32)))[:, None, None]
+        shift = (np.asarray(self.mean, dtype=np.float32) / np.asarray(self.std, dtype=np.float32))[:, None, None]
+        for i, arr in enumerate(pixel_arrays):
+            chw = arr[None] if arr.ndim == 2 else arr[..., :3].transpose(2, 0, 1)
+            np.multiply(chw, scale, out=out[i], casting="unsafe")
+            out[i] -= shift
+        return torch.from_numpy(out)
+
+    def to_tensor(self, images: list[Image.Image]):
+        """A batch of ``L``/``RGB`` images -> normalised float32 torch tensor (B, 3, H, W)."""
+        return self.batch_tensor([self.pixels(im) for im in images])

@@ -1,0 +1,155 @@
+"""Zero-shot labelling of the 14 ChestX-ray14 pathologies with prompt and preprocessing ensembles.
+
+An ensemble *member* is one (preprocessing variant, prompt set) pair. For each member and
+pathology the probability is the two-way softmax between the image's similarity to the mean
+positive-prompt embedding and to the mean negative-prompt embedding, at the model's own
+temperature. The label's probability is the weighted mean over members; its uncertainty is the
+weighted spread (2 x standard deviation, so it lies in [0, 1]).
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass, field
+
+import numpy as np
+from PIL import Image, ImageOps
+
+from .prompts import LabelConfig
+
+_bank_lock = threading.Lock()
+
+
+@dataclass
+class PromptBank:
+    """Text embeddings of every prompt set, computed once per (encoder, prompts)."""
+
+    set_names: list[str]
+    pathologies: list[str]
+    positive: np.ndarray  # (sets, pathologies, dim)
+    negative: np.ndarray  # (sets, pathologies, dim)
+    logit_scale: float
+
+
+@dataclass
+class LabelScore:
+    """Probability and uncertainty of one pathology, with each ensemble member's probability."""
+
+    pathology: str
+    probability: float
+    uncertainty: float
+    threshold: float
+    members: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def positive(self) -> bool:
+        return self.probability >= self.threshold
+
+    def to_dict(self) -> dict:
+        return {"pathology": self.pathology, "probability": round(self.probability, 4),
+                "uncertainty": round(self.uncertainty, 4), "threshold": self.threshold,
+                "positive": self.positive, "members": {k: round(v, 4) for k, v in self.members.items()}}
+
+
+def _mean_direction(vectors: np.ndarray) -> np.ndarray:
+    mean = vectors.mean(axis=0)
+    return mean / max(float(np.linalg.norm(mean)), 1e-12)
+
+
+def logit_scale_of(encoder) -> float:
+    """The model's learned softmax temperature (CLIP: 100), capped like CLIP does."""
+    model = encoder.model.get_base_model() if hasattr(encoder.model, "get_base_model") else encoder.model
+    scale = getattr(model, "logit_scale", None)
+    return float(min(scale.detach().float().exp().item(), 100.0)) if scale is not None else 100.0
+
+
+def prompt_bank(encoder, config: LabelConfig) -> PromptBank:
+    """The cached `PromptBank` of `encoder` for `config`'s prompts (computed on first use)."""
+    key = config.fingerprint()
+    with _bank_lock:
+        cache = encoder.__dict__.setdefault("_prompt_banks", {})
+        if key not in cache:
+            cache[key] = _build_bank(encoder, config)
+        return cache[key]
+
+
+def _build_bank(encoder, config: LabelConfig) -> PromptBank:
+    set_names, pathologies = list(config.prompt_sets), list(config.pathologies)
+    texts, spans = [], []
+    for s in set_names:
+        for p in pathologies:
+            pos, neg = config.prompts(s, p)
+            spans.append((len(texts), len(pos), len(neg)))
+            texts.extend(pos + neg)
+    emb = encoder.encode_texts(texts)
+    dim = emb.shape[1]
+    positive = np.zeros((len(set_names), len(pathologies), dim), dtype=np.float32)
+    negative = np.zeros_like(positive)
+    for i, (start, npos, nneg) in enumerate(spans):
+        s, p = divmod(i, len(pathologies))
+        positive[s, p] = _mean_direction(emb[start : start + npos])
+        negative[s, p] = _mean_direction(emb[start + npos : start + npos + nneg])
+    return PromptBank(set_names, pathologies, positive, negative, logit_scale_of(encoder))
+
+
+def member_probabilities(image_vectors: np.ndarray, bank: PromptBank) -> np.ndarray:
+    """(images, dim) -> (images, sets, pathologies) probabilities, one per prompt-set member."""
+    pos = np.einsum("nd,spd->nsp", image_vectors, bank.positive)
+    neg = np.einsum("nd,spd->nsp", image_vectors, bank.negative)
+    return 1.0 / (1.0 + np.exp(-bank.logit_scale * (pos - neg)))
+
+
+def combine(member_probs: np.ndarray, weights: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Weighted mean and spread over the member axis (axis 0): (probability, uncertainty)."""
+    w = np.asarray(weights, dtype=np.float64)
+    w = w / w.sum()
+    mean = np.tensordot(w, member_probs, axes=1)
+    var = np.tensordot(w, (member_probs - mean) ** 2, axes=1)
+    return np.clip(mean, 0.0, 1.0), np.clip(2.0 * np.sqrt(var), 0.0, 1.0)
+
+
+def score_vectors(image_vectors: np.ndarray, bank: PromptBank, config: LabelConfig) -> tuple[np.ndarray, np.ndarray]:
+    """Prompt-ensemble scores for already-embedded images: (N, P) probability and uncertainty.
+
+    Used at index time, where one embedding per image is kept; `label_image` adds the
+    preprocessing ensemble on top.
+    """
+    members = member_probabilities(image_vectors, bank).transpose(1, 0, 2)  # (sets, N, P)
+    weights = np.array([config.prompt_sets[s].weight for s in bank.set_names])
+    return combine(members, weights)
+
+
+def image_variants(image: Image.Image, names) -> dict[str, Image.Image]:
+    """The preprocessing variants of one ``L``/``RGB`` image named in `names`."""
+    out = {}
+    gray = image if image.mode == "L" else image.convert("L")
+    for name in names:
+        if name == "original":
+            out[name] = image
+        elif name == "equalized":
+            out[name] = ImageOps.equalize(gray)
+        elif name == "clahe":
+            import cv2
+
+            clahe = cv2.createCLAHE(clipLimit=2.0, tileGridSize=(8, 8))
+            out[name] = Image.fromarray(clahe.apply(np.asarray(gray)))
+        elif name == "contrast":
+            out[name] = ImageOps.autocontrast(gray, cutoff=2)
+        else:
+            raise ValueError(f"unknown preprocessing variant {name!r}")
+    return out
+
+
+def label_image(encoder, image: Image.Image, config: LabelConfig) -> list[LabelScore]:
+    """Full ensemble (preprocessing variants x prompt sets) labels for one image."""
+    bank = prompt_bank(encoder, config)
+    variants = image_variants(image, [v for v, w in config.variants.items() if w > 0])
+    vectors = encoder.encode_images(list(variants.values()))
+    probs = member_probabilities(vectors, bank)  # (variants, sets, P)
+    names = [f"{v}/{s}" for v in variants for s in bank.set_names]
+    weights = np.array([config.variants[v] * config.prompt_sets[s].weight for v in variants for s in bank.set_names])
+    flat = probs.reshape(len(names), len(bank.pathologies))
+    mean, spread = combine(flat, weights)
+    return [LabelScore(p, float(mean[j]), float(spread[j]), float(config.thresholds.get(p, 0.5)),
+                       {n: float(flat[i, j]) for i, n in enumerate(names)})
+            for j, p in enumerate(bank.pathologies)]

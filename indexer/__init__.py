@@ -1,0 +1,1 @@
+"""Corpus -> index: sources, decode workers, the SQLAlchemy store, FAISS files, `check`."""

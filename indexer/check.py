@@ -1,0 +1,77 @@
+"""`radlens check`: do the DB rows and the served FAISS index agree one to one?"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from .store import EmbeddingRow, ImageRow, active_generation, open_db
+from .vectors import index_ids, read_index
+
+
+@dataclass
+class CheckReport:
+    """Differences between the metadata DB and the FAISS index of the active generation."""
+
+    generation: int | None = None
+    rows: int = 0
+    vectors: int = 0
+    missing_in_index: list[int] = field(default_factory=list)
+    missing_in_db: list[int] = field(default_factory=list)
+    images_without_vector: list[int] = field(default_factory=list)
+    problems: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not (self.missing_in_index or self.missing_in_db or self.images_without_vector or self.problems)
+
+    def lines(self) -> list[str]:
+        """Human-readable result, first line a verdict."""
+        out = [f"{'OK' if self.ok else 'DRIFT'}: generation {self.generation}, "
+               f"{self.rows} embedded rows, {self.vectors} index vectors"]
+        out += self.problems
+        for label, ids in (("in DB but not in index", self.missing_in_index),
+                           ("in index but not in DB", self.missing_in_db),
+                           ("images without a vector", self.images_without_vector)):
+            if ids:
+                out.append(f"{len(ids)} ids {label}: {ids[:10]}{' ...' if len(ids) > 10 else ''}")
+        return out
+
+
+def check_data_dir(data_dir: str | Path, db_url: str) -> CheckReport:
+    """Compare the active generation's DB rows with its FAISS file."""
+    report = CheckReport()
+    db = open_db(db_url, create=False)
+    try:
+        with Session(db) as session:
+            gen = active_generation(session)
+            if gen is None:
+                report.problems.append("no active index: run `radlens index` first")
+                return report
+            report.generation = gen.id
+            db_ids = np.fromiter(session.scalars(select(EmbeddingRow.image_id)
+                                                 .where(EmbeddingRow.generation_id == gen.id)), dtype=np.int64)
+            image_ids = np.fromiter(session.scalars(select(ImageRow.id)), dtype=np.int64)
+            revision = gen.next_revision - 1
+        report.rows = len(db_ids)
+        report.images_without_vector = np.setdiff1d(image_ids, db_ids).tolist()
+        loaded = read_index(data_dir, gen.id)
+        if loaded is None:
+            report.problems.append(f"FAISS file of generation {gen.id} is missing or unreadable")
+            return report
+        index, meta = loaded
+        faiss_ids = index_ids(index)
+        report.vectors = int(index.ntotal)
+        if len(np.unique(faiss_ids)) != len(faiss_ids):
+            report.problems.append("the index holds duplicate ids")
+        if meta.revision != revision:
+            report.problems.append(f"index is at revision {meta.revision}, DB at {revision}")
+        report.missing_in_index = np.setdiff1d(db_ids, faiss_ids).tolist()
+        report.missing_in_db = np.setdiff1d(faiss_ids, db_ids).tolist()
+        return report
+    finally:
+        db.dispose()

@@ -1,0 +1,309 @@
+"""The indexing pipeline: reader -> decode workers -> encoder batches -> writer (rows + vectors).
+
+Each chunk of images is written in one DB transaction (image rows, vectors, pathology scores,
+skipped files), so a run killed at any moment loses at most the chunk in flight and a restart
+continues where it stopped. The FAISS file is brought up to date from the DB at the end and
+swapped in atomically; readers keep serving the previous complete index until then.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from sqlalchemy import delete, select, update
+from sqlalchemy.orm import Session
+
+from cxrmodel.errors import DataError
+from cxrmodel.images import ImageLimits
+from cxrmodel.prompts import LabelConfig
+from cxrmodel.zeroshot import prompt_bank, score_vectors
+
+from .prepare import Prepared, PrepareTask, prepare_all
+from .sources import ManifestProblem, SourceRecord, collect
+from .store import (EmbeddingRow, Generation, ImageRow, ScoreRow, SkippedRow, active_generation, default_db_url,
+                    open_db, utcnow, vector_to_bytes)
+from .vectors import IndexConfig, remove_generation_files, sync_generation
+
+log = logging.getLogger(__name__)
+
+DEFAULT_DATA_DIR = "radlens-data"
+
+
+def default_workers() -> int:
+    """Decode processes: one fewer than the cores (the model uses the rest), at least one."""
+    return max(1, min(8, (os.cpu_count() or 2) - 1))
+
+
+@dataclass
+class IndexJob:
+    """One `radlens index` run."""
+
+    sources: list[str]
+    data_dir: Path = field(default_factory=lambda: Path(DEFAULT_DATA_DIR))
+    db_url: str | None = None
+    rebuild: bool = False
+    prune: bool = False
+    workers: int = field(default_factory=default_workers)
+    chunk_size: int = 256
+    index: IndexConfig = field(default_factory=IndexConfig)
+    limits: ImageLimits = field(default_factory=ImageLimits)
+    labels: LabelConfig = field(default_factory=LabelConfig)
+    progress: bool = True
+
+    @property
+    def url(self) -> str:
+        return self.db_url or default_db_url(self.data_dir)
+
+
+@dataclass
+class IndexSummary:
+    """Counts and speed of one run."""
+
+    added: int = 0
+    updated: int = 0
+    unchanged: int = 0
+    skipped: int = 0
+    pruned: int = 0
+    seconds: float = 0.0
+    embedded: int = 0
+    generation: int = 0
+    index_type: str = ""
+
+    @property
+    def images_per_second(self) -> float:
+        return self.embedded / self.seconds if self.seconds > 0 else 0.0
+
+    def line(self) -> str:
+        """The one-line summary printed at the end of a run."""
+        return (f"added {self.added}, updated {self.updated}, unchanged {self.unchanged}, "
+                f"skipped {self.skipped}, pruned {self.pruned} in {self.seconds:.1f} s "
+                f"({self.images_per_second:.1f} img/s, index {self.index_type})")
+
+
+def target_generation(session: Session, identity: dict, rebuild: bool) -> Generation:
+    """The generation this run writes to: the active one, a resumable unfinished one, or a new one."""
+    active = active_generation(session)
+    if active is not None and not rebuild:
+        if not active.matches(identity):
+            raise DataError(
+                f"this index was built with model {active.model!r} (adapter {_short(active.adapter_hash)}), "
+                f"but this run uses {identity['model']!r} (adapter {_short(identity['adapter_hash'])}). "
+                "Re-run with --rebuild to embed everything again into a new index; the current one keeps "
+                "serving until the new one is complete.")
+        return active
+    pending = session.scalars(select(Generation).where(Generation.active.is_(False))
+                              .order_by(Generation.id.desc())).all()
+    for gen in pending:
+        if gen.matches(identity):
+            return gen
+    gen = Generation(model=identity["model"], adapter_hash=identity["adapter_hash"],
+                     adapter_path=identity.get("adapter"), dim=identity["dim"],
+                     active=False, next_revision=1)
+    session.add(gen)
+    session.flush()
+    return gen
+
+
+def _short(h: str | None) -> str:
+    return h[:12] if h else "none"
+
+
+def run_index(job: IndexJob, encoder) -> IndexSummary:
+    """Index `job.sources` into `job.data_dir` with `encoder`; returns the run's summary."""
+    started = time.perf_counter()
+    job.data_dir.mkdir(parents=True, exist_ok=True)
+    problems: list[ManifestProblem] = []
+    records = collect(job.sources, problems)
+    db = open_db(job.url)
+    summary = IndexSummary()
+    try:
+        with Session(db) as session, session.begin():
+            gen = target_generation(session, encoder.identity, job.rebuild)
+            gen_id = gen.id
+        writer = ChunkWriter(db, gen_id, encoder, job.labels)
+        writer.record_problems(problems, summary)
+        tasks = writer.plan(records, summary)
+        _embed(job, encoder, writer, tasks, summary)
+        if job.prune:
+            summary.pruned = prune_missing(db)
+        meta = sync_generation(db, job.data_dir, gen_id, job.index)
+        summary.index_type = meta.factory
+        summary.generation = gen_id
+        activate(db, job.data_dir, gen_id)
+    finally:
+        db.dispose()
+    summary.seconds = time.perf_counter() - started
+    return summary
+
+
+def _embed(job: IndexJob, encoder, writer: "ChunkWriter", tasks: list[PrepareTask], summary: IndexSummary) -> None:
+    from tqdm import tqdm
+
+    bar = tqdm(total=len(tasks), unit="img", desc="indexing", disable=not job.progress or not tasks,
+               dynamic_ncols=True)
+    t0 = time.perf_counter()
+    chunk: list[Prepared] = []
+    try:
+        for item in prepare_all(tasks, encoder.preprocess, job.limits, job.workers):
+            chunk.append(item)
+            if len(chunk) >= job.chunk_size:
+                writer.write(chunk, summary)
+                bar.update(len(chunk))
+                bar.set_postfix(img_s=f"{summary.embedded / max(time.perf_counter() - t0, 1e-9):.1f}")
+                chunk = []
+        if chunk:
+            writer.write(chunk, summary)
+            bar.update(len(chunk))
+    finally:
+        bar.close()
+
+
+class ChunkWriter:
+    """Writer stage: turns prepared files into rows, vectors and scores, one transaction per chunk."""
+
+    def __init__(self, db, generation: int, encoder, labels: LabelConfig):
+        self.db = db
+        self.generation = generation
+        self.encoder = encoder
+        self.labels = labels
+        self.known: dict[str, tuple[int, str, int, int]] = {}
+        self.embedded_ids: set[int] = set()
+        self.metadata: dict[str, dict] = {}
+
+    def record_problems(self, problems: list[ManifestProblem], summary: IndexSummary) -> None:
+        """Manifest rows without a usable path go to the skipped table."""
+        if not problems:
+            return
+        with Session(self.db) as session, session.begin():
+            for p in problems:
+                session.merge(SkippedRow(path=f"{p.source}:{p.line}", kind="manifest", reason=p.reason,
+                                         at=utcnow()))
+        summary.skipped += len(problems)
+
+    def plan(self, records: list[SourceRecord], summary: IndexSummary) -> list[PrepareTask]:
+        """Files that need reading: new, or changed size/mtime, or not yet embedded in this generation."""
+        with Session(self.db) as session:
+            for row in session.execute(select(ImageRow.id, ImageRow.path, ImageRow.content_hash,
+                                              ImageRow.size_bytes, ImageRow.mtime_ns)):
+                self.known[row.path] = (row.id, row.content_hash, row.size_bytes, row.mtime_ns)
+            self.embedded_ids = set(session.scalars(select(EmbeddingRow.image_id)
+                                                    .where(EmbeddingRow.generation_id == self.generation)))
+            tasks, meta_updates = [], []
+            for record in records:
+                path = str(record.path)
+                self.metadata[path] = record.metadata
+                known = self.known.get(path)
+                try:
+                    st = os.stat(path)
+                except OSError:
+                    session.merge(SkippedRow(path=path, reason="file not found", at=utcnow()))
+                    summary.skipped += 1
+                    continue
+                if known and known[0] in self.embedded_ids and (known[2], known[3]) == (st.st_size, st.st_mtime_ns):
+                    summary.unchanged += 1
+                    meta_updates.append((known[0], record.metadata))
+                    continue
+                in_gen = known is not None and known[0] in self.embedded_ids
+                tasks.append(PrepareTask(path, known[1] if in_gen else None))
+            self._update_metadata(session, meta_updates)
+            session.commit()
+        return tasks
+
+    @staticmethod
+    def _update_metadata(session: Session, updates: list[tuple[int, dict]]) -> None:
+        for image_id, meta in updates:
+            if meta:
+                session.execute(update(ImageRow).where(ImageRow.id == image_id).values(**meta))
+
+    def write(self, chunk: list[Prepared], summary: IndexSummary) -> None:
+        """Embed the chunk's new/changed images and commit everything about it in one transaction."""
+        fresh = [p for p in chunk if p.error is None and not p.unchanged]
+        vectors = self.encoder.encode_pixels(self.encoder.preprocess.batch_tensor([p.pixels for p in fresh])) \
+            if fresh else np.zeros((0, self.encoder.dim), dtype=np.float32)
+        probs, spread = score_vectors(vectors, prompt_bank(self.encoder, self.labels), self.labels) \
+            if fresh else (None, None)
+        pathologies = list(self.labels.pathologies)
+        with Session(self.db) as session, session.begin():
+            gen = session.get(Generation, self.generation)
+            revision = gen.next_revision
+            gen.next_revision = revision + 1
+            for item in chunk:
+                if item.error is not None:
+                    session.merge(SkippedRow(path=item.path, reason=item.error, at=utcnow()))
+                    summary.skipped += 1
+                elif item.unchanged:
+                    session.execute(update(ImageRow).where(ImageRow.path == item.path)
+                                    .values(mtime_ns=item.mtime_ns, size_bytes=item.size_bytes,
+                                            **self.metadata.get(item.path, {})))
+                    summary.unchanged += 1
+            for i, item in enumerate(fresh):
+                image_id = self._upsert_image(session, item, summary)
+                session.merge(EmbeddingRow(generation_id=self.generation, image_id=image_id, revision=revision,
+                                           vector=vector_to_bytes(vectors[i])))
+                session.execute(delete(ScoreRow).where(ScoreRow.generation_id == self.generation,
+                                                       ScoreRow.image_id == image_id))
+                session.add_all([ScoreRow(generation_id=self.generation, image_id=image_id, pathology=p,
+                                          probability=float(probs[i, j]), uncertainty=float(spread[i, j]))
+                                 for j, p in enumerate(pathologies)])
+                session.execute(delete(SkippedRow).where(SkippedRow.path == item.path))
+        summary.embedded += len(fresh)
+
+    def _upsert_image(self, session: Session, item: Prepared, summary: IndexSummary) -> int:
+        meta = {**item.metadata, **self.metadata.get(item.path, {})}
+        fields = dict(content_hash=item.content_hash, size_bytes=item.size_bytes, mtime_ns=item.mtime_ns,
+                      width=item.width, height=item.height, format=item.format, updated_at=utcnow(),
+                      **{k: meta.get(k) for k in ImageRow.METADATA_FIELDS})
+        known = self.known.get(item.path)
+        if known is None:
+            row = ImageRow(path=item.path, added_at=utcnow(), **fields)
+            session.add(row)
+            session.flush()
+            summary.added += 1
+            return row.id
+        session.execute(update(ImageRow).where(ImageRow.id == known[0]).values(**fields))
+        if known[1] == item.content_hash and known[0] not in self.embedded_ids:
+            summary.added += 1  # same file, first time in this generation
+        else:
+            summary.updated += 1
+        return known[0]
+
+
+def prune_missing(db) -> int:
+    """Delete rows (and their vectors and scores) of files that no longer exist; returns how many."""
+    with Session(db) as session, session.begin():
+        gone = [row.id for row in session.execute(select(ImageRow.id, ImageRow.path))
+                if not os.path.exists(row.path)]
+        for start in range(0, len(gone), 500):
+            ids = gone[start : start + 500]
+            session.execute(delete(ScoreRow).where(ScoreRow.image_id.in_(ids)))
+            session.execute(delete(EmbeddingRow).where(EmbeddingRow.image_id.in_(ids)))
+            session.execute(delete(ImageRow).where(ImageRow.id.in_(ids)))
+        skipped_gone = [p for p in session.scalars(select(SkippedRow.path).where(SkippedRow.kind == "file"))
+                        if not os.path.exists(p)]
+        if skipped_gone:
+            session.execute(delete(SkippedRow).where(SkippedRow.path.in_(skipped_gone)))
+    return len(gone)
+
+
+def activate(db, data_dir: Path, generation: int) -> None:
+    """Make `generation` the served one and retire the others (rows and files)."""
+    with Session(db) as session, session.begin():
+        gen = session.get(Generation, generation)
+        if gen.active:
+            return
+        old = [g.id for g in session.scalars(select(Generation).where(Generation.id != generation))]
+        session.execute(update(Generation).where(Generation.id != generation).values(active=False))
+        gen.active = True
+        gen.activated_at = utcnow()
+        for old_id in old:
+            session.execute(delete(ScoreRow).where(ScoreRow.generation_id == old_id))
+            session.execute(delete(EmbeddingRow).where(EmbeddingRow.generation_id == old_id))
+            session.execute(delete(Generation).where(Generation.id == old_id))
+    for old_id in old:
+        remove_generation_files(data_dir, old_id)
+

@@ -1,0 +1,115 @@
+"""Decode stage, run in worker processes: file -> content hash + model-sized pixels.
+
+Kept free of torch and SQL so that spawned workers start fast and stay small. A file whose hash
+equals the one already indexed is not decoded at all.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections import deque
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterable, Iterator
+
+import numpy as np
+
+from cxrmodel.errors import ImageDecodeError
+from cxrmodel.images import ImageLimits, decode_bytes
+from cxrmodel.preprocess import ImagePreprocess
+
+
+@dataclass
+class Prepared:
+    """What a worker learned about one file."""
+
+    path: str
+    size_bytes: int = 0
+    mtime_ns: int = 0
+    content_hash: str = ""
+    unchanged: bool = False
+    pixels: np.ndarray | None = None
+    width: int = 0
+    height: int = 0
+    format: str = ""
+    metadata: dict[str, str] = field(default_factory=dict)
+    error: str | None = None
+
+
+@dataclass(frozen=True)
+class PrepareTask:
+    """One file to prepare, with the hash the DB already holds for it (if any)."""
+
+    path: str
+    known_hash: str | None = None
+
+
+def file_hash(data: bytes) -> str:
+    """sha256 hex digest of file contents."""
+    return hashlib.sha256(data).hexdigest()
+
+
+def prepare(task: PrepareTask, preprocess: ImagePreprocess, limits: ImageLimits) -> Prepared:
+    """Read, hash and (when new or changed) decode and resize one file. Never raises for bad files."""
+    out = Prepared(path=task.path)
+    try:
+        st = os.stat(task.path)
+        out.size_bytes, out.mtime_ns = st.st_size, st.st_mtime_ns
+        if st.st_size > limits.max_bytes:
+            out.error = f"file is {st.st_size} bytes, over the {limits.max_bytes}-byte limit"
+            return out
+        data = Path(task.path).read_bytes()
+    except OSError as exc:
+        out.error = f"cannot read file ({exc.strerror or exc})"
+        return out
+    out.content_hash = file_hash(data)
+    if out.content_hash == task.known_hash:
+        out.unchanged = True
+        return out
+    try:
+        decoded = decode_bytes(data, name=Path(task.path).name, limits=limits)
+    except ImageDecodeError as exc:
+        out.error = str(exc)
+        return out
+    out.width, out.height, out.format = decoded.width, decoded.height, decoded.format
+    out.metadata = decoded.metadata
+    out.pixels = preprocess.pixels(decoded.image)
+    return out
+
+
+_worker_args: tuple | None = None
+
+
+def _init_worker(preprocess: ImagePreprocess, limits: ImageLimits) -> None:
+    global _worker_args
+    _worker_args = (preprocess, limits)
+
+
+def _prepare_in_worker(task: PrepareTask) -> Prepared:
+    return prepare(task, *_worker_args)
+
+
+def prepare_all(tasks: Iterable[PrepareTask], preprocess: ImagePreprocess, limits: ImageLimits,
+                workers: int, window: int = 256) -> Iterator[Prepared]:
+    """Prepare tasks in order, in `workers` processes (0: in this process), at most `window` ahead."""
+    if workers <= 0:
+        for task in tasks:
+            yield prepare(task, preprocess, limits)
+        return
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("spawn")
+    with ctx.Pool(workers, initializer=_init_worker, initargs=(preprocess, limits)) as pool:
+        yield from bounded_imap(pool.apply_async, _prepare_in_worker, tasks, window)
+
+
+def bounded_imap(submit: Callable, fn: Callable, items: Iterable, window: int) -> Iterator:
+    """Ordered results of fn(item) via `submit`, keeping at most `window` in flight."""
+    pending: deque = deque()
+    for item in items:
+        pending.append(submit(fn, (item,)))
+        if len(pending) >= window:
+            yield pending.popleft().get()
+    while pending:
+        yield pending.popleft().get()

@@ -1,0 +1,157 @@
+"""Reader stage: folders and manifest files -> `SourceRecord`s (a path plus optional metadata).
+
+Folders are walked recursively for image and DICOM files. Manifests are CSV or JSONL with a
+path column (``path``, ``file``, ``file_name``, ``filename``, ``image`` or ``image_path``; relative
+paths resolve against the manifest's folder) and optional metadata columns.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable, Iterator
+
+from cxrmodel.errors import DataError
+from cxrmodel.images import DICOM_MAGIC_OFFSET, is_image_path
+
+log = logging.getLogger(__name__)
+
+MANIFEST_EXTENSIONS = (".csv", ".jsonl", ".ndjson")
+PATH_COLUMNS = ("path", "file", "file_name", "filename", "image", "image_path", "name")
+# manifest column -> ImageRow field
+METADATA_COLUMNS = {
+    "caption": "caption", "modality": "modality", "body_part": "body_part", "anatomy": "body_part",
+    "bodypart": "body_part", "view": "view", "view_position": "view", "labels": "labels",
+    "finding_labels": "labels", "source": "source", "source_repo": "source",
+}
+
+
+@dataclass(frozen=True)
+class SourceRecord:
+    """One file to index, with metadata from its manifest row (if any)."""
+
+    path: Path
+    metadata: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class ManifestProblem:
+    """A manifest row that could not be used."""
+
+    source: str
+    line: int
+    reason: str
+
+
+def _has_dicom_preamble(path: Path) -> bool:
+    try:
+        with open(path, "rb") as f:
+            f.seek(DICOM_MAGIC_OFFSET)
+            return f.read(4) == b"DICM"
+    except OSError:
+        return False
+
+
+def walk_folder(folder: Path) -> Iterator[SourceRecord]:
+    """Image/DICOM files under `folder`, recursively, in sorted order (hidden entries skipped)."""
+    for root, dirs, files in os.walk(folder):
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        for name in sorted(files):
+            if name.startswith("."):
+                continue
+            path = Path(root) / name
+            if is_image_path(path) or ("." not in name and _has_dicom_preamble(path)):
+                yield SourceRecord(path.resolve())
+
+
+def read_manifest_rows(path: Path) -> Iterator[tuple[int, dict]]:
+    """(line number, row dict) of a CSV or JSONL manifest; malformed JSON lines raise DataError."""
+    suffix = path.suffix.lower()
+    try:
+        if suffix == ".csv":
+            with open(path, newline="", encoding="utf-8-sig") as f:
+                reader = csv.DictReader(f)
+                if not reader.fieldnames:
+                    raise DataError(f"{path}: empty CSV (no header row)")
+                for row in reader:
+                    yield reader.line_num, {(k or "").strip().lower(): (v or "") for k, v in row.items()}
+        else:
+            with open(path, encoding="utf-8") as f:
+                for number, line in enumerate(f, start=1):
+                    if not line.strip():
+                        continue
+                    try:
+                        row = json.loads(line)
+                    except ValueError as exc:
+                        yield number, {"__error__": f"invalid JSON ({exc.msg})"}
+                        continue
+                    if not isinstance(row, dict):
+                        yield number, {"__error__": "line is not a JSON object"}
+                        continue
+                    yield number, {str(k).strip().lower(): "" if v is None else v for k, v in row.items()}
+    except UnicodeDecodeError:
+        raise DataError(f"{path}: not UTF-8 text") from None
+    except csv.Error as exc:
+        raise DataError(f"{path}: malformed CSV ({exc})") from None
+    except OSError as exc:
+        raise DataError(f"{path}: cannot read ({exc.strerror or exc})") from None
+
+
+def find_column(columns: Iterable[str], candidates: Iterable[str]) -> str | None:
+    """The first of `candidates` present in `columns`."""
+    columns = set(columns)
+    return next((c for c in candidates if c in columns), None)
+
+
+def read_manifest(path: Path, problems: list[ManifestProblem]) -> Iterator[SourceRecord]:
+    """Records of a manifest; rows without a usable path are appended to `problems`."""
+    base = path.parent
+    path_col = None
+    for line, row in read_manifest_rows(path):
+        if "__error__" in row:
+            problems.append(ManifestProblem(str(path), line, row["__error__"]))
+            continue
+        path_col = path_col or find_column(row, PATH_COLUMNS)
+        if path_col is None:
+            raise DataError(f"{path}: no path column (expected one of: {', '.join(PATH_COLUMNS)})")
+        value = str(row.get(path_col, "")).strip()
+        if not value:
+            problems.append(ManifestProblem(str(path), line, f"empty {path_col!r}"))
+            continue
+        file_path = Path(value) if Path(value).is_absolute() else base / value
+        meta = {}
+        for column, field_name in METADATA_COLUMNS.items():
+            cell = row.get(column)
+            if isinstance(cell, list):
+                cell = ";".join(str(c) for c in cell)
+            if cell not in (None, "") and field_name not in meta:
+                meta[field_name] = str(cell).strip()
+        yield SourceRecord(file_path.resolve(), meta)
+
+
+def collect(sources: Iterable[str | Path], problems: list[ManifestProblem] | None = None) -> list[SourceRecord]:
+    """All records from folders and manifests, de-duplicated by path (first one wins)."""
+    problems = problems if problems is not None else []
+    seen: dict[Path, SourceRecord] = {}
+    for src in sources:
+        src = Path(src)
+        if src.is_dir():
+            records = walk_folder(src)
+        elif src.is_file() and src.suffix.lower() in MANIFEST_EXTENSIONS:
+            records = read_manifest(src, problems)
+        elif src.is_file() and is_image_path(src):
+            records = iter([SourceRecord(src.resolve())])
+        elif src.exists():
+            raise DataError(f"{src}: not a folder, an image or a manifest (.csv, .jsonl)")
+        else:
+            raise DataError(f"{src}: no such file or folder")
+        for record in records:
+            if record.path not in seen:
+                seen[record.path] = record
+            elif record.metadata and not seen[record.path].metadata:
+                seen[record.path] = record
+    return list(seen.values())

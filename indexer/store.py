@@ -1,0 +1,156 @@
+"""What RadLens stores: the one place that defines tables (SQLAlchemy 2.0 typed models).
+
+An index *generation* is one complete set of embeddings and pathology scores made by one
+encoder (model + adapter). Exactly one generation is active and served; `--rebuild` fills a new
+one beside it and activates it in one transaction, so readers never see a half-built index.
+Image rows (paths, hashes, metadata) are shared by all generations.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from pathlib import Path
+
+import numpy as np
+from sqlalchemy import (Boolean, DateTime, Float, ForeignKey, Index, Integer, LargeBinary, String, Text,
+                        create_engine, event, select)
+from sqlalchemy.engine import Engine
+from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
+
+DB_FILE = "radlens.db"
+
+
+def utcnow() -> dt.datetime:
+    """Timezone-aware current time, stored in every timestamp column."""
+    return dt.datetime.now(dt.timezone.utc)
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class ImageRow(Base):
+    """One image file: where it is, what it holds, and its non-identifying metadata."""
+
+    __tablename__ = "images"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    path: Mapped[str] = mapped_column(Text, unique=True)
+    content_hash: Mapped[str] = mapped_column(String(64), index=True)
+    size_bytes: Mapped[int] = mapped_column(Integer)
+    mtime_ns: Mapped[int] = mapped_column(Integer)
+    width: Mapped[int] = mapped_column(Integer)
+    height: Mapped[int] = mapped_column(Integer)
+    format: Mapped[str] = mapped_column(String(16))
+    modality: Mapped[str | None] = mapped_column(String(64), index=True)
+    body_part: Mapped[str | None] = mapped_column(String(64), index=True)
+    view: Mapped[str | None] = mapped_column(String(64), index=True)
+    caption: Mapped[str | None] = mapped_column(Text)
+    labels: Mapped[str | None] = mapped_column(Text)
+    source: Mapped[str | None] = mapped_column(String(256), index=True)
+    added_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    updated_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+    METADATA_FIELDS = ("modality", "body_part", "view", "caption", "labels", "source")
+
+    def to_dict(self) -> dict:
+        """Public fields for APIs (never the server-side path)."""
+        return {"id": self.id, "content_hash": self.content_hash, "width": self.width, "height": self.height,
+                "format": self.format, "size_bytes": self.size_bytes, "file_name": Path(self.path).name,
+                **{k: getattr(self, k) for k in self.METADATA_FIELDS},
+                "added_at": self.added_at.isoformat() if self.added_at else None,
+                "updated_at": self.updated_at.isoformat() if self.updated_at else None}
+
+
+class Generation(Base):
+    """One encoder's complete set of vectors and scores; `active` marks the one being served."""
+
+    __tablename__ = "generations"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    model: Mapped[str] = mapped_column(Text)
+    adapter_hash: Mapped[str | None] = mapped_column(String(64))
+    adapter_path: Mapped[str | None] = mapped_column(Text)
+    dim: Mapped[int] = mapped_column(Integer)
+    index_type: Mapped[str | None] = mapped_column(String(128))
+    active: Mapped[bool] = mapped_column(Boolean, default=False, index=True)
+    next_revision: Mapped[int] = mapped_column(Integer, default=1)
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    activated_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True))
+
+    def matches(self, identity: dict) -> bool:
+        """True when this generation was made by the encoder with `identity`."""
+        return (self.model, self.adapter_hash, self.dim) == (
+            identity["model"], identity["adapter_hash"], identity["dim"])
+
+
+class EmbeddingRow(Base):
+    """An image's vector in one generation; `revision` orders writes so FAISS can catch up."""
+
+    __tablename__ = "embeddings"
+    generation_id: Mapped[int] = mapped_column(ForeignKey("generations.id", ondelete="CASCADE"), primary_key=True)
+    image_id: Mapped[int] = mapped_column(ForeignKey("images.id", ondelete="CASCADE"), primary_key=True)
+    revision: Mapped[int] = mapped_column(Integer)
+    vector: Mapped[bytes] = mapped_column(LargeBinary)
+    __table_args__ = (Index("ix_embeddings_generation_revision", "generation_id", "revision"),)
+
+
+class ScoreRow(Base):
+    """Zero-shot probability of one pathology for one image, in one generation."""
+
+    __tablename__ = "scores"
+    generation_id: Mapped[int] = mapped_column(ForeignKey("generations.id", ondelete="CASCADE"), primary_key=True)
+    image_id: Mapped[int] = mapped_column(ForeignKey("images.id", ondelete="CASCADE"), primary_key=True)
+    pathology: Mapped[str] = mapped_column(String(32), primary_key=True)
+    probability: Mapped[float] = mapped_column(Float)
+    uncertainty: Mapped[float] = mapped_column(Float)
+    __table_args__ = (Index("ix_scores_lookup", "generation_id", "pathology", "probability"),)
+
+
+class SkippedRow(Base):
+    """A file the indexer could not use, and why."""
+
+    __tablename__ = "skipped"
+    path: Mapped[str] = mapped_column(Text, primary_key=True)
+    kind: Mapped[str] = mapped_column(String(16), default="file")  # file, or manifest (path = "file:line")
+    reason: Mapped[str] = mapped_column(Text)
+    at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+def default_db_url(data_dir: str | Path) -> str:
+    """SQLite file inside the data directory."""
+    return f"sqlite:///{Path(data_dir).resolve() / DB_FILE}"
+
+
+def _sqlite_pragmas(dbapi_conn, _record) -> None:
+    cur = dbapi_conn.cursor()
+    cur.execute("PRAGMA foreign_keys=ON")
+    cur.execute("PRAGMA journal_mode=WAL")
+    cur.execute("PRAGMA synchronous=NORMAL")
+    cur.execute("PRAGMA busy_timeout=30000")
+    cur.close()
+
+
+def open_db(url: str, create: bool = True) -> Engine:
+    """Connect to the metadata DB (SQLite by default, any SQLAlchemy URL) and create missing tables."""
+    engine = create_engine(url)
+    if engine.dialect.name == "sqlite":
+        event.listen(engine, "connect", _sqlite_pragmas)
+    if create:
+        Base.metadata.create_all(engine)
+    return engine
+
+
+def active_generation(session: Session) -> Generation | None:
+    """The generation being served, if any."""
+    return session.scalars(select(Generation).where(Generation.active.is_(True))).first()
+
+
+def vector_to_bytes(vector: np.ndarray) -> bytes:
+    """float32 little-endian bytes of one vector."""
+    return np.asarray(vector, dtype="<f4").tobytes()
+
+
+def vectors_from_bytes(blobs: list[bytes], dim: int) -> np.ndarray:
+    """Stack stored vector blobs into an (N, dim) float32 array."""
+    if not blobs:
+        return np.zeros((0, dim), dtype=np.float32)
+    return np.frombuffer(b"".join(blobs), dtype="<f4").reshape(len(blobs), dim).astype(np.float32)

@@ -1,0 +1,237 @@
+"""FAISS index files: choosing the index type, building, catching up with the DB, atomic swaps.
+
+The DB is the source of truth (each vector is stored with a `revision`); a generation's FAISS
+file is derived from it and records the highest revision it holds. `sync_generation` brings the
+file up to date -- after a normal run, after a crash, or when the corpus grows past the size at
+which an approximate index pays off -- and replaces it atomically (temp file + `os.replace`), so
+a reader always opens a complete index.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import faiss
+import numpy as np
+from sqlalchemy import func, select
+from sqlalchemy.engine import Engine
+from sqlalchemy.orm import Session
+
+from .store import EmbeddingRow, Generation, vectors_from_bytes
+
+log = logging.getLogger(__name__)
+
+INDEX_DIR = "index"
+READ_CHUNK = 20_000
+
+
+@dataclass(frozen=True)
+class IndexConfig:
+    """How vectors are indexed."""
+
+    index_type: str = field(default="auto", metadata={
+        "help": "auto, Flat, IVF (IVF-Flat sized to the corpus) or any faiss.index_factory string."})
+    exact_below: int = field(default=100_000, metadata={"help": "auto uses exact search below this many vectors."})
+    nprobe: int | None = field(default=None, metadata={"help": "IVF lists probed per query (None: by size)."})
+
+
+@dataclass
+class IndexMeta:
+    """What a FAISS file holds, written beside it as JSON."""
+
+    generation: int
+    revision: int
+    count: int
+    factory: str
+    trained_on: int = 0
+    nprobe: int | None = None
+
+
+def index_paths(data_dir: str | Path, generation: int) -> tuple[Path, Path]:
+    """(faiss file, meta file) of a generation."""
+    base = Path(data_dir) / INDEX_DIR
+    return base / f"g{generation}.faiss", base / f"g{generation}.json"
+
+
+def ivf_lists(count: int) -> int:
+    """A list count of about 4*sqrt(N), a power of two, within [16, 65536]."""
+    target = 4 * math.sqrt(max(count, 1))
+    return int(min(65536, max(16, 2 ** round(math.log2(target)))))
+
+
+def default_nprobe(nlist: int) -> int:
+    """Lists probed per query: enough for recall@10 >= 0.95 on clustered embeddings (see bench/)."""
+    return int(min(nlist, max(8, nlist // 32)))
+
+
+def choose_factory(count: int, config: IndexConfig) -> str:
+    """The faiss factory string for `count` vectors under `config`."""
+    kind = config.index_type
+    if kind == "auto":
+        kind = "Flat" if count < config.exact_below else "IVF"
+    if kind == "IVF":
+        return f"IVF{ivf_lists(count)},Flat"
+    return kind
+
+
+def new_index(dim: int, factory: str) -> faiss.Index:
+    """An empty inner-product index with caller-chosen int64 ids."""
+    return faiss.IndexIDMap2(faiss.index_factory(dim, factory, faiss.METRIC_INNER_PRODUCT))
+
+
+def read_meta(data_dir: str | Path, generation: int) -> IndexMeta | None:
+    """The meta of a generation's FAISS file, or None when there is none."""
+    _, meta_path = index_paths(data_dir, generation)
+    try:
+        return IndexMeta(**json.loads(meta_path.read_text()))
+    except (OSError, ValueError, TypeError):
+        return None
+
+
+def read_index(data_dir: str | Path, generation: int) -> tuple[faiss.Index, IndexMeta] | None:
+    """Load a generation's FAISS file and meta; None when missing or unreadable."""
+    meta = read_meta(data_dir, generation)
+    faiss_path, _ = index_paths(data_dir, generation)
+    if meta is None or not faiss_path.exists():
+        return None
+    try:
+        index = faiss.read_index(str(faiss_path))
+    except RuntimeError as exc:
+        log.warning("cannot read %s (%s); it will be rebuilt", faiss_path, exc)
+        return None
+    apply_search_params(index, meta)
+    return index, meta
+
+
+def apply_search_params(index: faiss.Index, meta: IndexMeta) -> None:
+    """Set nprobe on IVF indexes."""
+    inner = faiss.downcast_index(index.index) if isinstance(index, faiss.IndexIDMap2) else index
+    if isinstance(inner, faiss.IndexIVF):
+        inner.nprobe = meta.nprobe or default_nprobe(inner.nlist)
+
+
+def index_ids(index: faiss.Index) -> np.ndarray:
+    """The ids held by an IndexIDMap2."""
+    return faiss.vector_to_array(index.id_map).astype(np.int64)
+
+
+def write_index_atomic(data_dir: str | Path, index: faiss.Index, meta: IndexMeta) -> None:
+    """Replace a generation's FAISS file, then its meta, each by an atomic rename."""
+    faiss_path, meta_path = index_paths(data_dir, meta.generation)
+    faiss_path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = faiss_path.with_suffix(f".faiss.tmp{os.getpid()}")
+    faiss.write_index(index, str(tmp))
+    _fsync(tmp)
+    os.replace(tmp, faiss_path)
+    tmp_meta = meta_path.with_suffix(f".json.tmp{os.getpid()}")
+    tmp_meta.write_text(json.dumps(meta.__dict__))
+    _fsync(tmp_meta)
+    os.replace(tmp_meta, meta_path)
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def remove_generation_files(data_dir: str | Path, generation: int) -> None:
+    """Delete a retired generation's files."""
+    for path in index_paths(data_dir, generation):
+        path.unlink(missing_ok=True)
+
+
+def _stream_vectors(session: Session, generation: int, dim: int, min_revision: int = 0):
+    """Yield (ids, vectors) chunks of a generation's embeddings with revision > min_revision."""
+    last_id = -1
+    while True:
+        rows = session.execute(
+            select(EmbeddingRow.image_id, EmbeddingRow.vector)
+            .where(EmbeddingRow.generation_id == generation, EmbeddingRow.revision > min_revision,
+                   EmbeddingRow.image_id > last_id)
+            .order_by(EmbeddingRow.image_id).limit(READ_CHUNK)).all()
+        if not rows:
+            return
+        ids = np.fromiter((r[0] for r in rows), dtype=np.int64, count=len(rows))
+        yield ids, vectors_from_bytes([r[1] for r in rows], dim)
+        last_id = int(ids[-1])
+
+
+def _train_sample(session: Session, generation: int, dim: int, count: int, limit: int) -> np.ndarray:
+    step = max(1, count // limit)
+    parts = [vecs[::step] for _, vecs in _stream_vectors(session, generation, dim)]
+    return np.concatenate(parts) if parts else np.zeros((0, dim), dtype=np.float32)
+
+
+def build_full(session: Session, gen: Generation, factory: str) -> tuple[faiss.Index, int]:
+    """Build a generation's index from every stored vector; returns (index, vectors trained on)."""
+    index = new_index(gen.dim, factory)
+    trained_on = 0
+    if not index.is_trained:
+        count = session.scalar(select(func.count()).select_from(EmbeddingRow)
+                               .where(EmbeddingRow.generation_id == gen.id))
+        nlist = faiss.downcast_index(index.index).nlist
+        sample = _train_sample(session, gen.id, gen.dim, count, limit=max(256 * nlist, 50_000))
+        index.train(sample)
+        trained_on = len(sample)
+    for ids, vecs in _stream_vectors(session, gen.id, gen.dim):
+        index.add_with_ids(vecs, ids)
+    return index, trained_on
+
+
+def sync_generation(db: Engine, data_dir: str | Path, generation: int,
+                    config: IndexConfig = IndexConfig()) -> IndexMeta:
+    """Bring a generation's FAISS file up to date with its DB rows; returns the new meta."""
+    with Session(db) as session:
+        gen = session.get(Generation, generation)
+        count = session.scalar(select(func.count()).select_from(EmbeddingRow)
+                               .where(EmbeddingRow.generation_id == generation))
+        revision = gen.next_revision - 1
+        factory = choose_factory(count, config)
+        existing = read_index(data_dir, generation)
+        if existing is not None and existing[1].revision == revision and existing[1].count == count \
+                and existing[1].factory == factory and existing[0].ntotal == count:
+            return existing[1]
+        reusable = existing is not None and existing[1].factory == factory and _can_remove(existing[0])
+        if existing is not None and factory.startswith("IVF") and existing[1].trained_on * 16 < count:
+            reusable = False  # corpus outgrew the clustering: retrain
+        if reusable:
+            index, meta = existing
+            _catch_up(session, index, gen, meta.revision)
+            trained_on = meta.trained_on
+            if index.ntotal != count:
+                log.warning("index of generation %d drifted from the DB; rebuilding it", generation)
+                reusable = False
+        if not reusable:
+            index, trained_on = build_full(session, gen, factory)
+        meta = IndexMeta(generation=generation, revision=revision, count=int(index.ntotal), factory=factory,
+                         trained_on=trained_on, nprobe=config.nprobe)
+        apply_search_params(index, meta)
+        write_index_atomic(data_dir, index, meta)
+        gen.index_type = factory
+        session.commit()
+        return meta
+
+
+def _can_remove(index: faiss.Index) -> bool:
+    inner = faiss.downcast_index(index.index)
+    return isinstance(inner, (faiss.IndexFlat, faiss.IndexIVF))
+
+
+def _catch_up(session: Session, index: faiss.Index, gen: Generation, since_revision: int) -> None:
+    """Remove vectors whose rows vanished or changed, add those written after `since_revision`."""
+    db_ids = np.fromiter(session.scalars(select(EmbeddingRow.image_id)
+                                         .where(EmbeddingRow.generation_id == gen.id)), dtype=np.int64)
+    stale = np.setdiff1d(index_ids(index), db_ids)
+    if len(stale):
+        index.remove_ids(stale)
+    for ids, vecs in _stream_vectors(session, gen.id, gen.dim, min_revision=since_revision):
+        index.remove_ids(ids)
+        index.add_with_ids(vecs, ids)

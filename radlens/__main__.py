@@ -1,0 +1,5 @@
+import sys
+
+from radlens.cli import main
+
+sys.exit(main())

@@ -1,0 +1,57 @@
+"""`radlens` command line: parse flags, call the library, print. `main(argv) -> exit code`."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from cxrmodel.errors import RadLensError
+
+from . import __version__
+from .commands import check, index, query, serve, train
+
+COMMANDS = (index, query, train, serve, check)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The full argument parser with every subcommand."""
+    parser = argparse.ArgumentParser(prog="radlens", description="Semantic search for medical images.")
+    parser.add_argument("--version", action="version", version=f"radlens {__version__}")
+    parser.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-vv for debug)")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for module in COMMANDS:
+        module.register(sub)
+    return parser
+
+
+def _setup_logging(verbosity: int) -> None:
+    level = logging.WARNING if verbosity == 0 else logging.INFO if verbosity == 1 else logging.DEBUG
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+    if verbosity < 2:
+        import transformers
+
+        transformers.utils.logging.set_verbosity_error()
+        transformers.utils.logging.disable_progress_bar()
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run one radlens command; returns the process exit code."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    _setup_logging(args.verbose)
+    try:
+        return int(args.run(args) or 0)
+    except RadLensError as exc:
+        print(f"radlens: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("radlens: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:  # output piped into `head` and closed early
+        sys.stderr.close()
+        return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

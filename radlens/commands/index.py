@@ -1,0 +1,44 @@
+"""`radlens index`: build or update an index from folders and manifests."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from .common import add_data_dir, add_model, encoder_config, positive_int
+
+
+def register(sub) -> None:
+    p = sub.add_parser("index", help="index images (folders, DICOM, CSV/JSONL manifests)",
+                       description="Embed images into the index: incremental by content hash, crash-safe.")
+    p.add_argument("sources", nargs="+", metavar="SRC", help="folder (recursive), image file, or manifest .csv/.jsonl")
+    add_data_dir(p)
+    add_model(p)
+    p.add_argument("--rebuild", action="store_true",
+                   help="re-embed everything into a new index, swapped in when complete (needed after a model change)")
+    p.add_argument("--prune", action="store_true", help="remove rows and vectors of files that no longer exist")
+    p.add_argument("--workers", type=int, default=None, help="decode processes (default: cores - 1; 0: none)")
+    p.add_argument("--chunk-size", type=positive_int, default=256, help="images committed per transaction")
+    p.add_argument("--index-type", default="auto",
+                   help="auto (exact below --exact-below vectors, IVF above), Flat, IVF or a faiss factory string")
+    p.add_argument("--exact-below", type=positive_int, default=100_000, help="auto's switch to an approximate index")
+    p.add_argument("--labels", default=None, help="JSON file overriding prompts, weights and thresholds")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(run=run)
+
+
+def run(args) -> int:
+    from cxrmodel.encoder import load_encoder
+    from cxrmodel.prompts import load_label_config
+    from indexer.pipeline import IndexJob, default_workers, run_index
+    from indexer.vectors import IndexConfig
+
+    job = IndexJob(sources=args.sources, data_dir=Path(args.data_dir), db_url=args.db_url, rebuild=args.rebuild,
+                   prune=args.prune, workers=default_workers() if args.workers is None else args.workers,
+                   chunk_size=args.chunk_size, index=IndexConfig(index_type=args.index_type,
+                                                                 exact_below=args.exact_below),
+                   labels=load_label_config(args.labels),  # a bad file fails before the slow model load
+                   progress=not args.no_progress)
+    encoder = load_encoder(encoder_config(args))
+    summary = run_index(job, encoder)
+    print(summary.line())
+    return 0

@@ -1,0 +1,128 @@
+"""`radlens search`, `radlens similar`, `radlens label`: queries through `search.Engine`.
+
+`--json` output is stable: see README "JSON output".
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from cxrmodel.errors import DataError
+
+from .common import add_data_dir, positive_int, print_json
+
+
+def _engine_flags(p) -> None:
+    add_data_dir(p)
+    p.add_argument("--model", default=None, help="override the model the index was built with")
+    p.add_argument("--labels", default=None, help="JSON file overriding prompts, weights and thresholds")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+
+
+def _search_flags(p) -> None:
+    p.add_argument("-k", type=positive_int, default=10, help="number of results (default 10)")
+    p.add_argument("--filter", action="append", default=[], metavar="EXPR",
+                   help="modality=CT, view=PA, body_part=chest, source=..., or effusion>=0.6 (repeatable)")
+    _engine_flags(p)
+
+
+def register(sub) -> None:
+    p = sub.add_parser("search", help="text-to-image search", description="Find images matching a text query.")
+    p.add_argument("query", help='e.g. "lateral lumbar spine"')
+    _search_flags(p)
+    p.set_defaults(run=run_search)
+
+    p = sub.add_parser("similar", help="image-to-image search", description="Find indexed images like IMAGE.")
+    p.add_argument("image", help="an image or DICOM file")
+    _search_flags(p)
+    p.set_defaults(run=run_similar)
+
+    p = sub.add_parser("label", help="zero-shot pathology labels and a report for one image",
+                       description="Score the 14 ChestX-ray14 pathologies and write a structured report.")
+    p.add_argument("image", help="an image or DICOM file")
+    p.add_argument("--report", choices=("md", "json", "pdf"), default=None, help="also write a report")
+    p.add_argument("--out", default=None, help="report file (default: stdout for md/json, IMAGE.pdf for pdf)")
+    p.add_argument("--threshold", type=float, default=None, help="one threshold for all pathologies")
+    _engine_flags(p)
+    p.set_defaults(run=run_label)
+
+
+def open_engine(args):
+    from search.engine import Engine, EngineConfig
+
+    return Engine.open(EngineConfig(data_dir=args.data_dir, db_url=args.db_url, model=args.model,
+                                    labels_file=args.labels))
+
+
+def _print_hits(title: str, hits, args, extra: dict) -> None:
+    if args.json:
+        print_json({**extra, "k": args.k, "filters": list(args.filter), "results": [h.to_dict() for h in hits]})
+        return
+    print(title)
+    if not hits:
+        print("  no results")
+    for rank, hit in enumerate(hits, 1):
+        img = hit.image
+        desc = " ".join(str(img[k]) for k in ("modality", "body_part", "view") if img.get(k))
+        chips = ", ".join(f"{p} {v:.2f}" for p, v in hit.top_pathologies())
+        print(f"{rank:>3}. id={hit.id:<6} score={hit.score:.4f}  {img['file_name']}  {desc}"
+              + (f"  [{chips}]" if chips else ""))
+
+
+def run_search(args) -> int:
+    engine = open_engine(args)
+    hits = engine.text(args.query, k=args.k, filters=engine.parse_filters(args.filter))
+    _print_hits(f"Results for {args.query!r}:", hits, args, {"query": args.query})
+    return 0
+
+
+def _read(path: str, engine):
+    from cxrmodel.images import load_image
+
+    if not Path(path).is_file():
+        raise DataError(f"{path}: no such file")
+    return load_image(path, engine.config.limits)
+
+
+def run_similar(args) -> int:
+    engine = open_engine(args)
+    filters = engine.parse_filters(args.filter)
+    hits = engine.image(_read(args.image, engine), k=args.k, filters=filters)
+    _print_hits(f"Images similar to {args.image}:", hits, args, {"image": Path(args.image).name})
+    return 0
+
+
+def run_label(args) -> int:
+    from cxrmodel.report import to_json, to_markdown, to_pdf
+
+    engine = open_engine(args)
+    image = _read(args.image, engine)
+    scores = engine.label(image)
+    report = engine.report(image, {"file_name": Path(args.image).name}, args.threshold, scores)
+    if args.threshold is not None:
+        for s in scores:
+            s.threshold = args.threshold
+    if args.json and args.report is None:
+        print_json({"image": Path(args.image).name, "labels": [s.to_dict() for s in scores],
+                    "report": report.to_dict()})
+        return 0
+    if args.report is None:
+        print(f"Zero-shot labels for {args.image}:")
+        for s in sorted(scores, key=lambda s: -s.probability):
+            mark = "*" if s.positive else " "
+            print(f" {mark} {s.pathology:<20} {s.probability:.3f} +/- {s.uncertainty:.3f} "
+                  f"(threshold {s.threshold:.2f})")
+        return 0
+    if args.report == "pdf":
+        out = Path(args.out or Path(args.image).with_suffix(".report.pdf").name)
+        out.write_bytes(to_pdf(report))
+        print(f"wrote {out}")
+        return 0
+    text = to_markdown(report) if args.report == "md" else to_json(report)
+    if args.out:
+        Path(args.out).write_text(text, encoding="utf-8")
+        print(f"wrote {args.out}")
+    else:
+        sys.stdout.write(text + ("\n" if not text.endswith("\n") else ""))
+    return 0

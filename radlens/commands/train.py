@@ -1,0 +1,74 @@
+"""`radlens train` and `radlens eval`: LoRA fine-tuning and Recall@K / AUROC evaluation."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from .common import add_model, print_json
+
+
+def register(sub) -> None:
+    p = sub.add_parser("train", help="LoRA fine-tuning on image-caption pairs",
+                       description="Fine-tune a dual encoder with LoRA and a symmetric InfoNCE loss.")
+    p.add_argument("--pairs", required=True, help="CSV or JSONL with an image path and a caption per row")
+    p.add_argument("--images", default=None, help="folder that relative image paths resolve against")
+    p.add_argument("--out", required=True, help="adapter output directory")
+    add_model(p, adapter=False)
+    p.add_argument("--rank", type=int, default=8, help="LoRA rank")
+    p.add_argument("--alpha", type=float, default=16, help="LoRA alpha")
+    p.add_argument("--dropout", type=float, default=0.05, help="LoRA dropout")
+    p.add_argument("--targets", default="q_proj,v_proj", help="comma-separated module names to adapt")
+    p.add_argument("--epochs", type=int, default=3)
+    p.add_argument("--lr", type=float, default=1e-4)
+    p.add_argument("--weight-decay", type=float, default=0.01)
+    p.add_argument("--warmup", type=float, default=0.1, help="warm-up fraction of all steps")
+    p.add_argument("--accumulate", type=int, default=1, help="gradient accumulation steps")
+    p.add_argument("--val-fraction", type=float, default=0.1)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--workers", type=int, default=None, help="decode processes")
+    p.add_argument("--resume", action="store_true", help="continue from the last epoch checkpoint in --out")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(run=run_train)
+
+    p = sub.add_parser("eval", help="Recall@K (and zero-shot AUROC) on image-caption pairs",
+                       description="Evaluate a model/adapter: Recall@1/5/10 both ways; AUROC with a labels column.")
+    p.add_argument("--pairs", required=True)
+    p.add_argument("--images", default=None)
+    add_model(p)
+    p.add_argument("--labels", default=None, help="JSON file overriding prompts, weights and thresholds")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(run=run_eval)
+
+
+def run_train(args) -> int:
+    from cxrmodel.train import TrainConfig, train
+
+    from .common import encoder_config
+
+    cfg = TrainConfig(pairs=args.pairs, images=args.images, out=Path(args.out), encoder=encoder_config(args),
+                      rank=args.rank, alpha=args.alpha, dropout=args.dropout,
+                      targets=tuple(t.strip() for t in args.targets.split(",") if t.strip()),
+                      epochs=args.epochs, lr=args.lr, weight_decay=args.weight_decay, warmup=args.warmup,
+                      accumulate=args.accumulate, val_fraction=args.val_fraction, seed=args.seed,
+                      workers=args.workers, resume=args.resume, progress=not args.no_progress)
+    result = train(cfg, log=print)
+    print(result.summary_line())
+    return 0
+
+
+def run_eval(args) -> int:
+    from cxrmodel.encoder import load_encoder
+    from cxrmodel.evaluate import evaluate_pairs, format_eval
+    from cxrmodel.pairs import load_pairs
+    from cxrmodel.prompts import load_label_config
+
+    from .common import encoder_config
+
+    pairs = load_pairs(args.pairs, args.images, log=print)
+    encoder = load_encoder(encoder_config(args))
+    result = evaluate_pairs(encoder, pairs.rows, load_label_config(args.labels))
+    if args.json:
+        print_json({**result, "skipped_rows": pairs.skipped})
+    else:
+        print(format_eval(result))
+    return 0

@@ -1,0 +1,1 @@
+"""`search.Engine`: text, image, label and report queries over one data dir."""

@@ -1,0 +1,84 @@
+"""Query filters: metadata equality and pathology-score bounds, parsed from `key=value` strings.
+
+Filter values only ever reach SQL as bound parameters.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from sqlalchemy import Select, and_, func, select
+from sqlalchemy.orm import aliased
+
+from cxrmodel.errors import DataError
+from indexer.store import ImageRow, ScoreRow
+
+METADATA_FILTERS = ("modality", "body_part", "view", "source", "format")
+_OPS = {">=": "__ge__", "<=": "__le__", ">": "__gt__", "<": "__lt__", "=": "__ge__"}
+_EXPR = re.compile(r"^\s*([A-Za-z_][A-Za-z0-9_ \-]*?)\s*(>=|<=|>|<|=)\s*(.*?)\s*$")
+
+
+@dataclass(frozen=True)
+class ScoreBound:
+    """`probability <op> value` for one pathology."""
+
+    pathology: str
+    op: str
+    value: float
+
+
+@dataclass(frozen=True)
+class Filters:
+    """All conditions of one query (empty: no filtering)."""
+
+    metadata: tuple[tuple[str, str], ...] = ()
+    scores: tuple[ScoreBound, ...] = ()
+
+    def __bool__(self) -> bool:
+        return bool(self.metadata or self.scores)
+
+    def to_dict(self) -> dict:
+        return {"metadata": dict(self.metadata),
+                "scores": [{"pathology": s.pathology, "op": s.op, "value": s.value} for s in self.scores]}
+
+
+def parse_filters(expressions: list[str] | None, pathologies: list[str]) -> Filters:
+    """Parse `modality=CT`, `view=PA`, `effusion>=0.6` ... (pathology `=` means `>=`)."""
+    by_lower = {p.lower(): p for p in pathologies}
+    metadata, scores = [], []
+    for expr in expressions or []:
+        match = _EXPR.match(expr or "")
+        if not match:
+            raise DataError(f"bad filter {expr!r}: use key=value or pathology>=number")
+        key, op, value = match.group(1).strip().lower().replace(" ", "_").replace("-", "_"), match.group(2), \
+            match.group(3)
+        if key in METADATA_FILTERS:
+            if op != "=":
+                raise DataError(f"filter {expr!r}: {key} takes '=' only")
+            metadata.append((key, value))
+        elif key in by_lower:
+            try:
+                number = float(value)
+            except ValueError:
+                raise DataError(f"filter {expr!r}: {value!r} is not a number") from None
+            if not 0.0 <= number <= 1.0:
+                raise DataError(f"filter {expr!r}: probabilities lie in [0, 1]")
+            scores.append(ScoreBound(by_lower[key], ">=" if op == "=" else op, number))
+        else:
+            raise DataError(f"unknown filter key {key!r}; use one of {', '.join(METADATA_FILTERS)} "
+                            f"or a pathology ({', '.join(pathologies)})")
+    return Filters(tuple(metadata), tuple(scores))
+
+
+def matching_ids_query(filters: Filters, generation: int) -> Select:
+    """SELECT of the image ids that satisfy every condition (bound parameters only)."""
+    query = select(ImageRow.id)
+    for key, value in filters.metadata:
+        query = query.where(func.lower(getattr(ImageRow, key)) == value.lower())
+    for bound in filters.scores:
+        score = aliased(ScoreRow)
+        query = query.join(score, and_(score.image_id == ImageRow.id, score.generation_id == generation,
+                                       score.pathology == bound.pathology))
+        query = query.where(getattr(score.probability, _OPS[bound.op])(bound.value))
+    return query

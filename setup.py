@@ -1,0 +1,38 @@
+from pathlib import Path
+
+from setuptools import find_packages, setup
+
+setup(
+    name="radlens",
+    version="0.1.0",
+    description="Semantic search for medical images: CLIP + LoRA embeddings, FAISS, zero-shot labels and reports",
+    long_description=Path(__file__).with_name("README.md").read_text(encoding="utf-8"),
+    long_description_content_type="text/markdown",
+    license="MIT",
+    python_requires=">=3.10",
+    packages=find_packages(include=["cxrmodel*", "indexer*", "search*", "web*", "radlens*"]),
+    include_package_data=True,
+    package_data={"web": ["templates/*.html", "static/*"]},
+    install_requires=[
+        "torch>=2.2,<2.14",
+        "transformers>=5.0,<6",
+        "peft>=0.17",
+        "faiss-cpu>=1.8",
+        "flask>=3.0",
+        "sqlalchemy>=2.0",
+        "pillow>=10.0",
+        "numpy>=1.26",
+        "pydicom>=3.0",
+        "tqdm>=4.66",
+        "safetensors>=0.4",
+        "tokenizers>=0.20",
+        "opencv-python-headless>=4.8",
+        "fpdf2>=2.7",
+        "waitress>=3.0",
+        "matplotlib>=3.8",
+    ],
+    extras_require={
+        "test": ["pytest>=8", "hypothesis>=6.100", "pypdf>=4", "playwright>=1.40"],
+    },
+    entry_points={"console_scripts": ["radlens=radlens.cli:main"]},
+)

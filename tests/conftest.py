@@ -1,0 +1,76 @@
+"""Session fixtures: a tiny CLIP built in code, generated images, an indexed data dir."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never touch the network
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from tests.imagegen import COLOURS, SHAPES, gray_image, shape_image  # noqa: E402
+from tests.tinymodel import save_tiny_clip  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    return save_tiny_clip(tmp_path_factory.mktemp("tiny-clip"), seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_encoder(tiny_model_dir):
+    from cxrmodel.encoder import EncoderConfig, load_encoder
+
+    return load_encoder(EncoderConfig(model=str(tiny_model_dir), precision="fp32", batch_size=16))
+
+
+@pytest.fixture(scope="session")
+def image_dir(tmp_path_factory) -> Path:
+    """24 shape images, 8 grayscale images and one exact duplicate."""
+    d = tmp_path_factory.mktemp("images")
+    i = 0
+    for shape in SHAPES:
+        for colour in list(COLOURS)[:3]:
+            for j in range(2):
+                shape_image(shape, colour, seed=i, jitter=4).save(d / f"{shape}_{colour}_{j}.png")
+                i += 1
+    (d / "gray").mkdir()
+    for s in range(8):
+        gray_image(s).save(d / "gray" / f"g{s}.png")
+    (d / "gray" / "g0_copy.png").write_bytes((d / "gray" / "g0.png").read_bytes())
+    return d
+
+
+def write_manifest(image_dir: Path) -> Path:
+    """A CSV manifest giving shape images modality/body-part/view metadata."""
+    lines = ["path,modality,body_part,view,caption"]
+    for p in sorted(image_dir.glob("*.png")):
+        shape, colour, _ = p.stem.split("_")
+        modality = "CT" if shape in ("circle", "square") else "XR"
+        view = "PA" if colour == "red" else "LAT"
+        lines.append(f"{p.name},{modality},chest,{view},a {colour} {shape}")
+    manifest = image_dir / "manifest.csv"
+    manifest.write_text("\n".join(lines) + "\n")
+    return manifest
+
+
+@pytest.fixture(scope="session")
+def indexed_dir(tmp_path_factory, image_dir, tiny_encoder) -> Path:
+    from indexer.pipeline import IndexJob, run_index
+
+    data = tmp_path_factory.mktemp("data")
+    manifest = write_manifest(image_dir)
+    run_index(IndexJob(sources=[str(image_dir), str(manifest)], data_dir=data, workers=0, progress=False),
+              tiny_encoder)
+    return data
+
+
+@pytest.fixture(scope="session")
+def engine(indexed_dir, tiny_encoder):
+    from search.engine import Engine, EngineConfig
+
+    eng = Engine.open(EngineConfig(data_dir=indexed_dir), encoder=tiny_encoder)
+    yield eng
+    eng.close()

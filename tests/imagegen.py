@@ -1,0 +1,86 @@
+"""Small images and DICOM files generated in the tests."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+COLOURS = {"red": (220, 30, 30), "green": (30, 200, 30), "blue": (30, 30, 220), "yellow": (230, 220, 30)}
+SHAPES = ("circle", "square", "triangle", "cross")
+
+
+def shape_image(shape: str, colour: str, size: int = 64, jitter: int = 0, seed: int = 0) -> Image.Image:
+    """A coloured shape on black, slightly shifted by `jitter` pixels."""
+    rng = np.random.default_rng(seed)
+    im = Image.new("RGB", (size, size), (0, 0, 0))
+    d = ImageDraw.Draw(im)
+    dx, dy = (rng.integers(-jitter, jitter + 1, 2) if jitter else (0, 0))
+    c, r = size // 2, size // 3
+    box = (c - r + dx, c - r + dy, c + r + dx, c + r + dy)
+    fill = COLOURS[colour]
+    if shape == "circle":
+        d.ellipse(box, fill=fill)
+    elif shape == "square":
+        d.rectangle(box, fill=fill)
+    elif shape == "triangle":
+        d.polygon([(c + dx, c - r + dy), (c - r + dx, c + r + dy), (c + r + dx, c + r + dy)], fill=fill)
+    else:
+        w = r // 3
+        d.rectangle((c - w + dx, c - r + dy, c + w + dx, c + r + dy), fill=fill)
+        d.rectangle((c - r + dx, c - w + dy, c + r + dx, c + w + dy), fill=fill)
+    noise = rng.integers(0, 12, (size, size, 3), dtype=np.uint8)
+    return Image.fromarray(np.clip(np.asarray(im, dtype=np.int16) + noise, 0, 255).astype(np.uint8))
+
+
+def gray_image(seed: int, size: tuple[int, int] = (48, 40)) -> Image.Image:
+    """A random grayscale image (a different one per seed)."""
+    rng = np.random.default_rng(seed)
+    base = rng.random((size[1] // 8 + 1, size[0] // 8 + 1))
+    big = np.kron(base, np.ones((8, 8)))[: size[1], : size[0]]
+    return Image.fromarray((big * 255).astype(np.uint8), mode="L")
+
+
+def png_bytes(im: Image.Image) -> bytes:
+    buf = io.BytesIO()
+    im.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def write_dicom(path: Path, pixels: np.ndarray, photometric: str = "MONOCHROME2", **attrs) -> Path:
+    """A minimal but valid DICOM file with the given pixels and attributes (patient tags included)."""
+    from pydicom.dataset import FileDataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
+
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = FileDataset(str(path), {}, file_meta=meta, preamble=b"\0" * 128)
+    ds.SOPClassUID = meta.MediaStorageSOPClassUID
+    ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
+    ds.PatientName = "DOE^JANE"
+    ds.PatientID = "PHI-123456"
+    ds.PatientBirthDate = "19700101"
+    ds.Modality = attrs.pop("Modality", "CR")
+    frames = pixels.shape[0] if pixels.ndim == 3 and photometric != "RGB" else 1
+    rows, cols = pixels.shape[-2:] if photometric != "RGB" else pixels.shape[:2]
+    ds.Rows, ds.Columns = rows, cols
+    ds.PhotometricInterpretation = photometric
+    if photometric == "RGB":
+        ds.SamplesPerPixel, ds.PlanarConfiguration = 3, 0
+        ds.BitsAllocated = ds.BitsStored = 8
+        ds.HighBit, ds.PixelRepresentation = 7, 0
+    else:
+        ds.SamplesPerPixel = 1
+        ds.BitsAllocated, ds.BitsStored, ds.HighBit = 16, 12, 11
+        ds.PixelRepresentation = 0
+    if frames > 1:
+        ds.NumberOfFrames = frames
+    for key, value in attrs.items():
+        setattr(ds, key, value)
+    ds.PixelData = pixels.astype(np.uint8 if photometric == "RGB" else np.uint16).tobytes()
+    ds.save_as(str(path), enforce_file_format=True)
+    return path

@@ -1,0 +1,45 @@
+"""The CLI skeleton: every subcommand exists and explains itself; errors are one line."""
+
+from __future__ import annotations
+
+import pytest
+
+from radlens.cli import build_parser, main
+
+SUBCOMMANDS = ("index", "search", "similar", "label", "train", "eval", "serve", "check")
+
+
+def test_help_lists_all_subcommands(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--help"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    for name in SUBCOMMANDS:
+        assert name in out
+
+
+@pytest.mark.parametrize("name", SUBCOMMANDS)
+def test_each_subcommand_has_help(name, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main([name, "--help"])
+    assert exit_info.value.code == 0
+    assert f"radlens {name}" in capsys.readouterr().out
+
+
+def test_parser_has_exactly_the_documented_commands():
+    sub = next(a for a in build_parser()._actions if a.dest == "command")
+    assert set(SUBCOMMANDS) <= set(sub.choices)
+
+
+def test_missing_index_is_a_one_line_error(tmp_path, capsys):
+    assert main(["search", "lung", "--data-dir", str(tmp_path / "none")]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("radlens: error:") and "radlens index" in err and "Traceback" not in err
+
+
+def test_missing_model_is_a_one_line_error(tmp_path, capsys):
+    (tmp_path / "img").mkdir()
+    code = main(["index", str(tmp_path / "img"), "--data-dir", str(tmp_path / "d"), "--model",
+                 str(tmp_path / "no-model")])
+    err = capsys.readouterr().err
+    assert code == 1 and "no-model" in err and "Traceback" not in err

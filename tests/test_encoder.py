@@ -1,0 +1,76 @@
+"""Model loading and encoding: local dirs, clear errors, unit norm, bf16 agreement, preprocessing parity."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from cxrmodel.encoder import EncoderConfig, load_encoder, resolve_model_name
+from cxrmodel.errors import ModelLoadError
+from tests.imagegen import gray_image, shape_image
+
+
+def test_encodings_are_unit_norm_and_deterministic(tiny_encoder):
+    images = [shape_image("circle", "red", seed=1), gray_image(3)]
+    a = tiny_encoder.encode_images(images)
+    b = tiny_encoder.encode_images(images)
+    assert a.dtype == np.float32 and a.shape == (2, tiny_encoder.dim)
+    np.testing.assert_allclose(np.linalg.norm(a, axis=1), 1.0, atol=1e-5)
+    np.testing.assert_array_equal(a, b)
+    t = tiny_encoder.encode_texts(["a chest x-ray", "mri of the brain " * 40])  # second one is truncated
+    np.testing.assert_allclose(np.linalg.norm(t, axis=1), 1.0, atol=1e-5)
+    assert tiny_encoder.encode_texts([]).shape == (0, tiny_encoder.dim)
+
+
+def test_batching_does_not_change_results(tiny_model_dir):
+    images = [shape_image(s, "blue", seed=i) for i, s in enumerate(["circle", "square", "cross"] * 3)]
+    one = load_encoder(EncoderConfig(model=str(tiny_model_dir), precision="fp32", batch_size=1))
+    many = load_encoder(EncoderConfig(model=str(tiny_model_dir), precision="fp32", batch_size=4))
+    np.testing.assert_allclose(one.encode_images(images), many.encode_images(images), atol=1e-5)
+
+
+def test_bf16_agrees_with_fp32(tiny_model_dir):
+    images = [shape_image(s, c, seed=i) for i, (s, c) in enumerate([("circle", "red"), ("square", "green"),
+                                                                     ("triangle", "blue"), ("cross", "yellow")])]
+    fp32 = load_encoder(EncoderConfig(model=str(tiny_model_dir), precision="fp32"))
+    bf16 = load_encoder(EncoderConfig(model=str(tiny_model_dir), precision="bf16"))
+    assert str(bf16.dtype) == "torch.bfloat16"
+    cos = np.sum(fp32.encode_images(images) * bf16.encode_images(images), axis=1)
+    assert cos.min() >= 0.99, cos
+
+
+def test_missing_local_model_names_the_path_and_the_fix(tmp_path):
+    with pytest.raises(ModelLoadError) as err:
+        load_encoder(EncoderConfig(model=str(tmp_path / "nowhere")))
+    assert "nowhere" in str(err.value) and "--model DIR" in str(err.value)
+
+
+def test_unreachable_hub_id_says_how_to_use_a_local_copy(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(ModelLoadError) as err:
+        load_encoder(EncoderConfig(model="openai/clip-vit-base-patch32"))
+    msg = str(err.value)
+    assert "openai/clip-vit-base-patch32" in msg and "RADLENS_MODEL" in msg and "\n" not in msg
+
+
+def test_model_resolution_order(monkeypatch):
+    monkeypatch.delenv("RADLENS_MODEL", raising=False)
+    assert resolve_model_name(None) == "openai/clip-vit-base-patch32"
+    monkeypatch.setenv("RADLENS_MODEL", "/models/mine")
+    assert resolve_model_name(None) == "/models/mine"
+    assert resolve_model_name("/cli/choice") == "/cli/choice"
+
+
+def test_preprocessing_matches_transformers_clip_processor(tiny_model_dir):
+    """Our single copy of preprocessing equals CLIPImageProcessor on the real ViT-B/32 settings."""
+    from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+
+    from cxrmodel.preprocess import ImagePreprocess
+
+    reference = CLIPImageProcessorPil()
+    ours = ImagePreprocess.from_dict(reference.to_dict())
+    for im in [shape_image("circle", "red", size=300, seed=1), gray_image(2, (500, 333)), gray_image(3, (200, 640))]:
+        expected = reference(images=im.convert("RGB"), return_tensors="np")["pixel_values"][0]
+        got = ours.to_tensor([im]).numpy()[0]
+        assert got.shape == expected.shape == (3, 224, 224)
+        assert np.abs(got - expected).max() < 0.02  # one 8-bit step after normalisation

@@ -1,0 +1,137 @@
+"""Image input: every raster mode, DICOM display pipeline, and the one clear error type."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from cxrmodel.errors import ImageDecodeError
+from cxrmodel.images import ImageLimits, decode_bytes, load_image
+from tests.imagegen import gray_image, png_bytes, write_dicom
+
+
+def _encode(im: Image.Image, fmt: str, **kw) -> bytes:
+    buf = io.BytesIO()
+    im.save(buf, format=fmt, **kw)
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("mode,fmt", [("L", "PNG"), ("RGB", "JPEG"), ("P", "PNG"), ("RGBA", "PNG"),
+                                      ("LA", "PNG"), ("CMYK", "JPEG"), ("RGB", "TIFF"), ("RGB", "BMP"),
+                                      ("1", "PNG"), ("I;16", "PNG"), ("I;16", "TIFF"), ("F", "TIFF")])
+def test_raster_modes_decode_to_8bit_gray_or_rgb(mode, fmt):
+    base = Image.fromarray(np.linspace(0, 255, 40 * 30).reshape(30, 40).astype(np.uint8)).convert("RGB")
+    if mode == "I;16":
+        im = Image.fromarray((np.linspace(0, 4095, 40 * 30).reshape(30, 40)).astype(np.uint16))
+    elif mode == "F":
+        im = Image.fromarray(np.linspace(-5, 5, 40 * 30).reshape(30, 40).astype(np.float32))
+    else:
+        im = base.convert(mode)
+    decoded = decode_bytes(_encode(im, fmt), name=f"x.{fmt.lower()}")
+    assert decoded.image.mode in ("L", "RGB")
+    assert (decoded.width, decoded.height) == (40, 30)
+    assert decoded.rgb().mode == "RGB"
+    arr = np.asarray(decoded.image)
+    assert arr.dtype == np.uint8 and arr.max() > arr.min()  # content survived, full range used
+
+
+def test_16bit_png_is_scaled_min_to_max():
+    im = Image.fromarray(np.array([[1000, 2000], [3000, 4000]], dtype=np.uint16))
+    arr = np.asarray(decode_bytes(png_bytes(im)).image)
+    assert arr.min() == 0 and arr.max() == 255 and arr[0, 1] == 85
+
+
+def test_alpha_is_flattened_on_black():
+    im = Image.new("RGBA", (4, 4), (255, 255, 255, 0))
+    arr = np.asarray(decode_bytes(png_bytes(im)).image)
+    assert arr.max() == 0
+
+
+def test_truncated_png_gives_clear_error():
+    data = png_bytes(gray_image(1, (64, 64)))
+    with pytest.raises(ImageDecodeError, match="corrupt or truncated"):
+        decode_bytes(data[: len(data) // 2], name="cut.png")
+
+
+def test_text_renamed_png_gives_clear_error(tmp_path):
+    path = tmp_path / "notes.png"
+    path.write_text("patient notes, definitely not pixels")
+    with pytest.raises(ImageDecodeError, match="notes.png: not a recognised image"):
+        load_image(path)
+
+
+def test_empty_and_missing_files(tmp_path):
+    (tmp_path / "empty.png").write_bytes(b"")
+    with pytest.raises(ImageDecodeError, match="empty"):
+        load_image(tmp_path / "empty.png")
+    with pytest.raises(ImageDecodeError, match="cannot read"):
+        load_image(tmp_path / "absent.png")
+
+
+def test_pixel_limit_stops_decompression_bombs():
+    data = png_bytes(Image.new("L", (2000, 2000)))
+    with pytest.raises(ImageDecodeError, match="pixel limit"):
+        decode_bytes(data, limits=ImageLimits(max_pixels=1_000_000))
+
+
+def test_byte_limit():
+    with pytest.raises(ImageDecodeError, match="byte limit"):
+        decode_bytes(b"x" * 2000, limits=ImageLimits(max_bytes=1000))
+
+
+def test_dicom_monochrome1_is_inverted(tmp_path):
+    ramp = np.tile(np.arange(0, 4096, 64, dtype=np.uint16), (8, 1))  # dark -> bright left to right
+    mono2 = decode_bytes(write_dicom(tmp_path / "m2.dcm", ramp).read_bytes())
+    mono1 = decode_bytes(write_dicom(tmp_path / "m1.dcm", ramp, photometric="MONOCHROME1").read_bytes())
+    a2, a1 = np.asarray(mono2.image, dtype=int), np.asarray(mono1.image, dtype=int)
+    assert mono1.format == "DICOM" and mono1.image.mode == "L"
+    assert a2[0, 0] == 0 and a2[0, -1] == 255
+    assert np.array_equal(a1, 255 - a2)
+
+
+def test_dicom_window_and_rescale(tmp_path):
+    pixels = np.array([[0, 1000], [2000, 3000]], dtype=np.uint16)
+    path = write_dicom(tmp_path / "w.dcm", pixels, RescaleSlope=1, RescaleIntercept=-1000,
+                       WindowCenter=500, WindowWidth=1000)  # HU -1000..2000, window 0..1000
+    arr = np.asarray(decode_bytes(path.read_bytes()).image, dtype=int)
+    assert arr[0, 0] == 0 and arr[0, 1] == 0  # below the window
+    assert arr[1, 0] == 255 and arr[1, 1] == 255  # above it
+
+
+def test_dicom_multiframe_takes_first_frame(tmp_path):
+    frames = np.stack([np.full((6, 6), 100, np.uint16), np.full((6, 6), 4000, np.uint16)])
+    frames[0, 0, 0] = 4000  # so the first frame is not flat
+    decoded = decode_bytes(write_dicom(tmp_path / "mf.dcm", frames).read_bytes())
+    arr = np.asarray(decoded.image)
+    assert arr.shape == (6, 6) and arr[0, 0] == 255 and arr[1, 1] == 0
+
+
+def test_dicom_rgb(tmp_path):
+    rgb = np.zeros((4, 5, 3), np.uint8)
+    rgb[..., 0] = 200
+    decoded = decode_bytes(write_dicom(tmp_path / "c.dcm", rgb, photometric="RGB").read_bytes())
+    assert decoded.image.mode == "RGB" and np.asarray(decoded.image)[0, 0, 0] == 200
+
+
+def test_dicom_metadata_is_whitelisted(tmp_path):
+    path = write_dicom(tmp_path / "p.dcm", np.ones((4, 4), np.uint16), Modality="DX", BodyPartExamined="CHEST",
+                       ViewPosition="PA")
+    meta = decode_bytes(path.read_bytes()).metadata
+    assert meta == {"modality": "DX", "body_part": "CHEST", "view": "PA"}
+    assert "DOE" not in repr(meta) and "PHI-123456" not in repr(meta)
+
+
+def test_dicom_without_extension_or_preamble_marker(tmp_path):
+    path = write_dicom(tmp_path / "noext", np.ones((4, 4), np.uint16))
+    assert decode_bytes(path.read_bytes(), name="noext").format == "DICOM"
+
+
+def test_corrupt_dicom_gives_clear_error(tmp_path):
+    data = write_dicom(tmp_path / "x.dcm", np.ones((64, 64), np.uint16)).read_bytes()
+    with pytest.raises(ImageDecodeError):
+        decode_bytes(data[:400], name="x.dcm")
+    with pytest.raises(ImageDecodeError):
+        decode_bytes(b"\0" * 128 + b"DICM" + b"garbage" * 10, name="y.dcm")

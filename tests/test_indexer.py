@@ -1,0 +1,224 @@
+"""Indexer: incremental runs, updates, prune, skipped files, model changes, rebuild, crash safety."""
+
+from __future__ import annotations
+
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session
+
+from cxrmodel.errors import DataError
+from indexer.check import check_data_dir
+from indexer.pipeline import IndexJob, run_index
+from indexer.store import EmbeddingRow, ImageRow, ScoreRow, SkippedRow, default_db_url, open_db
+from indexer.vectors import IndexConfig, index_ids, read_index
+from tests.imagegen import gray_image, write_dicom
+
+
+def _job(src, data, **kw):
+    return IndexJob(sources=[str(s) for s in (src if isinstance(src, list) else [src])], data_dir=data,
+                    workers=kw.pop("workers", 0), progress=False, chunk_size=kw.pop("chunk_size", 64), **kw)
+
+
+def _check_ok(data: Path):
+    report = check_data_dir(data, default_db_url(data))
+    assert report.ok, report.lines()
+    return report
+
+
+def _snapshot(data: Path) -> dict[str, tuple[int, bytes]]:
+    db = open_db(default_db_url(data))
+    with Session(db) as s:
+        rows = s.execute(select(ImageRow.path, ImageRow.id, EmbeddingRow.vector)
+                         .join(EmbeddingRow, EmbeddingRow.image_id == ImageRow.id)).all()
+    db.dispose()
+    return {Path(p).name: (i, v) for p, i, v in rows}
+
+
+@pytest.fixture
+def corpus(tmp_path) -> Path:
+    d = tmp_path / "corpus"
+    (d / "a").mkdir(parents=True)
+    (d / "b").mkdir()
+    for i in range(200):
+        gray_image(1000 + i).save(d / ("a" if i % 2 else "b") / f"img{i:03d}.png")
+    return d
+
+
+def test_incremental_update_and_prune(corpus, tmp_path, tiny_encoder):
+    data = tmp_path / "data"
+    first = run_index(_job(corpus, data), tiny_encoder)
+    assert (first.added, first.updated, first.unchanged, first.skipped) == (200, 0, 0, 0)
+    assert _check_ok(data).vectors == 200
+
+    again = run_index(_job(corpus, data), tiny_encoder)
+    assert (again.added, again.updated, again.embedded, again.unchanged) == (0, 0, 0, 200)
+    _check_ok(data)
+
+    before = _snapshot(data)
+    changed = sorted((corpus / "a").glob("*.png"))[:5]
+    for n, path in enumerate(changed):
+        gray_image(5000 + n).save(path)
+    third = run_index(_job(corpus, data), tiny_encoder)
+    assert (third.added, third.updated, third.embedded, third.unchanged) == (0, 5, 5, 195)
+    after = _snapshot(data)
+    for path in changed:
+        assert after[path.name][0] == before[path.name][0]  # same id ...
+        assert after[path.name][1] != before[path.name][1]  # ... new vector
+    _check_ok(data)
+
+    for path in sorted((corpus / "b").glob("*.png"))[:3]:
+        path.unlink()
+    kept = run_index(_job(corpus, data), tiny_encoder)
+    assert kept.pruned == 0 and _check_ok(data).vectors == 200  # without --prune nothing is removed
+    pruned = run_index(_job(corpus, data, prune=True), tiny_encoder)
+    assert pruned.pruned == 3 and pruned.embedded == 0
+    assert _check_ok(data).vectors == 197
+
+
+def test_same_content_touched_is_not_re_embedded(corpus, tmp_path, tiny_encoder):
+    data = tmp_path / "data"
+    run_index(_job(corpus, data), tiny_encoder)
+    path = next((corpus / "a").glob("*.png"))
+    os.utime(path, ns=(time.time_ns(), time.time_ns()))
+    summary = run_index(_job(corpus, data), tiny_encoder)
+    assert summary.embedded == 0 and summary.unchanged == 200
+
+
+def test_corrupt_and_non_image_files_are_skipped_with_reason(tmp_path, tiny_encoder):
+    src = tmp_path / "src"
+    src.mkdir()
+    for i in range(4):
+        gray_image(i).save(src / f"ok{i}.png")
+    (src / "notes.png").write_text("not an image")
+    data = (src / "ok0.png").read_bytes()
+    (src / "cut.png").write_bytes(data[: len(data) // 2])
+    (src / "readme.txt").write_text("ignored: not an image extension")
+    out = tmp_path / "data"
+    summary = run_index(_job(src, out), tiny_encoder)
+    assert summary.added == 4 and summary.skipped == 2
+    db = open_db(default_db_url(out))
+    with Session(db) as s:
+        reasons = {Path(r.path).name: r.reason for r in s.scalars(select(SkippedRow))}
+    db.dispose()
+    assert set(reasons) == {"notes.png", "cut.png"}
+    assert "not a recognised image" in reasons["notes.png"] and "truncated" in reasons["cut.png"]
+    _check_ok(out)
+
+
+def test_manifest_metadata_and_dicom_without_phi(tmp_path, tiny_encoder):
+    src = tmp_path / "src"
+    src.mkdir()
+    gray_image(1).save(src / "x1.png")
+    write_dicom(src / "scan.dcm", (np.arange(64 * 64).reshape(64, 64) % 4096).astype(np.uint16),
+                Modality="DX", BodyPartExamined="CHEST", ViewPosition="AP")
+    manifest = tmp_path / "m.jsonl"
+    manifest.write_text('{"file": "src/x1.png", "caption": "frontal chest", "modality": "XR", "view": "PA"}\n'
+                        '{"file": ""}\nnot json\n{"file": "src/missing.png"}\n')
+    out = tmp_path / "data"
+    summary = run_index(_job([src, manifest], out), tiny_encoder)
+    assert summary.added == 2 and summary.skipped == 3  # empty path, bad JSON line, missing file
+    db = open_db(default_db_url(out))
+    with Session(db) as s:
+        rows = {Path(r.path).name: r for r in s.scalars(select(ImageRow))}
+        assert (rows["x1.png"].caption, rows["x1.png"].modality, rows["x1.png"].view) == ("frontal chest", "XR", "PA")
+        assert (rows["scan.dcm"].modality, rows["scan.dcm"].body_part, rows["scan.dcm"].view) == ("DX", "CHEST", "AP")
+        assert s.scalar(select(func.count()).select_from(ScoreRow)) == 2 * 14
+    db.dispose()
+    dump = "\n".join(sqlite3.connect(out / "radlens.db").iterdump())
+    assert "DOE" not in dump and "PHI-123456" not in dump and "19700101" not in dump
+
+
+def test_model_change_refuses_then_rebuild_swaps(corpus, tmp_path, tiny_encoder):
+    from cxrmodel.encoder import EncoderConfig, load_encoder
+    from tests.tinymodel import save_tiny_clip
+
+    data = tmp_path / "data"
+    run_index(_job(corpus / "a", data), tiny_encoder)
+    other = load_encoder(EncoderConfig(model=str(save_tiny_clip(tmp_path / "other", seed=7)), precision="fp32"))
+    with pytest.raises(DataError, match="--rebuild"):
+        run_index(_job(corpus / "a", data), other)
+    assert _check_ok(data).generation == 1  # the old index is untouched
+    summary = run_index(_job(corpus / "a", data, rebuild=True), other)
+    assert summary.added == 100 and summary.generation == 2
+    assert _check_ok(data).generation == 2
+    assert not (data / "index" / "g1.faiss").exists()
+    vectors = _snapshot(data)
+    one = sorted((corpus / "a").glob("*.png"))[0]
+    expected = other.encode_images([gray_image(1000 + int(one.stem[3:]))])[0]
+    np.testing.assert_allclose(np.frombuffer(vectors[one.name][1], "<f4"), expected, atol=1e-5)
+
+
+def test_approximate_index_above_threshold_keeps_recall(corpus, tmp_path, tiny_encoder):
+    data = tmp_path / "data"
+    run_index(_job(corpus, data, index=IndexConfig(exact_below=50)), tiny_encoder)
+    index, meta = read_index(data, 1)
+    assert meta.factory.startswith("IVF") and index.ntotal == 200
+    vecs = np.stack([np.frombuffer(v, "<f4") for _, v in _snapshot(data).values()])
+    ids = np.array([i for i, _ in _snapshot(data).values()])
+    exact = ids[np.argsort(-(vecs[:20] @ vecs.T), axis=1)[:, :10]]
+    _, approx = index.search(vecs[:20], 10)
+    recall = np.mean([len(set(a) & set(e)) / 10 for a, e in zip(approx, exact)])
+    assert recall >= 0.9, recall
+    assert sorted(index_ids(index)) == sorted(ids)
+
+
+def test_worker_processes_give_the_same_vectors(corpus, tmp_path, tiny_encoder):
+    inproc, pooled = tmp_path / "d0", tmp_path / "d1"
+    run_index(_job(corpus / "a", inproc, workers=0), tiny_encoder)
+    run_index(_job(corpus / "a", pooled, workers=2), tiny_encoder)
+    a, b = _snapshot(inproc), _snapshot(pooled)
+    assert a.keys() == b.keys()
+    for name in a:
+        assert a[name][0] == b[name][0]
+        np.testing.assert_allclose(np.frombuffer(a[name][1], "<f4"), np.frombuffer(b[name][1], "<f4"), atol=1e-6)
+
+
+def _index_cmd(model: Path, src: Path, data: Path) -> list[str]:
+    return [sys.executable, "-m", "radlens", "index", str(src), "--data-dir", str(data), "--model", str(model),
+            "--precision", "fp32", "--workers", "0", "--chunk-size", "8", "--no-progress"]
+
+
+@pytest.mark.slow
+def test_sigkill_mid_run_then_resume_equals_uninterrupted(corpus, tmp_path, tiny_model_dir):
+    reference, killed = tmp_path / "ref", tmp_path / "killed"
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    subprocess.run(_index_cmd(tiny_model_dir, corpus, reference), check=True, env=env, capture_output=True)
+
+    kills = 0
+    for threshold in (16, 80, 150):  # kill at several points of the same run
+        proc = subprocess.Popen(_index_cmd(tiny_model_dir, corpus, killed), env=env,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.time() + 120
+        while proc.poll() is None and time.time() < deadline:
+            try:
+                con = sqlite3.connect(killed / "radlens.db", timeout=1)
+                count = con.execute("select count(*) from embeddings").fetchone()[0]
+                con.close()
+            except sqlite3.Error:
+                count = 0
+            if count >= threshold:
+                proc.send_signal(signal.SIGKILL)
+                kills += 1
+                break
+            time.sleep(0.005)
+        proc.wait()
+    assert kills >= 1
+    subprocess.run(_index_cmd(tiny_model_dir, corpus, killed), check=True, env=env, capture_output=True)
+    _check_ok(killed)
+    ref, got = _snapshot(reference), _snapshot(killed)
+    assert ref.keys() == got.keys() and len(ref) == 200
+    for name in ref:
+        assert ref[name][0] == got[name][0], name
+        np.testing.assert_allclose(np.frombuffer(ref[name][1], "<f4"), np.frombuffer(got[name][1], "<f4"), atol=1e-6)
+    r_index, _ = read_index(reference, 1)
+    k_index, _ = read_index(killed, 1)
+    assert sorted(index_ids(r_index)) == sorted(index_ids(k_index))

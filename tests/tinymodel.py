@@ -1,0 +1,70 @@
+"""Tiny CLIP checkpoints built in code: random weights, a tokenizer trained on the spot, no network."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from cxrmodel.preprocess import PREPROCESSOR_FILE, ImagePreprocess
+
+BOS, EOS = "<|startoftext|>", "<|endoftext|>"
+
+TOKENIZER_CORPUS = [
+    "a chest x-ray showing cardiomegaly with an enlarged heart",
+    "a frontal chest radiograph with pleural effusion and blunting of the costophrenic angle",
+    "lateral lumbar spine radiograph", "axial ct of the chest", "mri of the brain with a tumour",
+    "red green blue yellow circle square triangle cross stripes dots",
+    "atelectasis infiltration mass nodule pneumonia pneumothorax consolidation edema emphysema",
+    "fibrosis pleural thickening hernia no finding normal abnormal present absent",
+    "a photo of an image with a small large bright dark shape on the left right top bottom",
+]
+
+
+def build_tokenizer(max_length: int = 32):
+    """A byte-level BPE tokenizer with CLIP's special tokens, trained on a few sentences."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(unk_token=None))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=[BOS, EOS],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(TOKENIZER_CORPUS, trainer=trainer)
+    tok.post_processor = processors.TemplateProcessing(
+        single=f"{BOS} $A {EOS}", special_tokens=[(BOS, tok.token_to_id(BOS)), (EOS, tok.token_to_id(EOS))])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=BOS, eos_token=EOS, pad_token=EOS,
+                                   unk_token=EOS, model_max_length=max_length)
+
+
+def tiny_clip_config(vocab_size: int, eos_id: int, bos_id: int, image_size: int = 32, max_text: int = 32):
+    """A CLIPConfig with two small layers per tower."""
+    from transformers import CLIPConfig
+
+    return CLIPConfig(
+        text_config=dict(vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=2, max_position_embeddings=max_text, eos_token_id=eos_id,
+                         bos_token_id=bos_id, pad_token_id=eos_id),
+        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                           image_size=image_size, patch_size=8),
+        projection_dim=16,
+    )
+
+
+def save_tiny_clip(directory: Path, seed: int = 0, image_size: int = 32) -> Path:
+    """Write a loadable tiny CLIP checkpoint (model, tokenizer, preprocessor) to `directory`."""
+    from transformers import CLIPModel
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    tokenizer = build_tokenizer()
+    config = tiny_clip_config(len(tokenizer), tokenizer.eos_token_id, tokenizer.bos_token_id, image_size)
+    torch.manual_seed(seed)
+    model = CLIPModel(config)
+    model.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    pre = ImagePreprocess(shortest_edge=image_size, crop=(image_size, image_size))
+    (directory / PREPROCESSOR_FILE).write_text(json.dumps(pre.to_dict(), indent=2))
+    return directory

@@ -1,0 +1,1 @@
+"""Flask app factory (filled by the web issue)."""
