@@ -30,6 +30,7 @@ setup(
         "fpdf2>=2.7",
         "waitress>=3.0",
         "matplotlib>=3.8",
+        "scikit-learn>=1.3",
     ],
     extras_require={
         "test": ["pytest>=8", "hypothesis>=6.100", "pypdf>=4", "playwright>=1.40"],

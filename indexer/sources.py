@@ -7,8 +7,6 @@ paths resolve against the manifest's folder) and optional metadata columns.
 
 from __future__ import annotations
 
-import csv
-import json
 import logging
 import os
 from dataclasses import dataclass, field
@@ -17,6 +15,7 @@ from typing import Iterable, Iterator
 
 from cxrmodel.errors import DataError
 from cxrmodel.images import DICOM_MAGIC_OFFSET, is_image_path
+from cxrmodel.tables import ERROR_KEY, find_column, read_rows
 
 log = logging.getLogger(__name__)
 
@@ -68,52 +67,13 @@ def walk_folder(folder: Path) -> Iterator[SourceRecord]:
                 yield SourceRecord(path.resolve())
 
 
-def read_manifest_rows(path: Path) -> Iterator[tuple[int, dict]]:
-    """(line number, row dict) of a CSV or JSONL manifest; malformed JSON lines raise DataError."""
-    suffix = path.suffix.lower()
-    try:
-        if suffix == ".csv":
-            with open(path, newline="", encoding="utf-8-sig") as f:
-                reader = csv.DictReader(f)
-                if not reader.fieldnames:
-                    raise DataError(f"{path}: empty CSV (no header row)")
-                for row in reader:
-                    yield reader.line_num, {(k or "").strip().lower(): (v or "") for k, v in row.items()}
-        else:
-            with open(path, encoding="utf-8") as f:
-                for number, line in enumerate(f, start=1):
-                    if not line.strip():
-                        continue
-                    try:
-                        row = json.loads(line)
-                    except ValueError as exc:
-                        yield number, {"__error__": f"invalid JSON ({exc.msg})"}
-                        continue
-                    if not isinstance(row, dict):
-                        yield number, {"__error__": "line is not a JSON object"}
-                        continue
-                    yield number, {str(k).strip().lower(): "" if v is None else v for k, v in row.items()}
-    except UnicodeDecodeError:
-        raise DataError(f"{path}: not UTF-8 text") from None
-    except csv.Error as exc:
-        raise DataError(f"{path}: malformed CSV ({exc})") from None
-    except OSError as exc:
-        raise DataError(f"{path}: cannot read ({exc.strerror or exc})") from None
-
-
-def find_column(columns: Iterable[str], candidates: Iterable[str]) -> str | None:
-    """The first of `candidates` present in `columns`."""
-    columns = set(columns)
-    return next((c for c in candidates if c in columns), None)
-
-
 def read_manifest(path: Path, problems: list[ManifestProblem]) -> Iterator[SourceRecord]:
     """Records of a manifest; rows without a usable path are appended to `problems`."""
     base = path.parent
     path_col = None
-    for line, row in read_manifest_rows(path):
-        if "__error__" in row:
-            problems.append(ManifestProblem(str(path), line, row["__error__"]))
+    for line, row in read_rows(path):
+        if ERROR_KEY in row:
+            problems.append(ManifestProblem(str(path), line, row[ERROR_KEY]))
             continue
         path_col = path_col or find_column(row, PATH_COLUMNS)
         if path_col is None:

@@ -41,14 +41,15 @@ def register(sub) -> None:
 
 
 def run_train(args) -> int:
+    from cxrmodel.lora import LoraSettings
     from cxrmodel.train import TrainConfig, train
 
     from .common import encoder_config
 
+    lora = LoraSettings(rank=args.rank, alpha=args.alpha, dropout=args.dropout,
+                        targets=tuple(t.strip() for t in args.targets.split(",") if t.strip()))
     cfg = TrainConfig(pairs=args.pairs, images=args.images, out=Path(args.out), encoder=encoder_config(args),
-                      rank=args.rank, alpha=args.alpha, dropout=args.dropout,
-                      targets=tuple(t.strip() for t in args.targets.split(",") if t.strip()),
-                      epochs=args.epochs, lr=args.lr, weight_decay=args.weight_decay, warmup=args.warmup,
+                      lora=lora, epochs=args.epochs, lr=args.lr, weight_decay=args.weight_decay, warmup=args.warmup,
                       accumulate=args.accumulate, val_fraction=args.val_fraction, seed=args.seed,
                       workers=args.workers, resume=args.resume, progress=not args.no_progress)
     result = train(cfg, log=print)

@@ -1,0 +1,101 @@
+"""Retrieval and zero-shot evaluation: Recall@K both ways, per-pathology AUROC.
+
+Recall@K counts a retrieval as correct when the retrieved item carries the query's own caption
+(pairs with identical captions are indistinguishable, so any of them is a correct answer).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .errors import ImageDecodeError
+from .images import load_image
+from .pairs import Pair
+from .prompts import LabelConfig
+from .zeroshot import prompt_bank, score_vectors
+
+KS = (1, 5, 10)
+
+
+def recall_at_k(similarity: np.ndarray, correct: np.ndarray, ks=KS) -> dict[str, float]:
+    """similarity (Q, N) and boolean correct (Q, N) -> {"R@k": fraction of queries with a hit in top k}."""
+    if similarity.shape[0] == 0:
+        return {f"R@{k}": 0.0 for k in ks}
+    order = np.argsort(-similarity, axis=1, kind="stable")
+    hit_rank = np.argmax(np.take_along_axis(correct, order, axis=1), axis=1)
+    return {f"R@{k}": float(np.mean(hit_rank < k)) for k in ks}
+
+
+def retrieval_metrics(image_vecs: np.ndarray, text_vecs: np.ndarray, captions: list[str]) -> dict:
+    """Recall@1/5/10 image->text and text->image for aligned (image, caption) rows."""
+    codes = {c: i for i, c in enumerate(dict.fromkeys(captions))}
+    ids = np.array([codes[c] for c in captions])
+    correct = ids[:, None] == ids[None, :]
+    sim = image_vecs @ text_vecs.T
+    return {"image_to_text": recall_at_k(sim, correct), "text_to_image": recall_at_k(sim.T, correct.T)}
+
+
+def auroc(scores: np.ndarray, positive: np.ndarray) -> float | None:
+    """Area under the ROC curve; None when only one class is present."""
+    from sklearn.metrics import roc_auc_score
+
+    positive = np.asarray(positive, dtype=bool)
+    if positive.all() or not positive.any():
+        return None
+    return float(roc_auc_score(positive, scores))
+
+
+def embed_pairs(encoder, pairs: list[Pair], batch: int = 64) -> tuple[np.ndarray, np.ndarray, list[Pair], int]:
+    """Encode images and captions; returns (image vecs, text vecs, pairs kept, unreadable count)."""
+    kept, vecs, unreadable = [], [], 0
+    for start in range(0, len(pairs), batch):
+        images = []
+        for pair in pairs[start : start + batch]:
+            try:
+                images.append(load_image(pair.image).image)
+                kept.append(pair)
+            except ImageDecodeError:
+                unreadable += 1
+        if images:
+            vecs.append(encoder.encode_images(images))
+    image_vecs = np.concatenate(vecs) if vecs else np.zeros((0, encoder.dim), np.float32)
+    text_vecs = encoder.encode_texts([p.caption for p in kept])
+    return image_vecs, text_vecs, kept, unreadable
+
+
+def zero_shot_auroc(encoder, image_vecs: np.ndarray, pairs: list[Pair], config: LabelConfig) -> dict:
+    """Per-pathology AUROC of the prompt-ensemble scores against the pairs' labels."""
+    probs, _ = score_vectors(image_vecs, prompt_bank(encoder, config), config)
+    table = {}
+    for j, pathology in enumerate(config.pathologies):
+        truth = np.array([pathology.lower() in {lab.lower() for lab in p.labels} for p in pairs])
+        table[pathology] = {"auroc": auroc(probs[:, j], truth), "positives": int(truth.sum()), "n": len(pairs)}
+    values = [v["auroc"] for v in table.values() if v["auroc"] is not None]
+    return {"per_pathology": table, "mean": float(np.mean(values)) if values else None}
+
+
+def evaluate_pairs(encoder, pairs: list[Pair], config: LabelConfig | None = None) -> dict:
+    """Everything `radlens eval` reports, as a JSON-ready dict."""
+    image_vecs, text_vecs, kept, unreadable = embed_pairs(encoder, pairs)
+    result = {"pairs": len(kept), "unreadable_images": unreadable,
+              **retrieval_metrics(image_vecs, text_vecs, [p.caption for p in kept])}
+    if config is not None and any(p.labels for p in kept):
+        result["zero_shot_auroc"] = zero_shot_auroc(encoder, image_vecs, kept, config)
+    return result
+
+
+def format_eval(result: dict) -> str:
+    """Human-readable table of an `evaluate_pairs` result."""
+    lines = [f"pairs evaluated: {result['pairs']} (unreadable images: {result['unreadable_images']})",
+             f"{'direction':<16}" + "".join(f"{k:>8}" for k in result["image_to_text"])]
+    for direction in ("image_to_text", "text_to_image"):
+        lines.append(f"{direction.replace('_', ' '):<16}" + "".join(f"{v:>8.3f}" for v in result[direction].values()))
+    zs = result.get("zero_shot_auroc")
+    if zs:
+        lines.append("")
+        lines.append(f"{'pathology':<20}{'AUROC':>8}{'positives':>11}")
+        for name, row in zs["per_pathology"].items():
+            value = f"{row['auroc']:.3f}" if row["auroc"] is not None else "n/a"
+            lines.append(f"{name:<20}{value:>8}{row['positives']:>11}")
+        lines.append(f"{'mean':<20}{zs['mean']:>8.3f}" if zs["mean"] is not None else "mean: n/a")
+    return "\n".join(lines)

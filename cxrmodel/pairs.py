@@ -1,0 +1,103 @@
+"""Image-caption pairs files (CSV or JSONL, ROCO's id/name/caption layout included).
+
+Bad rows -- no image path, a missing image file, an empty caption, a broken JSON line -- are
+reported with their line numbers, skipped and counted; only a file with no usable row is fatal.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from .errors import DataError
+from .tables import ERROR_KEY, find_column, read_rows
+
+IMAGE_COLUMNS = ("path", "image", "image_path", "file", "file_name", "filename", "file name", "name")
+CAPTION_COLUMNS = ("caption", "text", "report", "findings", "impression")
+LABEL_COLUMNS = ("labels", "finding_labels", "finding labels")
+GROUP_COLUMNS = ("patient_id", "patient", "group", "study_id")
+
+
+@dataclass(frozen=True)
+class Pair:
+    """One image with its caption, optional `;`-separated labels and a group (e.g. patient) id."""
+
+    image: Path
+    caption: str
+    labels: tuple[str, ...] = ()
+    group: str | None = None
+    line: int = 0
+
+
+@dataclass
+class PairsFile:
+    """Usable pairs and the rows that were skipped (line, reason)."""
+
+    rows: list[Pair]
+    skipped: list[dict] = field(default_factory=list)
+
+
+def load_pairs(path: str | Path, images: str | Path | None = None,
+               log: Callable[[str], None] | None = None, max_report: int = 20) -> PairsFile:
+    """Read a pairs file; image paths resolve against `images` (default: the file's folder)."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"pairs file {path} does not exist")
+    if path.suffix.lower() not in (".csv", ".jsonl", ".ndjson", ".json"):
+        raise DataError(f"pairs file {path}: expected .csv or .jsonl")
+    base = Path(images) if images else path.parent
+    if images and not base.is_dir():
+        raise DataError(f"--images {base} is not a folder")
+    rows, skipped = [], []
+    image_col = caption_col = label_col = group_col = None
+    for line, row in read_rows(path):
+        if ERROR_KEY in row:
+            skipped.append({"line": line, "reason": row[ERROR_KEY]})
+            continue
+        if image_col is None:
+            image_col = find_column(row, IMAGE_COLUMNS)
+            caption_col = find_column(row, CAPTION_COLUMNS)
+            label_col = find_column(row, LABEL_COLUMNS)
+            group_col = find_column(row, GROUP_COLUMNS)
+            if image_col is None or caption_col is None:
+                raise DataError(f"{path}: needs an image column ({', '.join(IMAGE_COLUMNS)}) and a caption "
+                                f"column ({', '.join(CAPTION_COLUMNS)}); found {', '.join(sorted(row)) or 'none'}")
+        value, caption = str(row.get(image_col, "")).strip(), str(row.get(caption_col, "")).strip()
+        if not value:
+            skipped.append({"line": line, "reason": f"empty {image_col!r}"})
+            continue
+        if not caption:
+            skipped.append({"line": line, "reason": "empty caption"})
+            continue
+        image = Path(value) if Path(value).is_absolute() else base / value
+        if not image.is_file():
+            skipped.append({"line": line, "reason": f"image not found: {value}"})
+            continue
+        labels = row.get(label_col, "") if label_col else ""
+        labels = labels if isinstance(labels, list) else str(labels).replace("|", ";").split(";")
+        group = str(row.get(group_col, "")).strip() or None if group_col else None
+        rows.append(Pair(image, caption, tuple(s.strip() for s in labels if str(s).strip()), group, line))
+    if log:
+        for problem in skipped[:max_report]:
+            log(f"{path.name}:{problem['line']}: skipped ({problem['reason']})")
+        if len(skipped) > max_report:
+            log(f"... and {len(skipped) - max_report} more skipped rows")
+    if not rows:
+        raise DataError(f"{path}: no usable rows ({len(skipped)} skipped)")
+    return PairsFile(rows, skipped)
+
+
+def split_pairs(pairs: list[Pair], val_fraction: float, seed: int) -> tuple[list[Pair], list[Pair]]:
+    """Train/validation split; pairs sharing a group (patient) never land on both sides."""
+    if not 0.0 <= val_fraction < 1.0:
+        raise DataError("--val-fraction must be in [0, 1)")
+    groups = sorted({p.group if p.group is not None else f"__line{p.line}" for p in pairs})
+    random.Random(seed).shuffle(groups)
+    n_val = int(round(len(groups) * val_fraction))
+    if val_fraction > 0 and n_val == 0 and len(groups) > 1:
+        n_val = 1
+    val_groups = set(groups[:n_val])
+    key = lambda p: p.group if p.group is not None else f"__line{p.line}"  # noqa: E731
+    return [p for p in pairs if key(p) not in val_groups], [p for p in pairs if key(p) in val_groups]

@@ -1,0 +1,51 @@
+"""Tabular inputs (CSV and JSONL manifests, pairs files): rows with line numbers, never a traceback."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+from typing import Iterable, Iterator
+
+from .errors import DataError
+
+ERROR_KEY = "__error__"
+
+
+def read_rows(path: Path) -> Iterator[tuple[int, dict]]:
+    """(line number, row) of a CSV or JSONL file; keys lower-cased; a bad JSON line yields {ERROR_KEY: reason}."""
+    suffix = path.suffix.lower()
+    try:
+        if suffix == ".csv":
+            with open(path, newline="", encoding="utf-8-sig") as f:
+                reader = csv.DictReader(f)
+                if not reader.fieldnames:
+                    raise DataError(f"{path}: empty CSV (no header row)")
+                for row in reader:
+                    yield reader.line_num, {(k or "").strip().lower(): (v or "") for k, v in row.items()}
+        else:
+            with open(path, encoding="utf-8") as f:
+                for number, line in enumerate(f, start=1):
+                    if not line.strip():
+                        continue
+                    try:
+                        row = json.loads(line)
+                    except ValueError as exc:
+                        yield number, {ERROR_KEY: f"invalid JSON ({exc.msg})"}
+                        continue
+                    if not isinstance(row, dict):
+                        yield number, {ERROR_KEY: "line is not a JSON object"}
+                        continue
+                    yield number, {str(k).strip().lower(): "" if v is None else v for k, v in row.items()}
+    except UnicodeDecodeError:
+        raise DataError(f"{path}: not UTF-8 text") from None
+    except csv.Error as exc:
+        raise DataError(f"{path}: malformed CSV ({exc})") from None
+    except OSError as exc:
+        raise DataError(f"{path}: cannot read ({exc.strerror or exc})") from None
+
+
+def find_column(columns: Iterable[str], candidates: Iterable[str]) -> str | None:
+    """The first of `candidates` present in `columns`."""
+    columns = set(columns)
+    return next((c for c in candidates if c in columns), None)
