@@ -152,5 +152,20 @@ def to_pdf(report: Report) -> bytes:
     return bytes(pdf.output())
 
 
+def findings_csv(scores: list[LabelScore], threshold: float | None = None) -> str:
+    """One row per pathology: pathology, probability, uncertainty, threshold, positive."""
+    import csv
+    import io
+
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(["pathology", "probability", "uncertainty", "threshold", "positive"])
+    for s in scores:
+        limit = threshold if threshold is not None else s.threshold
+        writer.writerow([s.pathology, f"{s.probability:.4f}", f"{s.uncertainty:.4f}", f"{limit:.4f}",
+                         int(s.probability >= limit)])
+    return buf.getvalue()
+
+
 def _latin1(text: str) -> str:
     return text.encode("latin-1", "replace").decode("latin-1")

@@ -74,3 +74,15 @@ def engine(indexed_dir, tiny_encoder):
     eng = Engine.open(EngineConfig(data_dir=indexed_dir), encoder=tiny_encoder)
     yield eng
     eng.close()
+
+
+@pytest.fixture(scope="session")
+def app(engine):
+    from web import ServeConfig, create_app
+
+    return create_app(ServeConfig(max_upload_bytes=2 * 1024 * 1024, api_token=None), engine=engine)
+
+
+@pytest.fixture
+def client(app):
+    return app.test_client()

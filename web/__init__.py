@@ -1,1 +1,116 @@
-"""Flask app factory (filled by the web issue)."""
+"""Flask app factory: pages and JSON API over one `search.Engine`.
+
+`create_app(ServeConfig(...), engine=Engine.open(...))`. The engine is attached to the app once
+(`app.extensions["radlens"]`), never imported as a global. Every error is JSON under /api and a
+short page elsewhere -- never a traceback.
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+import os
+from dataclasses import dataclass, field
+
+from flask import Flask, jsonify, render_template, request
+from werkzeug.exceptions import HTTPException
+
+from cxrmodel.errors import ImageDecodeError, RadLensError
+
+log = logging.getLogger(__name__)
+
+TOKEN_ENV = "RADLENS_API_TOKEN"
+TOKEN_COOKIE = "radlens_token"
+OPEN_ENDPOINTS = {"api.health", "static"}
+
+
+@dataclass
+class ServeConfig:
+    """How the web app behaves."""
+
+    max_upload_bytes: int = field(default=32 * 1024 * 1024, metadata={"help": "Largest accepted upload."})
+    api_token: str | None = field(default_factory=lambda: os.environ.get(TOKEN_ENV) or None,
+                                  metadata={"help": "When set, every route but health requires it."})
+    thumbnail_size: int = 256
+    default_k: int = 12
+    max_k: int = 100
+
+
+class HTTPError(Exception):
+    """An error with an HTTP status and a message for the user."""
+
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status, self.message = status, message
+
+
+def status_for(exc: RadLensError) -> int:
+    """HTTP status of a user-fixable error."""
+    text = str(exc)
+    if isinstance(exc, ImageDecodeError):
+        return 413 if "limit" in text else 415 if "not a recognised" in text else 400
+    return 404 if text.startswith("no image with id") else 400
+
+
+def create_app(config: ServeConfig | None = None, engine=None) -> Flask:
+    """Build the Flask app around an opened `search.Engine`."""
+    from .api import api
+    from .pages import pages
+
+    config = config or ServeConfig()
+    app = Flask(__name__)
+    app.config["MAX_CONTENT_LENGTH"] = config.max_upload_bytes
+    app.extensions["radlens"] = engine
+    app.extensions["radlens_config"] = config
+    app.register_blueprint(api)
+    app.register_blueprint(pages)
+
+    @app.before_request
+    def require_token():
+        if not config.api_token or request.endpoint in OPEN_ENDPOINTS:
+            return None
+        given = _token_from_request()
+        if given and hmac.compare_digest(given.encode(), config.api_token.encode()):
+            return None
+        return _error(401, "missing or wrong API token (send 'Authorization: Bearer TOKEN')")
+
+    @app.after_request
+    def remember_token(response):
+        token = request.args.get("token")
+        if config.api_token and token and hmac.compare_digest(token.encode(), config.api_token.encode()):
+            response.set_cookie(TOKEN_COOKIE, token, httponly=True, samesite="Strict")
+        response.headers.setdefault("X-Content-Type-Options", "nosniff")
+        return response
+
+    @app.errorhandler(HTTPError)
+    def on_http_error(exc: HTTPError):
+        return _error(exc.status, exc.message)
+
+    @app.errorhandler(RadLensError)
+    def on_user_error(exc: RadLensError):
+        return _error(status_for(exc), str(exc))
+
+    @app.errorhandler(HTTPException)
+    def on_werkzeug(exc: HTTPException):
+        message = "upload too large" if exc.code == 413 else exc.description or exc.name
+        return _error(exc.code or 500, message)
+
+    @app.errorhandler(Exception)
+    def on_unexpected(exc: Exception):
+        log.exception("unexpected error on %s", request.path)
+        return _error(500, "internal error; see the server log")
+
+    return app
+
+
+def _token_from_request() -> str | None:
+    auth = request.headers.get("Authorization", "")
+    if auth.lower().startswith("bearer "):
+        return auth[7:].strip()
+    return request.headers.get("X-API-Token") or request.args.get("token") or request.cookies.get(TOKEN_COOKIE)
+
+
+def _error(status: int, message: str):
+    if request.path.startswith("/api/") or request.accept_mimetypes.best == "application/json":
+        return jsonify({"error": message, "status": status}), status
+    return render_template("error.html", status=status, message=message), status

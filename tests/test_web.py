@@ -1,0 +1,189 @@
+"""Web app through Flask's test client: every route, bad uploads as 4xx JSON, token enforcement."""
+
+from __future__ import annotations
+
+import io
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from tests.imagegen import png_bytes, shape_image, write_dicom
+from web import ServeConfig, create_app
+
+
+def _upload(data: bytes, name: str = "x.png", **fields):
+    return {"image": (io.BytesIO(data), name), **fields}
+
+
+@pytest.fixture(scope="module")
+def some_id(engine):
+    return engine.text("a red circle", k=1)[0].id
+
+
+def test_health(client):
+    r = client.get("/api/health")
+    assert r.status_code == 200 and r.json["status"] == "ok" and r.json["vectors"] > 0
+
+
+def test_search_api(client, engine, image_dir):
+    r = client.get("/api/search", query_string={"q": "a green square", "k": 4})
+    assert r.status_code == 200
+    assert [h["id"] for h in r.json["results"]] == [h.id for h in engine.text("a green square", k=4)]
+    r = client.get("/api/search", query_string=[("q", "x"), ("k", "3"), ("filter", "modality=CT")])
+    assert len(r.json["results"]) == 3 and {h["image"]["modality"] for h in r.json["results"]} == {"CT"}
+    assert str(image_dir) not in json.dumps(r.json)  # server paths never leak
+
+
+@pytest.mark.parametrize("params,message", [({}, "q"), ({"q": "x", "k": "abc"}, "integer"),
+                                            ({"q": "x", "k": 0}, "between"), ({"q": "x", "filter": "colour=red"},
+                                                                              "unknown filter")])
+def test_search_api_bad_params(client, params, message):
+    r = client.get("/api/search", query_string=params)
+    assert r.status_code == 400 and message in r.json["error"]
+
+
+def test_similar_api_returns_the_image_itself(client, image_dir):
+    data = (image_dir / "triangle_blue_0.png").read_bytes()
+    r = client.post("/api/similar", data=_upload(data, k="3"), content_type="multipart/form-data")
+    assert r.status_code == 200 and r.json["results"][0]["image"]["file_name"] == "triangle_blue_0.png"
+
+
+def test_label_api(client):
+    r = client.post("/api/label", data=_upload(png_bytes(shape_image("circle", "red")), threshold="0.4"),
+                    content_type="multipart/form-data")
+    assert r.status_code == 200
+    assert len(r.json["labels"]) == 14 and r.json["report"]["disclaimer"]
+    above = [x["pathology"] for x in r.json["labels"] if x["probability"] >= 0.4]
+    assert len(r.json["report"]["impression"]) == max(1, len(above))
+
+
+def test_label_api_accepts_dicom(client, tmp_path):
+    path = write_dicom(tmp_path / "u.dcm", (np.arange(32 * 32).reshape(32, 32) * 3).astype(np.uint16))
+    r = client.post("/api/label", data=_upload(path.read_bytes(), "u.dcm"), content_type="multipart/form-data")
+    assert r.status_code == 200 and "DOE" not in r.get_data(as_text=True)
+
+
+BAD_UPLOADS = {
+    "text file": (b"hello, I am not an image", "notes.png", 415),
+    "truncated png": (png_bytes(shape_image("cross", "green", size=128))[:300], "cut.png", 400),
+    "empty": (b"", "empty.png", 400),
+    "bomb": (png_bytes(Image.new("L", (12000, 12000))), "bomb.png", 413),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_UPLOADS))
+@pytest.mark.parametrize("route", ["/api/similar", "/api/label"])
+def test_bad_uploads_get_4xx_json(client, route, case):
+    data, name, status = BAD_UPLOADS[case]
+    r = client.post(route, data=_upload(data, name), content_type="multipart/form-data")
+    assert r.status_code == status, r.json
+    assert r.is_json and r.json["error"] and "Traceback" not in r.get_data(as_text=True)
+
+
+def test_oversized_upload_is_413_json(client):
+    big = b"\x89PNG" + b"0" * (3 * 1024 * 1024)
+    body = (b"--XyZ\r\nContent-Disposition: form-data; name=\"image\"; filename=\"big.png\"\r\n"
+            b"Content-Type: image/png\r\n\r\n" + big + b"\r\n--XyZ--\r\n")  # raw, so the client spools nothing
+    r = client.post("/api/similar", data=body, content_type="multipart/form-data; boundary=XyZ")
+    assert r.status_code == 413 and r.is_json
+
+
+def test_missing_file_field(client):
+    r = client.post("/api/label", data={"k": "3"}, content_type="multipart/form-data")
+    assert r.status_code == 400 and "image" in r.json["error"]
+
+
+def test_image_routes(client, some_id):
+    meta = client.get(f"/api/images/{some_id}")
+    assert meta.status_code == 200 and len(meta.json["scores"]) == 14 and "path" not in meta.json
+    labels = client.get(f"/api/images/{some_id}/labels")
+    assert labels.status_code == 200 and len(labels.json["labels"]) == 14
+    assert client.get(f"/api/images/{some_id}/thumbnail").data.startswith(b"\x89PNG")
+    full = client.get(f"/api/images/{some_id}/full")
+    assert full.mimetype == "image/png" and Image.open(io.BytesIO(full.data)).size == (64, 64)
+
+
+def test_downloads(client, some_id):
+    base = f"/api/images/{some_id}"
+    assert client.get(f"{base}/report", query_string={"format": "json"}).json["technique"]
+    md = client.get(f"{base}/report", query_string={"format": "md", "threshold": "0.3"})
+    assert md.status_code == 200 and b"## Impression" in md.data
+    assert client.get(f"{base}/report", query_string={"format": "pdf"}).data.startswith(b"%PDF")
+    csv = client.get(f"{base}/findings.csv", query_string={"threshold": "0.5"}).get_data(as_text=True)
+    assert csv.splitlines()[0] == "pathology,probability,uncertainty,threshold,positive" and len(csv.splitlines()) == 15
+    assert len(client.get(f"{base}/findings.json").json) == 14
+    assert client.get(f"{base}/chart.png").data.startswith(b"\x89PNG")
+    assert b"<svg" in client.get(f"{base}/chart.svg").data
+    assert client.get(f"{base}/chart.gif").status_code == 400
+    assert client.get(f"{base}/report", query_string={"format": "doc"}).status_code == 400
+    assert client.get(f"{base}/report", query_string={"threshold": "7"}).status_code == 400
+
+
+@pytest.mark.parametrize("path", ["/api/images/999999", "/api/images/999999/thumbnail", "/api/images/999999/full",
+                                  "/api/images/999999/report", "/api/images/0/labels", "/image/999999"])
+def test_unknown_ids_are_404(client, path):
+    r = client.get(path)
+    assert r.status_code == 404
+
+
+@pytest.mark.parametrize("path", ["/api/images/../../etc/passwd", "/api/images/%2e%2e%2fetc%2fpasswd/full",
+                                  "/api/images/-1/full", "/api/images/1;DROP TABLE images/full",
+                                  "/api/images//etc/passwd/thumbnail"])
+def test_paths_never_reach_the_file_system(client, path):
+    r = client.get(path)
+    assert r.status_code in (404, 405) and b"root:" not in r.data
+
+
+def test_openapi_lists_every_api_route(client, app):
+    doc = client.get("/api/openapi.json").json
+    assert doc["openapi"].startswith("3.")
+    documented = {p.replace("{", "<").replace("}", ">") for p in doc["paths"]}
+    for rule in app.url_map.iter_rules():
+        if rule.rule.startswith("/api/"):
+            normalised = rule.rule.replace("<int:image_id>", "<image_id>")
+            assert normalised in documented, rule.rule
+
+
+def test_pages_render(client, some_id, image_dir):
+    home = client.get("/")
+    assert home.status_code == 200 and b"images indexed" in home.data
+    results = client.get("/", query_string={"q": "a red circle"})
+    assert results.status_code == 200 and results.data.count(b'class="card"') == 12
+    assert client.get("/", query_string={"q": "x", "filter": "bogus=1"}).status_code == 400
+    page = client.get(f"/image/{some_id}")
+    assert page.status_code == 200 and b"Zero-shot findings" in page.data and b"Disclaimer" not in page.data
+    assert b"not for clinical use" in page.data.lower()
+    assert client.get("/upload").status_code == 200
+    up = client.post("/upload", data=_upload((image_dir / "gray" / "g3.png").read_bytes(), "g3.png"),
+                     content_type="multipart/form-data")
+    assert up.status_code == 200 and b"Similar cases" in up.data and b"g3.png" in up.data
+    bad = client.post("/upload", data=_upload(b"nope", "n.png"), content_type="multipart/form-data")
+    assert bad.status_code == 415 and b"not a recognised image" in bad.data
+
+
+def test_pages_use_no_external_resources(client, some_id):
+    for path in ["/", f"/image/{some_id}", "/upload"]:
+        html = client.get(path).get_data(as_text=True)
+        assert "http://" not in html and "https://" not in html
+    for asset in ("/static/app.js", "/static/style.css"):
+        with client.get(asset) as r:  # file responses must be closed
+            assert r.status_code == 200 and b"http" not in r.data
+
+
+def test_token_enforcement(engine, some_id):
+    app = create_app(ServeConfig(api_token="s3cret"), engine=engine)
+    c = app.test_client()
+    assert c.get("/api/health").status_code == 200
+    for path in ["/api/search?q=x", f"/api/images/{some_id}", "/", "/api/openapi.json", f"/image/{some_id}"]:
+        r = c.get(path)
+        assert r.status_code == 401, path
+    assert c.get("/api/search?q=x", headers={"Authorization": "Bearer wrong"}).status_code == 401
+    assert c.get("/api/search?q=x", headers={"Authorization": "Bearer s3cret"}).status_code == 200
+    assert c.get("/api/search?q=x", headers={"X-API-Token": "s3cret"}).status_code == 200
+    r = c.post("/api/label", data=_upload(png_bytes(shape_image("circle", "red"))), content_type="multipart/form-data")
+    assert r.status_code == 401 and r.is_json
+    # a browser logs in once with ?token= and then keeps a cookie
+    assert c.get("/?token=s3cret").status_code == 200
+    assert c.get(f"/image/{some_id}").status_code == 200

@@ -1,0 +1,132 @@
+"""JSON API blueprint (`/api/...`), mirroring the pages. The contract is in openapi.py."""
+
+from __future__ import annotations
+
+import json
+
+from flask import Blueprint, Response, jsonify, request
+
+from cxrmodel.charts import probability_chart
+from cxrmodel.report import compose_report, findings_csv, to_markdown, to_pdf
+
+from .context import config, engine, id_labels, k_param, label_payload, read_upload, threshold_param
+from .openapi import openapi_document
+
+api = Blueprint("api", __name__, url_prefix="/api")
+
+
+@api.get("/health")
+def health():
+    eng = engine()
+    return jsonify({"status": "ok", **eng.stats()})
+
+
+@api.get("/openapi.json")
+def openapi():
+    return jsonify(openapi_document())
+
+
+def _filters():
+    return engine().parse_filters(request.values.getlist("filter"))
+
+
+@api.get("/search")
+def search():
+    query = (request.args.get("q") or "").strip()
+    if not query:
+        return jsonify({"error": "missing query parameter q", "status": 400}), 400
+    k = k_param(request.args.get("k"))
+    filters = _filters()
+    hits = engine().text(query, k=k, filters=filters)
+    return jsonify({"query": query, "k": k, "filters": request.args.getlist("filter"),
+                    "results": [h.to_dict() for h in hits]})
+
+
+@api.post("/similar")
+def similar():
+    k = k_param(request.form.get("k"))
+    filters = _filters()
+    image = read_upload()
+    hits = engine().image(image, k=k, filters=filters)
+    return jsonify({"k": k, "filters": request.form.getlist("filter"), "results": [h.to_dict() for h in hits]})
+
+
+@api.post("/label")
+def label():
+    threshold = threshold_param(request.form.get("threshold"))
+    image = read_upload()
+    eng = engine()
+    scores = eng.label(image)
+    report = compose_report(scores, {**image.metadata, "width": image.width, "height": image.height},
+                            eng.labels, threshold)
+    return jsonify(label_payload(scores, report))
+
+
+@api.get("/images/<int:image_id>")
+def image_metadata(image_id: int):
+    meta = engine().get(image_id)
+    if meta is None:
+        return jsonify({"error": f"no image with id {image_id}", "status": 404}), 404
+    return jsonify(meta)
+
+
+@api.get("/images/<int:image_id>/labels")
+def image_labels(image_id: int):
+    _, scores, report = id_labels(image_id, threshold_param(request.args.get("threshold")))
+    return jsonify(label_payload(scores, report))
+
+
+@api.get("/images/<int:image_id>/report")
+def image_report(image_id: int):
+    fmt = request.args.get("format", "json")
+    _, _, report = id_labels(image_id, threshold_param(request.args.get("threshold")))
+    if fmt == "json":
+        return jsonify(report.to_dict())
+    if fmt == "md":
+        return _download(to_markdown(report).encode(), "text/markdown; charset=utf-8", f"report-{image_id}.md")
+    if fmt == "pdf":
+        return _download(to_pdf(report), "application/pdf", f"report-{image_id}.pdf")
+    return jsonify({"error": "format must be json, md or pdf", "status": 400}), 400
+
+
+@api.get("/images/<int:image_id>/findings.<fmt>")
+def image_findings(image_id: int, fmt: str):
+    threshold = threshold_param(request.args.get("threshold"))
+    _, scores, _ = id_labels(image_id, threshold)
+    if fmt == "csv":
+        return _download(findings_csv(scores, threshold).encode(), "text/csv", f"findings-{image_id}.csv")
+    if fmt == "json":
+        rows = [{**s.to_dict(), "threshold": threshold if threshold is not None else s.threshold,
+                 "positive": s.probability >= (threshold if threshold is not None else s.threshold)} for s in scores]
+        return _download(json.dumps(rows, indent=2).encode(), "application/json", f"findings-{image_id}.json")
+    return jsonify({"error": "format must be csv or json", "status": 400}), 400
+
+
+@api.get("/images/<int:image_id>/chart.<fmt>")
+def image_chart(image_id: int, fmt: str):
+    if fmt not in ("png", "svg"):
+        return jsonify({"error": "format must be png or svg", "status": 400}), 400
+    threshold = threshold_param(request.args.get("threshold"))
+    _, scores, _ = id_labels(image_id, threshold)
+    mime = "image/png" if fmt == "png" else "image/svg+xml"
+    return _download(probability_chart(scores, fmt, threshold), mime, f"chart-{image_id}.{fmt}")
+
+
+@api.get("/images/<int:image_id>/thumbnail")
+def thumbnail(image_id: int):
+    data = engine().thumbnail(image_id, config().thumbnail_size)
+    return Response(data, mimetype="image/png", headers={"Cache-Control": "private, max-age=86400"})
+
+
+@api.get("/images/<int:image_id>/full")
+def full_image(image_id: int):
+    import io
+
+    image = engine().load(image_id).image
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    return Response(buf.getvalue(), mimetype="image/png", headers={"Cache-Control": "private, max-age=3600"})
+
+
+def _download(data: bytes, mimetype: str, filename: str) -> Response:
+    return Response(data, mimetype=mimetype, headers={"Content-Disposition": f'attachment; filename="{filename}"'})

@@ -1,0 +1,72 @@
+"""What both blueprints need: the engine, the config, upload reading, and label/report payloads."""
+
+from __future__ import annotations
+
+from flask import current_app, request
+
+from cxrmodel.report import compose_report
+
+from . import HTTPError, ServeConfig
+
+
+def engine():
+    """The app's `search.Engine`."""
+    return current_app.extensions["radlens"]
+
+
+def config() -> ServeConfig:
+    return current_app.extensions["radlens_config"]
+
+
+def read_upload(field: str = "image"):
+    """Decode the uploaded file of a multipart request; HTTPError 400/413/415 when unusable."""
+    upload = request.files.get(field)
+    if upload is None:
+        raise HTTPError(400, f"no file in the multipart field {field!r}")
+    data = upload.read(config().max_upload_bytes + 1)
+    if len(data) > config().max_upload_bytes:
+        raise HTTPError(413, "upload too large")
+    name = "upload.dcm" if (upload.filename or "").lower().endswith((".dcm", ".dicom")) else "upload"
+    return engine().decode_upload(data, name=name)
+
+
+def k_param(value) -> int:
+    """Parse k within the configured bounds."""
+    try:
+        k = int(value) if value not in (None, "") else config().default_k
+    except (TypeError, ValueError):
+        raise HTTPError(400, "k must be an integer") from None
+    if not 1 <= k <= config().max_k:
+        raise HTTPError(400, f"k must be between 1 and {config().max_k}")
+    return k
+
+
+def threshold_param(value) -> float | None:
+    """Parse an optional threshold in [0, 1]."""
+    if value in (None, ""):
+        return None
+    try:
+        t = float(value)
+    except (TypeError, ValueError):
+        raise HTTPError(400, "threshold must be a number") from None
+    if not 0.0 <= t <= 1.0:
+        raise HTTPError(400, "threshold must lie in [0, 1]")
+    return t
+
+
+def id_labels(image_id: int, threshold: float | None):
+    """(metadata, scores, report) of an indexed image; HTTPError 404 when unknown."""
+    eng = engine()
+    meta = eng.get(image_id)
+    if meta is None:
+        raise HTTPError(404, f"no image with id {image_id}")
+    image = eng.load(image_id)
+    scores = eng.label(image)
+    report = compose_report(scores, {**image.metadata, "width": image.width, "height": image.height, **meta},
+                            eng.labels, threshold)
+    return meta, scores, report
+
+
+def label_payload(scores, report) -> dict:
+    """JSON body shared by /api/label and /api/images/<id>/labels."""
+    return {"labels": [s.to_dict() for s in scores], "report": report.to_dict()}
