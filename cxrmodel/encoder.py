@@ -73,15 +73,26 @@ def choose_dtype(precision: str, device: torch.device) -> torch.dtype:
     return torch.bfloat16 if cpu_supports_bf16() else torch.float32
 
 
-def adapter_fingerprint(adapter_dir: str | Path | None) -> str | None:
-    """sha256 over an adapter directory's files, so an index knows which adapter built it."""
-    if not adapter_dir:
+def adapter_fingerprint(adapter_dir: str | Path | None, model: str | None = None) -> str | None:
+    """sha256 over what was trained: an adapter directory's files and, for a RadLens model
+    directory, its own weights -- so an index knows exactly which weights built it."""
+    from .dualencoder import is_model_dir, read_manifest
+
+    parts = []
+    if model and Path(model).is_dir() and is_model_dir(model):
+        manifest = read_manifest(model)
+        parts.append(manifest["weights_sha256"].encode())
+        if manifest.get("adapter"):
+            parts.append(adapter_fingerprint(Path(model) / manifest["adapter"]).encode())
+    if adapter_dir:
+        for path in sorted(Path(adapter_dir).iterdir()):
+            if path.is_file() and path.name.startswith("adapter_"):
+                parts += [path.name.encode(), path.read_bytes()]
+    if not parts:
         return None
     digest = hashlib.sha256()
-    for path in sorted(Path(adapter_dir).iterdir()):
-        if path.is_file() and path.name.startswith("adapter_"):
-            digest.update(path.name.encode())
-            digest.update(path.read_bytes())
+    for part in parts:
+        digest.update(part)
     return digest.hexdigest()
 
 
@@ -116,6 +127,11 @@ def load_pretrained_parts(name: str, dtype: torch.dtype = torch.float32):
     from transformers import AutoConfig, AutoTokenizer
 
     local = Path(name).expanduser()
+    from .dualencoder import is_model_dir, load_model_dir
+
+    if local.is_dir() and is_model_dir(local):
+        model, tokenizer, preprocess = load_model_dir(local)
+        return model.to(dtype), tokenizer, preprocess
     if local.exists() and not local.is_dir():
         raise ModelLoadError(f"--model {name!r} is a file; give the checkpoint's directory. " + _hub_hint(name))
     if not local.exists() and (name.startswith((".", "/", "~")) or name.count("/") > 1):
@@ -174,7 +190,7 @@ class Encoder:
         self.preprocess = preprocess
         self.model_name = model_name
         self.adapter = adapter
-        self.adapter_hash = adapter_fingerprint(adapter)
+        self.adapter_hash = adapter_fingerprint(adapter, model_name)
         self.device = device or torch.device("cpu")
         self.dtype = dtype
         self.batch_size = batch_size

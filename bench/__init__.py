@@ -1,0 +1,1 @@
+"""Benchmarks and evaluations (read ../shared/; never run by the unit tests)."""

@@ -1,0 +1,121 @@
+"""Dual encoders beyond CLIP: VisionTextDualEncoder checkpoints, `--init scratch`, RadLens model dirs."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from cxrmodel.dualencoder import MANIFEST, WEIGHTS, ScratchSpec, file_sha256, is_model_dir
+from cxrmodel.encoder import EncoderConfig, load_encoder
+from cxrmodel.pairs import compose_caption, load_pairs
+from cxrmodel.train import TrainConfig, train
+from tests.imagegen import COLOURS, SHAPES, shape_image
+from tests.tinymodel import save_tiny_bert
+
+TINY_VIT = dict(image_size=32, patch_size=8, hidden_size=32, layers=2, heads=2, mlp_size=64, projection_dim=16,
+                text_max_tokens=16)
+
+
+@pytest.fixture(scope="module")
+def tiny_bert_dir(tmp_path_factory):
+    return save_tiny_bert(tmp_path_factory.mktemp("tiny-bert"))
+
+
+@pytest.fixture(scope="module")
+def shapes_manifest(tmp_path_factory):
+    """Structured columns only (no caption column): captions must be composed by a template."""
+    root = tmp_path_factory.mktemp("shapes-manifest")
+    rows, i = ["file,colour,shape,patient_id"], 0
+    for rep in range(10):
+        for shape in SHAPES:
+            for colour in COLOURS:
+                shape_image(shape, colour, seed=500 + i, jitter=6).save(root / f"{i}.png")
+                rows.append(f"{i}.png,{colour},{shape},p{i % 40}")
+                i += 1
+    (root / "manifest.csv").write_text("\n".join(rows) + "\n")
+    return root
+
+
+@pytest.fixture(scope="module")
+def scratch_model(shapes_manifest, tiny_bert_dir, tmp_path_factory):
+    cfg = TrainConfig(pairs=str(shapes_manifest / "manifest.csv"), out=tmp_path_factory.mktemp("scratch") / "m",
+                      init="scratch", scratch=ScratchSpec(text_model=str(tiny_bert_dir), **TINY_VIT),
+                      caption_template="a {colour} {shape}", encoder=EncoderConfig(precision="fp32", batch_size=32),
+                      epochs=10, lr=3e-3, val_fraction=0.25, seed=0, workers=0, progress=False, augment=False)
+    return train(cfg, log=lambda _: None)
+
+
+def test_compose_caption_tidies_missing_fields():
+    row = {"view": "", "modality": "MRI", "anatomy": "brain", "labels": ""}
+    assert compose_caption("{view} {modality} of the {anatomy}: {labels}", row) == "MRI of the brain"
+    row = {"view": "PA", "modality": "X-ray", "anatomy": "chest", "labels": "Effusion|Pleural_Thickening"}
+    assert compose_caption("{view} {modality} of the {anatomy}: {labels}", row) == \
+        "PA X-ray of the chest: effusion, pleural thickening"
+
+
+def test_template_pairs_are_kept_apart_from_written_ones(tmp_path):
+    shape_image("circle", "red").save(tmp_path / "a.png")
+    shape_image("cross", "blue").save(tmp_path / "b.png")
+    (tmp_path / "m.csv").write_text("file,caption,modality\na.png,a written note,CT\nb.png,,MRI\n")
+    pairs = load_pairs(tmp_path / "m.csv", caption_template="{modality} image").rows
+    assert [(p.caption, p.composed) for p in pairs] == [("CT image", True), ("a written note", False),
+                                                        ("MRI image", True)]
+
+
+def test_scratch_training_learns_and_writes_a_model_dir(scratch_model):
+    m = scratch_model.metrics
+    assert m["init"] == "scratch" and m["loss_per_epoch"][-1] < m["loss_per_epoch"][0]
+    assert m["after"]["text_to_image"]["R@1"] >= m["before"]["text_to_image"]["R@1"] + 0.15
+    out = scratch_model.out
+    assert is_model_dir(out) and (out / "adapter" / "adapter_config.json").exists()
+    manifest = json.loads((out / MANIFEST).read_text())
+    assert manifest["weights_sha256"] == file_sha256(out / WEIGHTS)
+    assert "text_model" not in json.dumps(list(__import__("safetensors.torch").torch.load_file(
+        str(out / WEIGHTS)).keys()))  # the pretrained text tower is never copied
+
+
+def test_model_dir_loads_through_the_same_encoder_interface(scratch_model):
+    enc = load_encoder(EncoderConfig(model=str(scratch_model.out), precision="fp32"))
+    images = [shape_image(s, "green", seed=3) for s in SHAPES]
+    texts = ["a green circle", "a yellow cross"]
+    for a, b in ((enc.encode_images(images), scratch_model.encoder.encode_images(images)),
+                 (enc.encode_texts(texts), scratch_model.encoder.encode_texts(texts))):
+        np.testing.assert_allclose(np.linalg.norm(a, axis=1), 1.0, atol=1e-5)
+        assert np.sum(a * b, axis=1).min() > 0.999  # fp16 storage of the trained weights
+    assert enc.adapter_hash is not None and enc.identity["dim"] == 16
+
+
+def test_index_and_search_with_a_scratch_model(scratch_model, shapes_manifest, tmp_path):
+    from indexer.pipeline import IndexJob, run_index
+    from search.engine import Engine, EngineConfig
+
+    data = tmp_path / "data"
+    enc = load_encoder(EncoderConfig(model=str(scratch_model.out), precision="fp32"))
+    run_index(IndexJob(sources=[str(shapes_manifest)], data_dir=data, workers=0, progress=False), enc)
+    engine = Engine.open(EngineConfig(data_dir=data, precision="fp32"))  # loads the model the index names
+    hits = engine.text("a red square", k=5)
+    assert len(hits) == 5 and engine.encoder.model_name == str(scratch_model.out.resolve())
+    assert len(engine.label(shape_image("circle", "red"))) == 14
+    engine.close()
+
+
+def test_plain_vision_text_dual_encoder_checkpoint_loads(tiny_bert_dir, tmp_path):
+    """A VisionTextDualEncoderModel saved the Hugging Face way (no RadLens files) works too."""
+    from transformers import AutoModel, CLIPVisionConfig, CLIPVisionModel, VisionTextDualEncoderConfig
+    from transformers import VisionTextDualEncoderModel, AutoTokenizer
+
+    from cxrmodel.preprocess import PREPROCESSOR_FILE, ImagePreprocess
+
+    vision = CLIPVisionConfig(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=1,
+                              num_attention_heads=2, intermediate_size=64)
+    text = AutoModel.from_pretrained(tiny_bert_dir)
+    config = VisionTextDualEncoderConfig.from_vision_text_configs(vision, text.config, projection_dim=8)
+    model = VisionTextDualEncoderModel(config=config, vision_model=CLIPVisionModel(vision), text_model=text)
+    model.save_pretrained(tmp_path / "vtde")
+    AutoTokenizer.from_pretrained(tiny_bert_dir).save_pretrained(tmp_path / "vtde")
+    (tmp_path / "vtde" / PREPROCESSOR_FILE).write_text(json.dumps(ImagePreprocess(32, crop=(32, 32)).to_dict()))
+    enc = load_encoder(EncoderConfig(model=str(tmp_path / "vtde"), precision="fp32"))
+    assert enc.encode_images([shape_image("circle", "red")]).shape == (1, 8)
+    assert enc.encode_texts(["a red circle"]).shape == (1, 8)
