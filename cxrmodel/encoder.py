@@ -107,7 +107,8 @@ def _hub_hint(name: str) -> str:
     return (
         f"RadLens tried to load {name!r}. If this machine cannot reach the Hugging Face hub, copy the "
         f"checkpoint to a local directory on a connected machine "
-        f"(`hf download {name} --local-dir DIR`) and pass `--model DIR` or set {MODEL_ENV}=DIR."
+        f"(`hf download {name} --local-dir DIR`) and pass `--model DIR` or set {MODEL_ENV}=DIR; "
+        f"or use `--model radlens-mini`, the small offline model bundled with RadLens (not for clinical use)."
     )
 
 
@@ -126,6 +127,9 @@ def load_pretrained_parts(name: str, dtype: torch.dtype = torch.float32):
     """Load (model, tokenizer, preprocess) from a hub id or local directory; raises ModelLoadError."""
     from transformers import AutoConfig, AutoTokenizer
 
+    from .bundled import resolve_alias
+
+    name = resolve_alias(name)
     local = Path(name).expanduser()
     from .dualencoder import is_model_dir, load_model_dir
 
@@ -277,7 +281,9 @@ def load_encoder(config: EncoderConfig) -> Encoder:
     log.info("loaded %s%s on %s in %s", config.model,
              f" + adapter {config.adapter}" if config.adapter else "", device, dtype)
     adapter = str(Path(config.adapter).resolve()) if config.adapter else None
-    local = Path(config.model).expanduser()
+    from .bundled import resolve_alias
+
+    local = Path(resolve_alias(config.model)).expanduser()
     name = str(local.resolve()) if local.is_dir() else config.model
     return Encoder(model, tokenizer, preprocess, model_name=name, adapter=adapter,
                    device=device, dtype=dtype, batch_size=config.batch_size)

@@ -159,13 +159,19 @@ def scale_to_uint8(pixels: np.ndarray) -> np.ndarray:
 
 
 def _decode_dicom(data: bytes, name: str, limits: ImageLimits) -> DecodedImage:
-    import pydicom
-    from pydicom.errors import InvalidDicomError
-
     try:
-        ds = pydicom.dcmread(io.BytesIO(data), force=not looks_like_dicom(data))
-    except (InvalidDicomError, EOFError, OSError, ValueError, TypeError, KeyError, AttributeError) as exc:
-        raise ImageDecodeError(f"{name}: not a readable DICOM file ({exc})") from None
+        return _read_dicom(data, name, limits)
+    except ImageDecodeError:
+        raise
+    except Exception as exc:  # pydicom raises many types on malformed files; all mean "unreadable"
+        raise ImageDecodeError(f"{name}: not a readable DICOM file ({type(exc).__name__}: "
+                               f"{str(exc).splitlines()[0][:200] if str(exc) else ''})") from None
+
+
+def _read_dicom(data: bytes, name: str, limits: ImageLimits) -> DecodedImage:
+    import pydicom
+
+    ds = pydicom.dcmread(io.BytesIO(data), force=not looks_like_dicom(data))
     if "PixelData" not in ds:
         raise ImageDecodeError(f"{name}: DICOM file has no pixel data")
     try:
@@ -173,13 +179,10 @@ def _decode_dicom(data: bytes, name: str, limits: ImageLimits) -> DecodedImage:
         frames = int(getattr(ds, "NumberOfFrames", 1) or 1)
     except (AttributeError, TypeError, ValueError):
         raise ImageDecodeError(f"{name}: DICOM file lacks valid Rows/Columns") from None
-    _check_pixels(rows * cols * frames, name, limits)
-    try:
-        pixels = _dicom_display_pixels(ds, frames)
-    except ImageDecodeError:
-        raise
-    except Exception as exc:  # pydicom raises many types for bad or unsupported pixel data
-        raise ImageDecodeError(f"{name}: cannot decode DICOM pixels ({type(exc).__name__}: {exc})") from None
+    _check_pixels(rows * cols * max(frames, 1), name, limits)
+    pixels = _dicom_display_pixels(ds, frames)
+    if pixels.ndim not in (2, 3) or 0 in pixels.shape:
+        raise ImageDecodeError(f"{name}: DICOM pixel data has an unusable shape {pixels.shape}")
     mode = "RGB" if pixels.ndim == 3 else "L"
     return DecodedImage(image=Image.fromarray(pixels, mode=mode), format="DICOM", metadata=dicom_metadata(ds))
 

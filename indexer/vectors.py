@@ -28,6 +28,7 @@ log = logging.getLogger(__name__)
 
 INDEX_DIR = "index"
 READ_CHUNK = 20_000
+TRAIN_POINTS_PER_LIST = 64  # k-means sample per IVF list (faiss wants at least 39)
 
 
 @dataclass(frozen=True)
@@ -59,8 +60,8 @@ def index_paths(data_dir: str | Path, generation: int) -> tuple[Path, Path]:
 
 
 def ivf_lists(count: int) -> int:
-    """A list count of about 4*sqrt(N), a power of two, within [16, 65536]."""
-    target = 4 * math.sqrt(max(count, 1))
+    """A list count of about 2*sqrt(N), a power of two, within [16, 65536]."""
+    target = 2 * math.sqrt(max(count, 1))
     return int(min(65536, max(16, 2 ** round(math.log2(target)))))
 
 
@@ -178,7 +179,7 @@ def build_full(session: Session, gen: Generation, factory: str) -> tuple[faiss.I
         count = session.scalar(select(func.count()).select_from(EmbeddingRow)
                                .where(EmbeddingRow.generation_id == gen.id))
         nlist = faiss.downcast_index(index.index).nlist
-        sample = _train_sample(session, gen.id, gen.dim, count, limit=max(256 * nlist, 50_000))
+        sample = _train_sample(session, gen.id, gen.dim, count, limit=TRAIN_POINTS_PER_LIST * nlist)
         index.train(sample)
         trained_on = len(sample)
     for ids, vecs in _stream_vectors(session, gen.id, gen.dim):

@@ -9,9 +9,9 @@ import sys
 from cxrmodel.errors import RadLensError
 
 from . import __version__
-from .commands import check, index, query, serve, train
+from .commands import check, demo, index, query, serve, train
 
-COMMANDS = (index, query, train, serve, check)
+COMMANDS = (index, query, train, serve, check, demo)
 
 
 def build_parser() -> argparse.ArgumentParser:
