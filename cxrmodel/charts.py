@@ -1,37 +1,106 @@
-"""Charts of zero-shot scores (PNG or SVG bytes), drawn with matplotlib's Agg backend."""
+"""Charts of zero-shot results (PNG or SVG bytes), drawn with matplotlib's Agg backend: probability bars,
+a category heatmap (categories x ensemble members) and a top-findings summary card."""
 
 from __future__ import annotations
 
 import io
 
+import numpy as np
+
+from .prompts import CATEGORIES
 from .zeroshot import LabelScore
 
 FORMATS = ("png", "svg")
+TITLE_NOTE = "(not for clinical use)"
 
 
-def probability_chart(scores: list[LabelScore], fmt: str = "png", threshold: float | None = None) -> bytes:
-    """Horizontal bars of the pathology probabilities with uncertainty whiskers and thresholds."""
+def _figure(width: float, height: float):
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    return plt, *plt.subplots(figsize=(width, height), dpi=110)
+
+
+def _save(plt, fig, fmt: str) -> bytes:
     if fmt not in FORMATS:
         raise ValueError(f"chart format must be one of {FORMATS}")
-    ordered = sorted(scores, key=lambda s: s.probability)
-    names = [s.pathology.replace("_", " ") for s in ordered]
-    probs = [s.probability for s in ordered]
-    limits = [threshold if threshold is not None else s.threshold for s in ordered]
-    colours = ["#c0392b" if p >= t else "#2c7fb8" for p, t in zip(probs, limits)]
-    fig, ax = plt.subplots(figsize=(6.5, 4.8), dpi=110)
-    ax.barh(names, probs, xerr=[s.uncertainty / 2 for s in ordered], color=colours, ecolor="#555", capsize=2)
-    for y, t in enumerate(limits):
-        ax.plot([t, t], [y - 0.4, y + 0.4], color="black", lw=1)
-    ax.set_xlim(0, 1)
-    ax.set_xlabel("zero-shot probability (bar), ensemble spread (whisker), threshold (tick)")
-    ax.set_title("RadLens zero-shot findings (not for clinical use)", fontsize=10)
-    fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format=fmt)
     plt.close(fig)
     return buf.getvalue()
+
+
+def probability_chart(scores: list[LabelScore], fmt: str = "png", threshold: float | None = None) -> bytes:
+    """Horizontal bars of the pathology probabilities with uncertainty whiskers and thresholds."""
+    if fmt not in FORMATS:
+        raise ValueError(f"chart format must be one of {FORMATS}")
+    plt, fig, ax = _figure(6.5, 4.8)
+    ordered = sorted(scores, key=lambda s: s.probability)
+    probs = [s.probability for s in ordered]
+    limits = [threshold if threshold is not None else s.threshold for s in ordered]
+    colours = ["#c0392b" if p >= t else "#2c7fb8" for p, t in zip(probs, limits)]
+    ax.barh([s.pathology.replace("_", " ") for s in ordered], probs,
+            xerr=[s.uncertainty / 2 for s in ordered], color=colours, ecolor="#555", capsize=2)
+    for y, t in enumerate(limits):
+        ax.plot([t, t], [y - 0.4, y + 0.4], color="black", lw=1)
+    ax.set_xlim(0, 1)
+    ax.set_xlabel("zero-shot probability (bar), ensemble spread (whisker), threshold (tick)")
+    ax.set_title(f"RadLens zero-shot findings {TITLE_NOTE}", fontsize=10)
+    fig.tight_layout()
+    return _save(plt, fig, fmt)
+
+
+def category_matrix(scores: list[LabelScore]) -> tuple[list[str], list[str], np.ndarray]:
+    """(categories, ensemble members, mean member probability per category) -- the heatmap's data."""
+    by_name = {s.pathology: s for s in scores}
+    members = sorted({m for s in scores for m in s.members})
+    categories = [c for c, names in CATEGORIES.items() if any(n in by_name for n in names)]
+    matrix = np.array([[np.mean([by_name[n].members.get(m, by_name[n].probability)
+                                 for n in CATEGORIES[c] if n in by_name]) for m in members] for c in categories])
+    return categories, members, matrix
+
+
+def category_heatmap(scores: list[LabelScore], fmt: str = "png") -> bytes:
+    """Heatmap of categories x ensemble members (preprocessing variant / prompt set)."""
+    if fmt not in FORMATS:
+        raise ValueError(f"chart format must be one of {FORMATS}")
+    categories, members, matrix = category_matrix(scores)
+    plt, fig, ax = _figure(max(6.0, 0.45 * len(members) + 2.5), 0.55 * len(categories) + 2.2)
+    image = ax.imshow(matrix, vmin=0, vmax=1, cmap="magma", aspect="auto")
+    ax.set_xticks(range(len(members)), [m.replace("/", "\n") for m in members], fontsize=7)
+    ax.set_yticks(range(len(categories)), categories, fontsize=9)
+    for i in range(len(categories)):
+        for j in range(len(members)):
+            ax.text(j, i, f"{matrix[i, j]:.2f}", ha="center", va="center", fontsize=6,
+                    color="white" if matrix[i, j] < 0.6 else "black")
+    fig.colorbar(image, ax=ax, fraction=0.03)
+    ax.set_title(f"Category x ensemble member {TITLE_NOTE}", fontsize=10)
+    fig.tight_layout()
+    return _save(plt, fig, fmt)
+
+
+def summary_card(scores: list[LabelScore], decision=None, fmt: str = "png", top: int = 3) -> bytes:
+    """A card with the applicability decision and the top findings."""
+    if fmt not in FORMATS:
+        raise ValueError(f"chart format must be one of {FORMATS}")
+    plt, fig, ax = _figure(4.8, 2.6)
+    ax.axis("off")
+    lines = ["RadLens summary " + TITLE_NOTE]
+    if decision is not None:
+        state = "chest radiograph" + (f" ({decision.view})" if decision.view else "") if decision.applicable \
+            else "labels not applicable"
+        lines.append(f"{state}; {decision.source}, confidence {decision.confidence:.2f}")
+    if decision is not None and not decision.applicable:
+        lines.append(decision.reason)
+    else:
+        for s in sorted(scores, key=lambda s: -s.probability)[:top]:
+            flag = "above" if s.positive else "below"
+            lines.append(f"{s.pathology.replace('_', ' ')}: {s.probability:.2f} +/- {s.uncertainty:.2f} "
+                         f"({flag} {s.threshold:.2f})")
+    for i, line in enumerate(lines):
+        ax.text(0.02, 0.92 - i * 0.17, line, transform=ax.transAxes, fontsize=10 if i else 11,
+                weight="bold" if i == 0 else "normal")
+    fig.patch.set_facecolor("#f4f6f8")
+    return _save(plt, fig, fmt)

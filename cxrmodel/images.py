@@ -28,11 +28,16 @@ RASTER_EXTENSIONS = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".gif", "
 IMAGE_EXTENSIONS = RASTER_EXTENSIONS + DICOM_EXTENSIONS
 
 # The only DICOM attributes RadLens ever reads into metadata. Everything else -- patient name,
-# id, birth date, accession number, institution -- is never copied anywhere.
+# birth date, accession number, institution, free-text descriptions -- is never copied anywhere.
+# PatientID is read only to be stored as a salted hash (indexer.metadata), for listing prior studies.
 DICOM_METADATA_TAGS = {
     "modality": "Modality",
     "body_part": "BodyPartExamined",
     "view": "ViewPosition",
+    "age": "PatientAge",
+    "sex": "PatientSex",
+    "study_date": "StudyDate",
+    "patient_key": "PatientID",
 }
 
 
@@ -210,7 +215,8 @@ def _dicom_display_pixels(ds, frames: int) -> np.ndarray:
 
 
 def dicom_metadata(ds) -> dict[str, str]:
-    """The whitelisted, non-identifying DICOM attributes (modality, body part, view)."""
+    """The whitelisted DICOM attributes (modality, body part, view, age, sex, study date, and the patient
+    key that the indexer stores only as a salted hash)."""
     out = {}
     for key, keyword in DICOM_METADATA_TAGS.items():
         value = getattr(ds, keyword, None)

@@ -14,6 +14,7 @@ import json
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
+from .applicability import ApplicabilityConfig
 from .errors import DataError
 
 PATHOLOGIES: tuple[str, ...] = (
@@ -22,6 +23,15 @@ PATHOLOGIES: tuple[str, ...] = (
 )
 
 REGIONS: tuple[str, ...] = ("lungs", "pleura", "heart and mediastinum", "diaphragm")
+
+# Anatomical categories of the 14 findings (for the category heatmap and summaries).
+CATEGORIES: dict[str, tuple[str, ...]] = {
+    "lung parenchyma": ("Atelectasis", "Infiltration", "Mass", "Nodule", "Pneumonia", "Consolidation", "Edema",
+                        "Emphysema", "Fibrosis"),
+    "pleura": ("Effusion", "Pneumothorax", "Pleural_Thickening"),
+    "cardiac/mediastinal": ("Cardiomegaly",),
+    "other": ("Hernia",),
+}
 
 
 @dataclass(frozen=True)
@@ -106,6 +116,7 @@ class LabelConfig:
     prompt_sets: dict[str, PromptSet] = field(default_factory=lambda: dict(DEFAULT_PROMPT_SETS))
     variants: dict[str, float] = field(default_factory=lambda: dict(DEFAULT_VARIANTS))
     thresholds: dict[str, float] = field(default_factory=lambda: {p: 0.5 for p in PATHOLOGIES})
+    applicability: ApplicabilityConfig = field(default_factory=ApplicabilityConfig)
 
     def prompts(self, set_name: str, pathology: str) -> tuple[list[str], list[str]]:
         """(positive, negative) prompt texts of one set for one pathology."""
@@ -124,7 +135,8 @@ class LabelConfig:
         """JSON-ready form; the same shape `load_label_config` accepts."""
         return {"pathologies": {k: asdict(v) for k, v in self.pathologies.items()},
                 "prompt_sets": {k: asdict(v) for k, v in self.prompt_sets.items()},
-                "variants": dict(self.variants), "thresholds": dict(self.thresholds)}
+                "variants": dict(self.variants), "thresholds": dict(self.thresholds),
+                "applicability": asdict(self.applicability)}
 
 
 def load_label_config(path: str | Path | None) -> LabelConfig:
@@ -149,6 +161,10 @@ def load_label_config(path: str | Path | None) -> LabelConfig:
             sets[key] = replace(sets[key], **spec) if key in sets else PromptSet(**spec)
         variants = {**config.variants, **{k: float(v) for k, v in data.get("variants", {}).items()}}
         thresholds = {**config.thresholds, **{k: float(v) for k, v in data.get("thresholds", {}).items()}}
+        app = data.get("applicability", {})
+        applicability = ApplicabilityConfig(
+            classes={**config.applicability.classes, **{k: tuple(v) for k, v in app.get("classes", {}).items()}},
+            chest_views={**config.applicability.chest_views, **app.get("chest_views", {})})
     except (TypeError, ValueError, AttributeError) as exc:
         raise DataError(f"label config {path} is malformed: {exc}") from None
     unknown = set(thresholds) - set(pathologies)
@@ -158,4 +174,5 @@ def load_label_config(path: str | Path | None) -> LabelConfig:
     if unknown_variants:
         raise DataError(f"label config {path}: unknown variants {sorted(unknown_variants)}; "
                         f"known: {sorted(DEFAULT_VARIANTS)}")
-    return LabelConfig(pathologies=pathologies, prompt_sets=sets, variants=variants, thresholds=thresholds)
+    return LabelConfig(pathologies=pathologies, prompt_sets=sets, variants=variants, thresholds=thresholds,
+                       applicability=applicability)

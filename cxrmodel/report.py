@@ -1,26 +1,43 @@
-"""Structured reports: zero-shot scores + image metadata -> technique, findings, impression ...
+"""Structured reports: zero-shot scores + applicability + metadata -> clinical information, technique,
+findings by region, impression, recommendations, confidence, limitations, disclaimer.
 
-`compose_report` is a pure function; `to_markdown`, `to_json` and `to_pdf` render its result.
-The wording is template-based and says what it is: a machine-generated screening aid.
+`compose_report` is a pure function; every sentence comes from `report_templates.json` (one block per
+language: English and German ship), so wording and recommendations are data, not code.
+`to_markdown`, `to_json` and `to_pdf` render a `Report`.
 """
 
 from __future__ import annotations
 
 import json
 from dataclasses import asdict, dataclass, field
+from functools import lru_cache
+from pathlib import Path
 
+from .errors import DataError
 from .prompts import REGIONS, LabelConfig
 from .zeroshot import LabelScore
 
-DISCLAIMER = ("Generated automatically by RadLens from zero-shot image-text similarity. Not a medical "
-              "device and not for clinical use: every finding must be confirmed by a qualified radiologist.")
+TEMPLATES_FILE = Path(__file__).with_name("report_templates.json")
+SAFE_METADATA = ("id", "modality", "body_part", "view", "width", "height", "file_name", "age_band", "sex",
+                 "study_date")
 
-LIMITATIONS = (
-    "Zero-shot scores come from a general image-text model, not a classifier validated for diagnosis.",
-    "Only the 14 ChestX-ray14 findings are assessed; anything else (lines, tubes, fractures, masses "
-    "outside the chest) is not reported.",
-    "Probabilities are uncalibrated similarity scores; thresholds are configurable defaults.",
-)
+
+@lru_cache(maxsize=1)
+def templates() -> dict:
+    """All report templates by language code."""
+    return json.loads(TEMPLATES_FILE.read_text(encoding="utf-8"))
+
+
+def languages() -> list[str]:
+    """Language codes a report can be written in."""
+    return list(templates())
+
+
+def text_for(lang: str) -> dict:
+    """The templates of one language; DataError for an unknown code."""
+    if lang not in templates():
+        raise DataError(f"no report templates for language {lang!r}; available: {', '.join(languages())}")
+    return templates()[lang]
 
 
 @dataclass
@@ -43,42 +60,89 @@ class Report:
     impression: list[str]
     confidence: str
     limitations: list[str]
-    disclaimer: str = DISCLAIMER
+    disclaimer: str
+    clinical_information: list[str] = field(default_factory=list)
+    recommendations: list[str] = field(default_factory=list)
+    applicability: dict | None = None
+    lang: str = "en"
     metadata: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         return asdict(self)
 
 
-def describe_technique(metadata: dict) -> str:
+def age_band(age) -> str | None:
+    """A decade band ('60-69') from an age in years (or DICOM '061Y'); never the exact age. 90+ is one band."""
+    text = str(age or "").strip().upper().rstrip("Y")
+    try:
+        years = int(float(text))
+    except ValueError:
+        return None
+    if years < 0 or years > 130:
+        return None
+    return "90+" if years >= 90 else f"{years // 10 * 10}-{years // 10 * 10 + 9}"
+
+
+def describe_technique(metadata: dict, t: dict) -> str:
     """One sentence from modality, body part and view (whatever the metadata has)."""
-    modality = metadata.get("modality") or "Radiograph"
-    parts = [modality]
+    parts = [str(metadata.get("modality") or t["technique_default"])]
     if metadata.get("body_part"):
-        parts.append(f"of the {str(metadata['body_part']).lower()}")
+        parts.append(t["technique_of"].format(body_part=str(metadata["body_part"]).lower()))
     if metadata.get("view"):
-        parts.append(f"({metadata['view']} view)")
+        parts.append(t["technique_view"].format(view=metadata["view"]))
+    text = " ".join(parts)
     if metadata.get("width") and metadata.get("height"):
-        parts.append(f", {metadata['width']}x{metadata['height']} px")
-    return " ".join(parts).replace(" ,", ",") + "."
+        text += f", {metadata['width']}x{metadata['height']} px"
+    return text + "."
 
 
-def confidence_statement(findings: list[Finding]) -> str:
+def clinical_information(metadata: dict, t: dict) -> list[str]:
+    """Study description, indication, age band and sex where the metadata has them -- never identity."""
+    lines = []
+    if metadata.get("study_description"):
+        lines.append(t["clinical_description"].format(value=metadata["study_description"]))
+    if metadata.get("indication"):
+        lines.append(t["clinical_indication"].format(value=metadata["indication"]))
+    band = metadata.get("age_band") or age_band(metadata.get("age"))
+    if band:
+        lines.append(t["clinical_age"].format(value=band))
+    sex = str(metadata.get("sex") or "").strip().upper()[:1]
+    if sex in t["sex"]:
+        lines.append(t["clinical_sex"].format(value=t["sex"][sex]))
+    return lines or [t["clinical_none"]]
+
+
+def _name(pathology: str, t: dict) -> str:
+    return t["pathologies"].get(pathology, pathology.replace("_", " "))
+
+
+def confidence_statement(findings: list[Finding], t: dict) -> str:
     """Summarise ensemble disagreement as low / moderate / high confidence."""
     if not findings:
-        return "No findings were scored."
+        return t["confidence_none"]
     mean_u = sum(f.uncertainty for f in findings) / len(findings)
-    borderline = [f.pathology for f in findings if abs(f.probability - f.threshold) < max(f.uncertainty, 0.05)]
     level = "high" if mean_u < 0.1 else "moderate" if mean_u < 0.25 else "low"
-    text = f"Overall confidence {level} (mean ensemble spread {mean_u:.2f})."
+    text = t["confidence_text"].format(level=t["confidence_levels"][level], spread=mean_u)
+    borderline = [_name(f.pathology, t) for f in findings
+                  if abs(f.probability - f.threshold) < max(f.uncertainty, 0.05)]
     if borderline:
-        text += " Borderline: " + ", ".join(sorted(borderline)) + "."
+        text += " " + t["borderline"].format(names=", ".join(sorted(borderline)))
     return text
 
 
-def compose_report(scores: list[LabelScore], metadata: dict, config: LabelConfig,
-                   threshold: float | None = None) -> Report:
-    """Build the report; `threshold`, when given, replaces every per-pathology threshold."""
+def compose_report(scores: list[LabelScore], metadata: dict, config: LabelConfig, threshold: float | None = None,
+                   decision=None, lang: str = "en") -> Report:
+    """Build the report; `threshold`, when given, replaces every per-pathology threshold. With a
+    not-applicable `decision` the report says so and assesses no finding."""
+    t = text_for(lang)
+    common = dict(technique=describe_technique(metadata, t), limitations=list(t["limitations"]),
+                  disclaimer=t["disclaimer"], clinical_information=clinical_information(metadata, t),
+                  applicability=decision.to_dict() if decision is not None else None, lang=lang,
+                  metadata={k: v for k, v in metadata.items() if k in SAFE_METADATA})
+    if decision is not None and not decision.applicable:
+        sentence = t["not_applicable"].format(reason=decision.reason, source=decision.source,
+                                              confidence=decision.confidence)
+        return Report(findings={}, impression=[sentence], confidence=sentence, recommendations=[], **common)
     findings = [Finding(s.pathology, s.probability, s.uncertainty,
                         threshold if threshold is not None else s.threshold,
                         s.probability >= (threshold if threshold is not None else s.threshold))
@@ -88,67 +152,75 @@ def compose_report(scores: list[LabelScore], metadata: dict, config: LabelConfig
         region = config.pathologies[f.pathology].region if f.pathology in config.pathologies else "other"
         by_region.setdefault(region, []).append(f)
     present = sorted((f for f in findings if f.present), key=lambda f: -f.probability)
-    impression = [f"{f.pathology.replace('_', ' ')} (probability {f.probability:.2f} +/- {f.uncertainty:.2f})"
-                  for f in present] or ["No finding above threshold."]
-    return Report(technique=describe_technique(metadata), findings=by_region, impression=impression,
-                  confidence=confidence_statement(findings), limitations=list(LIMITATIONS),
-                  metadata={k: v for k, v in metadata.items() if k in ("id", "modality", "body_part", "view",
-                                                                       "width", "height", "file_name")})
+    impression = [t["impression_item"].format(name=_name(f.pathology, t), p=f.probability, u=f.uncertainty)
+                  for f in present] or [t["no_finding"]]
+    recommendations = [f"{_name(f.pathology, t)}: {t['recommendations'][f.pathology]}"
+                       for f in present if f.pathology in t["recommendations"]] or [t["recommendation_none"]]
+    return Report(findings=by_region, impression=impression, confidence=confidence_statement(findings, t),
+                  recommendations=recommendations, **common)
 
 
-def _region_sentence(region: str, items: list[Finding]) -> str:
+def region_sentence(items: list[Finding], t: dict) -> str:
+    """What a report says about one region."""
     present = [f for f in items if f.present]
     if not items:
-        return "Not assessed."
+        return t["not_assessed"]
     if not present:
-        names = ", ".join(f.pathology.replace("_", " ").lower() for f in items)
-        return f"No evidence of {names} above threshold."
-    return "; ".join(f"{f.pathology.replace('_', ' ')} suspected (p={f.probability:.2f}, "
-                     f"uncertainty {f.uncertainty:.2f})" for f in sorted(present, key=lambda f: -f.probability)) + "."
+        return t["no_evidence"].format(names=", ".join(_name(f.pathology, t).lower() for f in items))
+    return "; ".join(t["suspected"].format(name=_name(f.pathology, t), p=f.probability, u=f.uncertainty)
+                     for f in sorted(present, key=lambda f: -f.probability)) + "."
+
+
+def sections(report: Report) -> list[tuple[str, list[str]]]:
+    """(title, paragraphs) of every report section, in order, in the report's language."""
+    t = text_for(report.lang)
+    s = t["sections"]
+    findings = [f"{t['regions'].get(r, r)}: {region_sentence(items, t)}" for r, items in report.findings.items()]
+    return [(s["clinical"], report.clinical_information), (s["technique"], [report.technique]),
+            (s["findings"], findings or report.impression), (s["impression"], report.impression),
+            (s["recommendations"], report.recommendations or [t["recommendation_none"]]),
+            (s["confidence"], [report.confidence]), (s["limitations"], report.limitations),
+            (s["disclaimer"], [report.disclaimer])]
 
 
 def to_markdown(report: Report) -> str:
     """The report as Markdown."""
-    lines = ["# RadLens report", "", "## Technique", report.technique, "", "## Findings"]
-    for region, items in report.findings.items():
-        lines.append(f"- **{region.capitalize()}**: {_region_sentence(region, items)}")
-    lines += ["", "## Impression"] + [f"{i}. {text}" for i, text in enumerate(report.impression, 1)]
-    lines += ["", "## Confidence", report.confidence, "", "## Limitations"]
-    lines += [f"- {text}" for text in report.limitations]
-    lines += ["", "## Disclaimer", report.disclaimer, ""]
+    lines = [f"# {text_for(report.lang)['title']}", ""]
+    numbered = {text_for(report.lang)["sections"]["impression"]}
+    for title, paragraphs in sections(report):
+        lines.append(f"## {title}")
+        if title in numbered:
+            lines += [f"{i}. {p}" for i, p in enumerate(paragraphs, 1)]
+        elif len(paragraphs) == 1:
+            lines.append(paragraphs[0])
+        else:
+            lines += [f"- {p}" for p in paragraphs]
+        lines.append("")
     return "\n".join(lines)
 
 
 def to_json(report: Report) -> str:
     """The report as JSON (stable keys: technique, findings, impression, confidence, limitations,
-    disclaimer, metadata)."""
-    return json.dumps(report.to_dict(), indent=2)
+    disclaimer, clinical_information, recommendations, applicability, lang, metadata)."""
+    return json.dumps(report.to_dict(), indent=2, ensure_ascii=False)
 
 
 def to_pdf(report: Report) -> bytes:
-    """The report as a PDF document (fpdf2, core fonts only, so it works offline)."""
+    """The report as a PDF document (fpdf2 core fonts, so it works offline)."""
     from fpdf import FPDF
 
     pdf = FPDF(format="A4")
     pdf.set_auto_page_break(auto=True, margin=15)
     pdf.add_page()
     pdf.set_font("Helvetica", "B", 16)
-    pdf.cell(0, 10, "RadLens report", new_x="LMARGIN", new_y="NEXT")
-
-    def section(title: str, paragraphs: list[str]) -> None:
+    pdf.cell(0, 10, _latin1(text_for(report.lang)["title"]), new_x="LMARGIN", new_y="NEXT")
+    for title, paragraphs in sections(report):
         pdf.set_font("Helvetica", "B", 12)
-        pdf.cell(0, 8, title, new_x="LMARGIN", new_y="NEXT")
+        pdf.cell(0, 8, _latin1(title), new_x="LMARGIN", new_y="NEXT")
         pdf.set_font("Helvetica", "", 10)
         for text in paragraphs:
             pdf.multi_cell(0, 5, _latin1(text), new_x="LMARGIN", new_y="NEXT")
         pdf.ln(2)
-
-    section("Technique", [report.technique])
-    section("Findings", [f"{r.capitalize()}: {_region_sentence(r, items)}" for r, items in report.findings.items()])
-    section("Impression", [f"{i}. {t}" for i, t in enumerate(report.impression, 1)])
-    section("Confidence", [report.confidence])
-    section("Limitations", [f"- {t}" for t in report.limitations])
-    section("Disclaimer", [report.disclaimer])
     return bytes(pdf.output())
 
 

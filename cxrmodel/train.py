@@ -203,12 +203,13 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = log_.info) -> TrainResu
     else:
         model, tokenizer, preprocess = load_pretrained_parts(cfg.encoder.model, dtype=torch.float32)
     state = None
-    if cfg.resume and (ckpt / STATE_FILE).exists():
-        model = PeftModel.from_pretrained(model, str(ckpt), is_trainable=True)
-        state = torch.load(ckpt / STATE_FILE, weights_only=False)
+    resume_from = latest_checkpoint(ckpt) if cfg.resume else None
+    if resume_from is not None:
+        model = PeftModel.from_pretrained(model, str(resume_from), is_trainable=True)
+        state = torch.load(resume_from / STATE_FILE, weights_only=False)
         if scratch:
             _base(model).load_state_dict(state["own_parameters"], strict=False)
-        log(f"resuming from {ckpt} after epoch {state['epoch']}")
+        log(f"resuming from {resume_from} after epoch {state['epoch']}")
     elif cfg.resume:
         log(f"--resume: no checkpoint in {ckpt}, starting from scratch")
     if state is None:
@@ -335,11 +336,28 @@ def _evaluate(encoder: Encoder, pairs: list[Pair]) -> dict:
 
 
 def _save_checkpoint(model, ckpt: Path, state: dict) -> None:
-    ckpt.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(str(ckpt))
-    tmp = ckpt / (STATE_FILE + ".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, ckpt / STATE_FILE)
+    """Write adapter + trainer state into a fresh folder, then swap it in by renames, so a kill at any
+    moment leaves one complete checkpoint (`checkpoint/` or, mid-swap, `checkpoint.old/`)."""
+    import shutil
+
+    tmp, old = ckpt.with_name(ckpt.name + ".tmp"), ckpt.with_name(ckpt.name + ".old")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    model.save_pretrained(str(tmp))
+    torch.save(state, tmp / STATE_FILE)
+    if ckpt.exists():
+        shutil.rmtree(old, ignore_errors=True)
+        os.rename(ckpt, old)
+    os.rename(tmp, ckpt)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def latest_checkpoint(ckpt: Path) -> Path | None:
+    """The complete checkpoint folder to resume from, if any."""
+    for candidate in (ckpt, ckpt.with_name(ckpt.name + ".old")):
+        if (candidate / STATE_FILE).exists():
+            return candidate
+    return None
 
 
 def plot_losses(history: dict, path: Path) -> None:

@@ -21,12 +21,14 @@ from sqlalchemy.orm import Session
 from cxrmodel.errors import DataError
 from cxrmodel.images import ImageLimits
 from cxrmodel.prompts import LabelConfig
+from cxrmodel.applicability import decide
 from cxrmodel.zeroshot import prompt_bank, score_vectors
 
+from .metadata import data_dir_salt, row_fields
 from .prepare import Prepared, PrepareTask, prepare_all
 from .sources import ManifestProblem, SourceRecord, collect
-from .store import (EmbeddingRow, Generation, ImageRow, ScoreRow, SkippedRow, active_generation, default_db_url,
-                    open_db, utcnow, vector_to_bytes)
+from .store import (DecisionRow, EmbeddingRow, Generation, ImageRow, ScoreRow, SkippedRow, active_generation,
+                    default_db_url, open_db, utcnow, vector_to_bytes)
 from .vectors import IndexConfig, remove_generation_files, sync_generation
 
 log = logging.getLogger(__name__)
@@ -125,7 +127,7 @@ def run_index(job: IndexJob, encoder) -> IndexSummary:
         with Session(db) as session, session.begin():
             gen = target_generation(session, encoder.identity, job.rebuild)
             gen_id = gen.id
-        writer = ChunkWriter(db, gen_id, encoder, job.labels)
+        writer = ChunkWriter(db, gen_id, encoder, job.labels, data_dir_salt(job.data_dir))
         writer.record_problems(problems, summary)
         tasks = writer.plan(records, summary)
         _embed(job, encoder, writer, tasks, summary)
@@ -166,8 +168,9 @@ def _embed(job: IndexJob, encoder, writer: "ChunkWriter", tasks: list[PrepareTas
 class ChunkWriter:
     """Writer stage: turns prepared files into rows, vectors and scores, one transaction per chunk."""
 
-    def __init__(self, db, generation: int, encoder, labels: LabelConfig):
+    def __init__(self, db, generation: int, encoder, labels: LabelConfig, salt: bytes = b""):
         self.db = db
+        self.salt = salt
         self.generation = generation
         self.encoder = encoder
         self.labels = labels
@@ -214,11 +217,12 @@ class ChunkWriter:
             session.commit()
         return tasks
 
-    @staticmethod
-    def _update_metadata(session: Session, updates: list[tuple[int, dict]]) -> None:
+    def _update_metadata(self, session: Session, updates: list[tuple[int, dict]]) -> None:
+        """Manifest edits (captions, labels, ...) reach unchanged files without re-embedding."""
         for image_id, meta in updates:
             if meta:
-                session.execute(update(ImageRow).where(ImageRow.id == image_id).values(**meta))
+                fields = {k: v for k, v in row_fields(meta, self.salt).items() if v is not None}
+                session.execute(update(ImageRow).where(ImageRow.id == image_id).values(**fields))
 
     def write(self, chunk: list[Prepared], summary: IndexSummary) -> None:
         """Embed the chunk's new/changed images and commit everything about it in one transaction."""
@@ -227,6 +231,7 @@ class ChunkWriter:
             if fresh else np.zeros((0, self.encoder.dim), dtype=np.float32)
         probs, spread = score_vectors(vectors, prompt_bank(self.encoder, self.labels), self.labels) \
             if fresh else (None, None)
+        decisions = decide(self.encoder, vectors, [self._metadata(p) for p in fresh], self.labels.applicability)
         pathologies = list(self.labels.pathologies)
         with Session(self.db) as session, session.begin():
             gen = session.get(Generation, self.generation)
@@ -237,9 +242,10 @@ class ChunkWriter:
                     session.merge(SkippedRow(path=item.path, reason=item.error, at=utcnow()))
                     summary.skipped += 1
                 elif item.unchanged:
+                    fields = {k: v for k, v in row_fields(self.metadata.get(item.path, {}), self.salt).items()
+                              if v is not None}
                     session.execute(update(ImageRow).where(ImageRow.path == item.path)
-                                    .values(mtime_ns=item.mtime_ns, size_bytes=item.size_bytes,
-                                            **self.metadata.get(item.path, {})))
+                                    .values(mtime_ns=item.mtime_ns, size_bytes=item.size_bytes, **fields))
                     summary.unchanged += 1
             for i, item in enumerate(fresh):
                 image_id = self._upsert_image(session, item, summary)
@@ -247,17 +253,26 @@ class ChunkWriter:
                                            vector=vector_to_bytes(vectors[i])))
                 session.execute(delete(ScoreRow).where(ScoreRow.generation_id == self.generation,
                                                        ScoreRow.image_id == image_id))
-                session.add_all([ScoreRow(generation_id=self.generation, image_id=image_id, pathology=p,
-                                          probability=float(probs[i, j]), uncertainty=float(spread[i, j]))
-                                 for j, p in enumerate(pathologies)])
+                session.merge(DecisionRow(generation_id=self.generation, image_id=image_id,
+                                          applicable=decisions[i].applicable, source=decisions[i].source,
+                                          confidence=decisions[i].confidence, reason=decisions[i].reason,
+                                          view=decisions[i].view, kind=decisions[i].kind))
+                if decisions[i].applicable:  # images the 14 labels do not apply to get no scores at all
+                    session.add_all([ScoreRow(generation_id=self.generation, image_id=image_id, pathology=p,
+                                              probability=float(probs[i, j]), uncertainty=float(spread[i, j]))
+                                     for j, p in enumerate(pathologies)])
                 session.execute(delete(SkippedRow).where(SkippedRow.path == item.path))
         summary.embedded += len(fresh)
 
+    def _metadata(self, item: Prepared) -> dict:
+        """DICOM metadata overlaid by the manifest row's (the manifest wins)."""
+        return {**item.metadata, **self.metadata.get(item.path, {})}
+
     def _upsert_image(self, session: Session, item: Prepared, summary: IndexSummary) -> int:
-        meta = {**item.metadata, **self.metadata.get(item.path, {})}
+        meta = self._metadata(item)
         fields = dict(content_hash=item.content_hash, size_bytes=item.size_bytes, mtime_ns=item.mtime_ns,
                       width=item.width, height=item.height, format=item.format, updated_at=utcnow(),
-                      **{k: meta.get(k) for k in ImageRow.METADATA_FIELDS})
+                      **row_fields(meta, self.salt))
         known = self.known.get(item.path)
         if known is None:
             row = ImageRow(path=item.path, added_at=utcnow(), **fields)
@@ -281,6 +296,7 @@ def prune_missing(db) -> int:
         for start in range(0, len(gone), 500):
             ids = gone[start : start + 500]
             session.execute(delete(ScoreRow).where(ScoreRow.image_id.in_(ids)))
+            session.execute(delete(DecisionRow).where(DecisionRow.image_id.in_(ids)))
             session.execute(delete(EmbeddingRow).where(EmbeddingRow.image_id.in_(ids)))
             session.execute(delete(ImageRow).where(ImageRow.id.in_(ids)))
         skipped_gone = [p for p in session.scalars(select(SkippedRow.path).where(SkippedRow.kind == "file"))
@@ -302,6 +318,7 @@ def activate(db, data_dir: Path, generation: int) -> None:
         gen.activated_at = utcnow()
         for old_id in old:
             session.execute(delete(ScoreRow).where(ScoreRow.generation_id == old_id))
+            session.execute(delete(DecisionRow).where(DecisionRow.generation_id == old_id))
             session.execute(delete(EmbeddingRow).where(EmbeddingRow.generation_id == old_id))
             session.execute(delete(Generation).where(Generation.id == old_id))
     for old_id in old:

@@ -26,6 +26,9 @@ METADATA_COLUMNS = {
     "caption": "caption", "modality": "modality", "body_part": "body_part", "anatomy": "body_part",
     "bodypart": "body_part", "view": "view", "view_position": "view", "labels": "labels",
     "finding_labels": "labels", "source": "source", "source_repo": "source",
+    "study_description": "study_description", "indication": "indication", "age": "age", "sex": "sex",
+    "study_date": "study_date", "date": "study_date", "patient_id": "patient_key", "patient": "patient_key",
+    "patient_key": "patient_key",
 }
 
 

@@ -47,16 +47,24 @@ class ImageRow(Base):
     caption: Mapped[str | None] = mapped_column(Text)
     labels: Mapped[str | None] = mapped_column(Text)
     source: Mapped[str | None] = mapped_column(String(256), index=True)
+    study_description: Mapped[str | None] = mapped_column(Text)
+    indication: Mapped[str | None] = mapped_column(Text)
+    age_band: Mapped[str | None] = mapped_column(String(8))
+    sex: Mapped[str | None] = mapped_column(String(8))
+    study_date: Mapped[str | None] = mapped_column(String(10))
+    patient_hash: Mapped[str | None] = mapped_column(String(64), index=True)  # salted; the raw key is never stored
     added_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     updated_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
 
-    METADATA_FIELDS = ("modality", "body_part", "view", "caption", "labels", "source")
+    METADATA_FIELDS = ("modality", "body_part", "view", "caption", "labels", "source", "study_description",
+                       "indication", "age_band", "sex", "study_date")
 
     def to_dict(self) -> dict:
         """Public fields for APIs (never the server-side path)."""
         return {"id": self.id, "content_hash": self.content_hash, "width": self.width, "height": self.height,
                 "format": self.format, "size_bytes": self.size_bytes, "file_name": Path(self.path).name,
                 **{k: getattr(self, k) for k in self.METADATA_FIELDS},
+                "has_priors_key": self.patient_hash is not None,
                 "added_at": self.added_at.isoformat() if self.added_at else None,
                 "updated_at": self.updated_at.isoformat() if self.updated_at else None}
 
@@ -103,6 +111,24 @@ class ScoreRow(Base):
     probability: Mapped[float] = mapped_column(Float)
     uncertainty: Mapped[float] = mapped_column(Float)
     __table_args__ = (Index("ix_scores_lookup", "generation_id", "pathology", "probability"),)
+
+
+class DecisionRow(Base):
+    """Whether the 14 chest X-ray labels apply to an image (in one generation), and why."""
+
+    __tablename__ = "applicability"
+    generation_id: Mapped[int] = mapped_column(ForeignKey("generations.id", ondelete="CASCADE"), primary_key=True)
+    image_id: Mapped[int] = mapped_column(ForeignKey("images.id", ondelete="CASCADE"), primary_key=True)
+    applicable: Mapped[bool] = mapped_column(Boolean)
+    source: Mapped[str] = mapped_column(String(16))
+    confidence: Mapped[float] = mapped_column(Float)
+    reason: Mapped[str] = mapped_column(Text)
+    view: Mapped[str | None] = mapped_column(String(16))
+    kind: Mapped[str | None] = mapped_column(String(64))
+
+    def to_dict(self) -> dict:
+        return {"applicable": self.applicable, "source": self.source, "confidence": round(self.confidence, 4),
+                "reason": self.reason, "view": self.view, "kind": self.kind}
 
 
 class SkippedRow(Base):

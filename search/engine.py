@@ -19,6 +19,7 @@ from PIL import Image
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from cxrmodel.applicability import Decision, decide
 from cxrmodel.encoder import Encoder, EncoderConfig, load_encoder
 from cxrmodel.errors import DataError, ModelLoadError
 from cxrmodel.images import DecodedImage, ImageLimits, decode_bytes, load_image
@@ -27,7 +28,7 @@ from cxrmodel.report import Report, compose_report
 from cxrmodel.zeroshot import LabelScore, label_image
 
 from indexer.pipeline import DEFAULT_DATA_DIR
-from indexer.store import (ImageRow, ScoreRow, active_generation, default_db_url, open_db)
+from indexer.store import DecisionRow, ImageRow, ScoreRow, active_generation, default_db_url, open_db
 from indexer.vectors import IndexMeta, read_index
 
 from .filters import Filters, matching_ids_query, parse_filters
@@ -61,12 +62,14 @@ class Hit:
     score: float
     image: dict
     pathologies: dict[str, float] = field(default_factory=dict)
+    applicability: dict | None = None
 
     def top_pathologies(self, n: int = 3) -> list[tuple[str, float]]:
         return sorted(self.pathologies.items(), key=lambda kv: -kv[1])[:n]
 
     def to_dict(self) -> dict:
         return {"id": self.id, "score": round(self.score, 6), "image": self.image,
+                "applicability": self.applicability,
                 "pathologies": {k: round(v, 4) for k, v in self.pathologies.items()},
                 "top_pathologies": [{"pathology": p, "probability": round(v, 4)} for p, v in self.top_pathologies()]}
 
@@ -81,10 +84,11 @@ class _Served:
 class Engine:
     """Answers queries on one data dir; thread-safe."""
 
-    def __init__(self, config: EngineConfig, encoder: Encoder, labels: LabelConfig):
+    def __init__(self, config: EngineConfig, encoder: Encoder, labels: LabelConfig, owns_encoder: bool = False):
         self.config = config
         self.encoder = encoder
         self.labels = labels
+        self._owns_encoder = owns_encoder  # loaded from the index's own record, so it may follow a rebuild
         self.db = open_db(config.url, create=False)
         self._lock = threading.Lock()
         self._served: _Served | None = None
@@ -108,15 +112,13 @@ class Engine:
         finally:
             db.dispose()
         labels = load_label_config(config.labels_file)
+        owns = encoder is None
         if encoder is None:
-            if adapter and not Path(adapter).exists():
-                raise ModelLoadError(f"the index was built with adapter {adapter}, which no longer exists")
-            encoder = load_encoder(EncoderConfig(model=config.model or model, adapter=adapter,
-                                                 precision=config.precision, device=config.device))
+            encoder = _encoder_for(config, model, adapter)
         if config.model is None and encoder.adapter_hash != adapter_hash:
             raise ModelLoadError("the adapter on disk differs from the one the index was built with; "
                                  "re-index with `radlens index --rebuild`")
-        return cls(config, encoder, labels)
+        return cls(config, encoder, labels, owns_encoder=owns and config.model is None)
 
     def close(self) -> None:
         """Release the DB connection pool."""
@@ -140,6 +142,13 @@ class Engine:
             except OSError:
                 stamp = -1
             if served is None or served.generation != gen.id or served.stamp != stamp:
+                if not gen.matches(self.encoder.identity):
+                    if not self._owns_encoder:
+                        log.warning("generation %d was built by another model; keep serving the previous one",
+                                    gen.id)
+                        return served
+                    log.info("index rebuilt with %s; loading that model", gen.model)
+                    self.encoder = _encoder_for(self.config, gen.model, gen.adapter_path)
                 loaded = read_index(self.config.data_dir, gen.id)
                 if loaded is None:
                     if served is not None:
@@ -214,13 +223,15 @@ class Engine:
             for s in session.scalars(select(ScoreRow).where(ScoreRow.generation_id == generation,
                                                             ScoreRow.image_id.in_(ids))):
                 scores.setdefault(s.image_id, {})[s.pathology] = s.probability
+            decisions = {d.image_id: d.to_dict() for d in session.scalars(select(DecisionRow).where(
+                DecisionRow.generation_id == generation, DecisionRow.image_id.in_(ids)))}
             hits, seen = [], set()
             for image_id, score in found:
                 row = rows.get(image_id)
                 if row is None or row.content_hash in seen:
                     continue
                 seen.add(row.content_hash)
-                hits.append(Hit(image_id, score, row.to_dict(), scores.get(image_id, {})))
+                hits.append(Hit(image_id, score, row.to_dict(), scores.get(image_id, {}), decisions.get(image_id)))
                 if len(hits) == k:
                     break
         return hits
@@ -237,6 +248,8 @@ class Engine:
             out["scores"] = {s.pathology: {"probability": s.probability, "uncertainty": s.uncertainty}
                              for s in session.scalars(select(ScoreRow).where(
                                  ScoreRow.generation_id == served.generation, ScoreRow.image_id == row.id))}
+            decision = session.get(DecisionRow, (served.generation, row.id))
+            out["applicability"] = decision.to_dict() if decision else None
         return out
 
     def load(self, image_id: int) -> DecodedImage:
@@ -253,26 +266,76 @@ class Engine:
         return decode_bytes(data, name=name, limits=self.config.limits)
 
     def label(self, image: Image.Image | DecodedImage) -> list[LabelScore]:
-        """Full-ensemble zero-shot scores of the 14 pathologies for one image."""
+        """Full-ensemble zero-shot scores of the 14 pathologies for one image (whether or not they apply)."""
         pil = image.image if isinstance(image, DecodedImage) else image
         return label_image(self.encoder, pil, self.labels)
 
+    def applicability(self, image: Image.Image | DecodedImage, metadata: dict | None = None) -> Decision:
+        """Do the 14 labels apply? From metadata when it settles it, else from the model."""
+        pil = image.image if isinstance(image, DecodedImage) else image
+        meta = {**(image.metadata if isinstance(image, DecodedImage) else {}), **(metadata or {})}
+        return decide(self.encoder, self.encoder.encode_images([pil]), [meta], self.labels.applicability)[0]
+
+    def assess(self, image: Image.Image | DecodedImage, metadata: dict | None = None
+               ) -> tuple[Decision, list[LabelScore]]:
+        """The applicability decision and, only where the labels apply, their scores."""
+        decision = self.applicability(image, metadata)
+        return decision, (self.label(image) if decision.applicable else [])
+
     def report(self, image: Image.Image | DecodedImage, metadata: dict | None = None,
-               threshold: float | None = None, scores: list[LabelScore] | None = None) -> Report:
-        """Structured report for one image (scores computed unless given)."""
+               threshold: float | None = None, scores: list[LabelScore] | None = None,
+               decision: Decision | None = None, lang: str = "en") -> Report:
+        """Structured report for one image (applicability and scores computed unless given)."""
         meta = dict(metadata or {})
         if isinstance(image, DecodedImage):
             meta = {**image.metadata, "width": image.width, "height": image.height, **meta}
-        return compose_report(scores if scores is not None else self.label(image), meta, self.labels, threshold)
+        if scores is None:
+            decision, scores = self.assess(image, meta)
+        return compose_report(scores, meta, self.labels, threshold, decision=decision, lang=lang)
 
-    def report_for_id(self, image_id: int, threshold: float | None = None) -> tuple[Report, list[LabelScore]]:
-        """Report and scores of an indexed image."""
+    def report_for_id(self, image_id: int, threshold: float | None = None, lang: str = "en"
+                      ) -> tuple[Report, list[LabelScore], Decision]:
+        """Report, scores and applicability of an indexed image."""
         meta = self.get(image_id)
         if meta is None:
             raise DataError(f"no image with id {image_id}")
         image = self.load(image_id)
-        scores = self.label(image)
-        return self.report(image, meta, threshold, scores), scores
+        stored = meta.get("applicability")
+        if stored is not None:  # the decision made at index time, so page, filters and report agree
+            decision = Decision(**stored)
+            scores = self.label(image) if decision.applicable else []
+        else:
+            decision, scores = self.assess(image, meta)
+        return self.report(image, meta, threshold, scores, decision, lang), scores, decision
+
+    def priors(self, image_id: int) -> dict:
+        """The same patient's indexed studies in date order, with stored scores and the change per pathology.
+
+        Studies are linked by the salted patient hash only; no key is ever returned.
+        """
+        served = self._refresh()
+        with Session(self.db) as session:
+            row = session.get(ImageRow, int(image_id))
+            if row is None:
+                raise DataError(f"no image with id {image_id}")
+            if row.patient_hash is None:
+                return {"studies": [], "changes": [], "reason": "the metadata carries no patient key"}
+            rows = session.scalars(select(ImageRow).where(ImageRow.patient_hash == row.patient_hash)
+                                   .order_by(ImageRow.study_date.asc().nulls_last(), ImageRow.id)).all()
+            ids = [r.id for r in rows]
+            scores: dict[int, dict[str, float]] = {}
+            for s in session.scalars(select(ScoreRow).where(ScoreRow.generation_id == served.generation,
+                                                            ScoreRow.image_id.in_(ids))):
+                scores.setdefault(s.image_id, {})[s.pathology] = round(s.probability, 4)
+            studies = [{"id": r.id, "study_date": r.study_date, "file_name": Path(r.path).name,
+                        "modality": r.modality, "view": r.view, "current": r.id == row.id,
+                        "scores": scores.get(r.id, {})} for r in rows]
+        changes = []
+        for before, after in zip(studies, studies[1:]):
+            common = set(before["scores"]) & set(after["scores"])
+            changes.append({"from": before["id"], "to": after["id"],
+                            "delta": {p: round(after["scores"][p] - before["scores"][p], 4) for p in sorted(common)}})
+        return {"studies": studies, "changes": changes}
 
     def thumbnail(self, image_id: int, size: int = 256) -> bytes:
         """PNG thumbnail of an indexed image, generated once and cached under the data dir."""
@@ -291,6 +354,14 @@ class Engine:
         tmp.write_bytes(buf.getvalue())
         tmp.replace(cache)
         return buf.getvalue()
+
+
+def _encoder_for(config: EngineConfig, model: str, adapter: str | None) -> Encoder:
+    """Load the encoder an index generation was built with (or the configured override)."""
+    if adapter and not Path(adapter).exists():
+        raise ModelLoadError(f"the index was built with adapter {adapter}, which no longer exists")
+    return load_encoder(EncoderConfig(model=config.model or model, adapter=adapter, precision=config.precision,
+                                      device=config.device))
 
 
 def _search_params(allowed: np.ndarray | None, nprobe: int | None):

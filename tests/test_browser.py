@@ -56,7 +56,8 @@ def test_search_open_label_and_upload(browser, live_url, image_dir):
     page.on("pageerror", lambda exc: errors.append(str(exc)))
 
     page.goto(live_url + "/")
-    page.fill("input[name=q]", "a red circle")
+    page.fill("input[name=q]", "a red cross")
+    page.fill("input[name=filter]", "modality=XR")  # chest radiographs per the manifest
     page.press("input[name=q]", "Enter")
     page.wait_for_selector("#results .card")
     cards = page.locator("#results .card")
@@ -70,6 +71,8 @@ def test_search_open_label_and_upload(browser, live_url, image_dir):
     assert page.locator(".bar-row").count() == 14
     assert page.locator(".report .impression li").count() >= 1
     page.wait_for_function("document.querySelector('img.full').naturalWidth > 0")
+    page.wait_for_function("['img.heatmap', 'img.summary'].every(s => document.querySelector(s).naturalWidth > 0)")
+    assert "the 14 labels apply" in page.locator("[data-applicability]").inner_text()
     slider = page.locator("[data-threshold-slider]")
     slider.fill("0")
     assert page.locator("[data-findings] li").count() == 14
@@ -78,6 +81,8 @@ def test_search_open_label_and_upload(browser, live_url, image_dir):
     assert page.locator("[data-findings] li").inner_text() == "No finding above threshold."
     assert "threshold=1.00" in page.locator("[data-downloads] a").first.get_attribute("href")
     page.screenshot(path=str(ARTIFACTS / "e2e-image.png"), full_page=True)
+    page.select_option("[data-lang]", "de")
+    page.wait_for_selector("text=Beurteilung")
 
     page.goto(live_url + "/upload")
     page.set_input_files("input[type=file]", str(image_dir / "cross_green_1.png"))

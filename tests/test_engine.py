@@ -11,7 +11,7 @@ from sqlalchemy.orm import Session
 
 from cxrmodel.errors import DataError
 from cxrmodel.prompts import PATHOLOGIES
-from cxrmodel.report import to_json, to_markdown, to_pdf
+from cxrmodel.report import text_for, to_json, to_markdown, to_pdf
 from indexer.store import EmbeddingRow, ImageRow, ScoreRow, default_db_url, open_db
 from tests.imagegen import shape_image
 
@@ -111,11 +111,13 @@ def test_report_impression_lists_exactly_the_findings_above_threshold(engine):
     report = engine.report(image, {"modality": "XR", "view": "PA"}, threshold=threshold, scores=scores)
     above = sorted((s for s in scores if s.probability >= threshold), key=lambda s: -s.probability)
     assert len(report.impression) == len(above) > 0
+    names = text_for("en")["pathologies"]
     for line, s in zip(report.impression, above):
-        assert line.startswith(s.pathology.replace("_", " "))
+        assert line.startswith(names[s.pathology])
     assert report.technique.startswith("XR") and "PA" in report.technique
     md = to_markdown(report)
-    for section in ("Technique", "Findings", "Impression", "Confidence", "Limitations", "Disclaimer"):
+    for section in ("Clinical information", "Technique", "Findings", "Impression", "Recommendations", "Confidence",
+                    "Limitations", "Disclaimer"):
         assert f"## {section}" in md
     assert "not for clinical use" in md
     assert set(__import__("json").loads(to_json(report))) >= {"technique", "findings", "impression", "disclaimer"}
@@ -142,3 +144,31 @@ def test_thumbnail_is_cached(engine, indexed_dir):
     cached = list((indexed_dir / "thumbs").glob(f"{hit.image['content_hash']}-64.png"))
     assert first.startswith(b"\x89PNG") and len(cached) == 1
     assert engine.thumbnail(hit.id, 64) == first
+
+
+def test_engine_switches_to_a_newer_index_without_restart(tmp_path, tiny_encoder, tiny_model_dir):
+    from cxrmodel.encoder import EncoderConfig, load_encoder
+    from indexer.pipeline import IndexJob, run_index
+    from search.engine import Engine, EngineConfig
+    from tests.imagegen import gray_image
+    from tests.tinymodel import save_tiny_clip
+
+    src, data = tmp_path / "src", tmp_path / "data"
+    src.mkdir()
+    for i in range(10):
+        gray_image(100 + i).save(src / f"a{i}.png")
+    run_index(IndexJob(sources=[str(src)], data_dir=data, workers=0, progress=False), tiny_encoder)
+    engine = Engine.open(EngineConfig(data_dir=data, reload_interval=0.0, precision="fp32"))  # model from index
+    assert engine.stats()["vectors"] == 10
+    for i in range(5):
+        gray_image(200 + i).save(src / f"b{i}.png")
+    run_index(IndexJob(sources=[str(src)], data_dir=data, workers=0, progress=False), tiny_encoder)
+    assert engine.stats()["vectors"] == 15
+    assert {h.image["file_name"] for h in engine.text("x", k=15)} >= {f"b{i}.png" for i in range(5)}
+    other = load_encoder(EncoderConfig(model=str(save_tiny_clip(tmp_path / "m2", seed=3)), precision="fp32"))
+    run_index(IndexJob(sources=[str(src)], data_dir=data, workers=0, progress=False, rebuild=True), other)
+    assert engine.generation == 2 and engine.stats()["vectors"] == 15
+    assert engine.encoder.identity["model"] == other.identity["model"]  # followed the rebuild to the new model
+    hits = engine.image(gray_image(201), k=1)
+    assert hits[0].image["file_name"] == "b1.png" and hits[0].score == pytest.approx(1.0, abs=1e-3)
+    engine.close()

@@ -19,7 +19,14 @@ def _upload(data: bytes, name: str = "x.png", **fields):
 
 @pytest.fixture(scope="module")
 def some_id(engine):
-    return engine.text("a red circle", k=1)[0].id
+    """An indexed chest radiograph (XR + chest in the manifest), so the 14 labels apply."""
+    return engine.text("a red cross", k=1, filters=engine.parse_filters(["modality=XR"]))[0].id
+
+
+@pytest.fixture(scope="module")
+def ct_id(engine):
+    """An indexed CT (per the manifest): the labels do not apply."""
+    return engine.text("a red circle", k=1, filters=engine.parse_filters(["modality=CT"]))[0].id
 
 
 def test_health(client):
@@ -153,8 +160,12 @@ def test_pages_render(client, some_id, image_dir):
     assert results.status_code == 200 and results.data.count(b'class="card"') == 12
     assert client.get("/", query_string={"q": "x", "filter": "bogus=1"}).status_code == 400
     page = client.get(f"/image/{some_id}")
-    assert page.status_code == 200 and b"Zero-shot findings" in page.data and b"Disclaimer" not in page.data
-    assert b"not for clinical use" in page.data.lower()
+    assert page.status_code == 200 and b"Zero-shot findings" in page.data and b"Disclaimer" in page.data
+    assert b"not for clinical use" in page.data.lower() and b"the 14 labels apply" in page.data
+    assert b'class="heatmap"' in page.data and b'class="summary"' in page.data and b"data-lang" in page.data
+    german = client.get(f"/image/{some_id}", query_string={"lang": "de"})
+    assert german.status_code == 200 and b"Beurteilung" in german.data and b"Hinweis" in german.data
+    assert client.get(f"/image/{some_id}", query_string={"lang": "xx"}).status_code == 400
     assert client.get("/upload").status_code == 200
     up = client.post("/upload", data=_upload((image_dir / "gray" / "g3.png").read_bytes(), "g3.png"),
                      content_type="multipart/form-data")

@@ -6,10 +6,11 @@ import json
 
 from flask import Blueprint, Response, jsonify, request
 
-from cxrmodel.charts import probability_chart
-from cxrmodel.report import compose_report, findings_csv, to_markdown, to_pdf
+from cxrmodel.charts import category_heatmap, probability_chart, summary_card
+from cxrmodel.report import findings_csv, to_markdown, to_pdf
 
-from .context import config, engine, id_labels, k_param, label_payload, read_upload, threshold_param
+from .context import (config, engine, id_labels, k_param, label_payload, lang_param, read_upload, threshold_param,
+                      upload_labels)
 from .openapi import openapi_document
 
 api = Blueprint("api", __name__, url_prefix="/api")
@@ -54,12 +55,9 @@ def similar():
 @api.post("/label")
 def label():
     threshold = threshold_param(request.form.get("threshold"))
+    lang = lang_param(request.form.get("lang") or request.args.get("lang"))
     image = read_upload()
-    eng = engine()
-    scores = eng.label(image)
-    report = compose_report(scores, {**image.metadata, "width": image.width, "height": image.height},
-                            eng.labels, threshold)
-    return jsonify(label_payload(scores, report))
+    return jsonify(label_payload(*upload_labels(image, threshold, lang)))
 
 
 @api.get("/images/<int:image_id>")
@@ -72,14 +70,21 @@ def image_metadata(image_id: int):
 
 @api.get("/images/<int:image_id>/labels")
 def image_labels(image_id: int):
-    _, scores, report = id_labels(image_id, threshold_param(request.args.get("threshold")))
-    return jsonify(label_payload(scores, report))
+    _, scores, report, decision = id_labels(image_id, threshold_param(request.args.get("threshold")),
+                                            lang_param(request.args.get("lang")))
+    return jsonify(label_payload(scores, report, decision))
+
+
+@api.get("/images/<int:image_id>/priors")
+def image_priors(image_id: int):
+    return jsonify(engine().priors(image_id))
 
 
 @api.get("/images/<int:image_id>/report")
 def image_report(image_id: int):
     fmt = request.args.get("format", "json")
-    _, _, report = id_labels(image_id, threshold_param(request.args.get("threshold")))
+    _, _, report, _ = id_labels(image_id, threshold_param(request.args.get("threshold")),
+                                lang_param(request.args.get("lang")))
     if fmt == "json":
         return jsonify(report.to_dict())
     if fmt == "md":
@@ -92,7 +97,7 @@ def image_report(image_id: int):
 @api.get("/images/<int:image_id>/findings.<fmt>")
 def image_findings(image_id: int, fmt: str):
     threshold = threshold_param(request.args.get("threshold"))
-    _, scores, _ = id_labels(image_id, threshold)
+    _, scores, _, _ = id_labels(image_id, threshold)
     if fmt == "csv":
         return _download(findings_csv(scores, threshold).encode(), "text/csv", f"findings-{image_id}.csv")
     if fmt == "json":
@@ -102,14 +107,36 @@ def image_findings(image_id: int, fmt: str):
     return jsonify({"error": "format must be csv or json", "status": 400}), 400
 
 
-@api.get("/images/<int:image_id>/chart.<fmt>")
-def image_chart(image_id: int, fmt: str):
+def _figure(image_id: int, fmt: str, kind: str):
     if fmt not in ("png", "svg"):
         return jsonify({"error": "format must be png or svg", "status": 400}), 400
     threshold = threshold_param(request.args.get("threshold"))
-    _, scores, _ = id_labels(image_id, threshold)
+    _, scores, _, decision = id_labels(image_id, threshold)
+    if kind != "summary" and not decision.applicable:
+        return jsonify({"error": f"the 14 chest X-ray labels do not apply: {decision.reason}", "status": 404}), 404
+    if threshold is not None:
+        for s in scores:
+            s.threshold = threshold
+    draw = {"chart": lambda: probability_chart(scores, fmt, threshold),
+            "heatmap": lambda: category_heatmap(scores, fmt),
+            "summary": lambda: summary_card(scores, decision, fmt)}[kind]
     mime = "image/png" if fmt == "png" else "image/svg+xml"
-    return _download(probability_chart(scores, fmt, threshold), mime, f"chart-{image_id}.{fmt}")
+    return _download(draw(), mime, f"{kind}-{image_id}.{fmt}", inline=True)
+
+
+@api.get("/images/<int:image_id>/chart.<fmt>")
+def image_chart(image_id: int, fmt: str):
+    return _figure(image_id, fmt, "chart")
+
+
+@api.get("/images/<int:image_id>/heatmap.<fmt>")
+def image_heatmap(image_id: int, fmt: str):
+    return _figure(image_id, fmt, "heatmap")
+
+
+@api.get("/images/<int:image_id>/summary.<fmt>")
+def image_summary(image_id: int, fmt: str):
+    return _figure(image_id, fmt, "summary")
 
 
 @api.get("/images/<int:image_id>/thumbnail")
@@ -128,5 +155,8 @@ def full_image(image_id: int):
     return Response(buf.getvalue(), mimetype="image/png", headers={"Cache-Control": "private, max-age=3600"})
 
 
-def _download(data: bytes, mimetype: str, filename: str) -> Response:
-    return Response(data, mimetype=mimetype, headers={"Content-Disposition": f'attachment; filename="{filename}"'})
+def _download(data: bytes, mimetype: str, filename: str, inline: bool = False) -> Response:
+    """`?download=1` (or non-image files) as an attachment; images inline so pages can show them."""
+    attach = not inline or request.args.get("download")
+    disposition = f'{"attachment" if attach else "inline"}; filename="{filename}"'
+    return Response(data, mimetype=mimetype, headers={"Content-Disposition": disposition})

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from flask import current_app, request
 
-from cxrmodel.report import compose_report
+from cxrmodel.report import languages
 
 from . import HTTPError, ServeConfig
 
@@ -54,19 +54,32 @@ def threshold_param(value) -> float | None:
     return t
 
 
-def id_labels(image_id: int, threshold: float | None):
-    """(metadata, scores, report) of an indexed image; HTTPError 404 when unknown."""
+def lang_param(value) -> str:
+    """A report language code (default English)."""
+    lang = value or "en"
+    if lang not in languages():
+        raise HTTPError(400, f"lang must be one of {', '.join(languages())}")
+    return lang
+
+
+def id_labels(image_id: int, threshold: float | None, lang: str = "en"):
+    """(metadata, scores, report, decision) of an indexed image; HTTPError 404 when unknown."""
     eng = engine()
     meta = eng.get(image_id)
     if meta is None:
         raise HTTPError(404, f"no image with id {image_id}")
-    image = eng.load(image_id)
-    scores = eng.label(image)
-    report = compose_report(scores, {**image.metadata, "width": image.width, "height": image.height, **meta},
-                            eng.labels, threshold)
-    return meta, scores, report
+    report, scores, decision = eng.report_for_id(image_id, threshold, lang)
+    return meta, scores, report, decision
 
 
-def label_payload(scores, report) -> dict:
+def upload_labels(image, threshold: float | None, lang: str = "en"):
+    """(scores, report, decision) of an uploaded image."""
+    eng = engine()
+    decision, scores = eng.assess(image)
+    return scores, eng.report(image, {}, threshold, scores, decision, lang), decision
+
+
+def label_payload(scores, report, decision) -> dict:
     """JSON body shared by /api/label and /api/images/<id>/labels."""
-    return {"labels": [s.to_dict() for s in scores], "report": report.to_dict()}
+    return {"applicability": decision.to_dict(), "labels": [s.to_dict() for s in scores],
+            "report": report.to_dict()}

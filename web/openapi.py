@@ -15,6 +15,7 @@ _K = _param("k", schema={"type": "integer", "minimum": 1, "maximum": 100}, descr
 _FILTER = {**_param("filter", schema={"type": "array", "items": {"type": "string"}},
                     description="repeatable: modality=CT, view=PA, effusion>=0.6 ..."),
            "style": "form", "explode": True}
+_LANG = _param("lang", schema={"enum": ["en", "de"]}, description="report language (default en)")
 _THRESHOLD = _param("threshold", schema={"type": "number", "minimum": 0, "maximum": 1},
                     description="one threshold for all pathologies")
 _ERROR = {"description": "error", "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}}
@@ -57,10 +58,17 @@ def openapi_document() -> dict:
                                     "requestBody": _UPLOAD,
                                     "responses": {"200": _JSON, **{str(c): _ERROR for c in (400, 401, 413, 415)}}}},
             "/api/images/{image_id}": _get("metadata and stored scores of an indexed image", [_ID]),
-            "/api/images/{image_id}/labels": _get("full-ensemble labels and report", [_ID, _THRESHOLD]),
+            "/api/images/{image_id}/labels": _get("applicability, full-ensemble labels and report",
+                                                  [_ID, _THRESHOLD, _LANG]),
             "/api/images/{image_id}/report": _get(
                 "report as JSON, Markdown or PDF",
-                [_ID, _THRESHOLD, _param("format", schema={"enum": ["json", "md", "pdf"]})]),
+                [_ID, _THRESHOLD, _LANG, _param("format", schema={"enum": ["json", "md", "pdf"]})]),
+            "/api/images/{image_id}/priors": _get("the same patient's studies in date order with score changes",
+                                                  [_ID]),
+            "/api/images/{image_id}/heatmap.{fmt}": _get(
+                "category x ensemble-member heatmap", [_ID, _param("fmt", "path", {"enum": ["png", "svg"]}, True)]),
+            "/api/images/{image_id}/summary.{fmt}": _get(
+                "top-findings summary card", [_ID, _param("fmt", "path", {"enum": ["png", "svg"]}, True)]),
             "/api/images/{image_id}/findings.{fmt}": _get(
                 "findings table", [_ID, _THRESHOLD, _param("fmt", "path", {"enum": ["csv", "json"]}, True)]),
             "/api/images/{image_id}/chart.{fmt}": _get(

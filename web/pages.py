@@ -8,10 +8,10 @@ import io
 from flask import Blueprint, render_template, request
 
 from cxrmodel.errors import RadLensError
-from cxrmodel.report import compose_report, to_markdown
+from cxrmodel.report import languages, sections
 
 from . import HTTPError, status_for
-from .context import engine, id_labels, k_param, read_upload, threshold_param
+from .context import engine, id_labels, k_param, lang_param, read_upload, threshold_param, upload_labels
 
 pages = Blueprint("pages", __name__)
 
@@ -38,27 +38,27 @@ def upload():
         image = read_upload()
         k = k_param(request.form.get("k"))
         threshold = threshold_param(request.form.get("threshold"))
+        lang = lang_param(request.form.get("lang"))
     except HTTPError as exc:
         return render_template("upload.html", result=None, error=exc.message), exc.status
     except RadLensError as exc:
         return render_template("upload.html", result=None, error=str(exc)), status_for(exc)
-    eng = engine()
-    hits = eng.image(image, k=k)
-    scores = eng.label(image)
-    report = compose_report(scores, {**image.metadata, "width": image.width, "height": image.height},
-                            eng.labels, threshold)
+    hits = engine().image(image, k=k)
+    scores, report, decision = upload_labels(image, threshold, lang)
     preview = image.image.copy()
     preview.thumbnail((384, 384))
     buf = io.BytesIO()
     preview.save(buf, format="PNG")
-    result = {"hits": hits, "scores": scores, "report": report, "report_md": to_markdown(report),
-              "preview": base64.b64encode(buf.getvalue()).decode()}
-    return render_template("upload.html", result=result, error=None)
+    result = {"hits": hits, "scores": scores, "report": report, "sections": sections(report),
+              "decision": decision, "preview": base64.b64encode(buf.getvalue()).decode()}
+    return render_template("upload.html", result=result, error=None, languages=languages(), lang=lang)
 
 
 @pages.get("/image/<int:image_id>")
 def image_page(image_id: int):
     threshold = threshold_param(request.args.get("threshold"))
-    meta, scores, report = id_labels(image_id, threshold)
-    return render_template("image.html", meta=meta, scores=scores, report=report, report_md=to_markdown(report),
-                           threshold=threshold)
+    lang = lang_param(request.args.get("lang"))
+    meta, scores, report, decision = id_labels(image_id, threshold, lang)
+    return render_template("image.html", meta=meta, scores=scores, report=report, sections=sections(report),
+                           decision=decision, threshold=threshold, lang=lang, languages=languages(),
+                           priors=engine().priors(image_id))

@@ -62,6 +62,7 @@ def run(args) -> int:
     cxr = _first(manifest, modality="X-ray", view="PA")
     image = engine.decode_upload(cxr.read_bytes(), cxr.name)
     report = engine.report(image, {"modality": "X-ray", "body_part": "chest", "view": "PA", "file_name": cxr.name})
+    print(f"\n== applicability: {report.applicability}")
     print(f"\n== report for {cxr.name}\n")
     print(to_markdown(report))
     if args.no_serve:

@@ -44,6 +44,7 @@ def register(sub) -> None:
     p.add_argument("--report", choices=("md", "json", "pdf"), default=None, help="also write a report")
     p.add_argument("--out", default=None, help="report file (default: stdout for md/json, IMAGE.pdf for pdf)")
     p.add_argument("--threshold", type=float, default=None, help="one threshold for all pathologies")
+    p.add_argument("--lang", default="en", help="report language: en or de")
     _engine_flags(p)
     p.set_defaults(run=run_label)
 
@@ -96,19 +97,27 @@ def run_similar(args) -> int:
 def run_label(args) -> int:
     from cxrmodel.report import to_json, to_markdown, to_pdf
 
+    from cxrmodel.report import text_for
+
+    text_for(args.lang)  # an unknown language fails before the model loads
     engine = open_engine(args)
     image = _read(args.image, engine)
-    scores = engine.label(image)
-    report = engine.report(image, {"file_name": Path(args.image).name}, args.threshold, scores)
+    decision, scores = engine.assess(image)
+    report = engine.report(image, {"file_name": Path(args.image).name}, args.threshold, scores, decision, args.lang)
     if args.threshold is not None:
         for s in scores:
             s.threshold = args.threshold
     if args.json and args.report is None:
-        print_json({"image": Path(args.image).name, "labels": [s.to_dict() for s in scores],
-                    "report": report.to_dict()})
+        print_json({"image": Path(args.image).name, "applicability": decision.to_dict(),
+                    "labels": [s.to_dict() for s in scores], "report": report.to_dict()})
         return 0
     if args.report is None:
-        print(f"Zero-shot labels for {args.image}:")
+        if not decision.applicable:
+            print(f"{args.image}: the 14 chest X-ray labels do not apply ({decision.reason}; decided from "
+                  f"{decision.source}, confidence {decision.confidence:.2f})")
+            return 0
+        print(f"Zero-shot labels for {args.image} (chest radiograph{' ' + decision.view if decision.view else ''}, "
+              f"decided from {decision.source}):")
         for s in sorted(scores, key=lambda s: -s.probability):
             mark = "*" if s.positive else " "
             print(f" {mark} {s.pathology:<20} {s.probability:.3f} +/- {s.uncertainty:.3f} "

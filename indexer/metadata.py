@@ -1,0 +1,66 @@
+"""Metadata as stored: normalised study fields, and patient keys as salted hashes (a salt per data dir).
+
+A raw patient key (manifest `patient_id`, DICOM PatientID) exists only in memory between reading a
+file and `row_fields`; the DB holds `patient_hash = sha256(salt + key)`, so studies of one patient can
+be listed together without the key being recoverable from the data dir's DB alone.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import secrets
+from pathlib import Path
+
+from cxrmodel.report import age_band
+
+from .store import ImageRow
+
+SALT_FILE = "patient-key.salt"
+
+
+def data_dir_salt(data_dir: str | Path) -> bytes:
+    """The data dir's random salt, created (mode 0600) on first use."""
+    path = Path(data_dir) / SALT_FILE
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".tmp{os.getpid()}")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(secrets.token_hex(32))
+        try:
+            os.link(tmp, path)  # first writer wins; others keep its salt
+        except FileExistsError:
+            pass
+        tmp.unlink()
+    return bytes.fromhex(path.read_text().strip())
+
+
+def patient_hash(key: str, salt: bytes) -> str:
+    """sha256 of salt + normalised key."""
+    return hashlib.sha256(salt + key.strip().encode("utf-8")).hexdigest()
+
+
+def normalise_date(value) -> str | None:
+    """'20240131', '2024-01-31', '2024/01/31' -> '2024-01-31'; anything else -> None."""
+    digits = re.sub(r"[^0-9]", "", str(value or ""))
+    if len(digits) != 8:
+        return None
+    y, m, d = digits[:4], digits[4:6], digits[6:]
+    if not ("1900" <= y <= "2100" and "01" <= m <= "12" and "01" <= d <= "31"):
+        return None
+    return f"{y}-{m}-{d}"
+
+
+def row_fields(meta: dict, salt: bytes) -> dict:
+    """ImageRow metadata columns from merged DICOM/manifest metadata."""
+    out = {k: meta.get(k) or None for k in ImageRow.METADATA_FIELDS
+           if k not in ("age_band", "study_date")}
+    out["age_band"] = meta.get("age_band") or age_band(meta.get("age"))
+    out["study_date"] = normalise_date(meta.get("study_date"))
+    sex = str(meta.get("sex") or "").strip().upper()[:1]
+    out["sex"] = sex if sex in ("M", "F", "O") else None
+    key = str(meta.get("patient_key") or "").strip()
+    out["patient_hash"] = patient_hash(key, salt) if key else None
+    return out

@@ -1,0 +1,187 @@
+"""Labels that know where they apply; categories; report languages; prior studies by salted patient key."""
+
+from __future__ import annotations
+
+import sqlite3
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from cxrmodel.applicability import ApplicabilityConfig, decide_from_metadata, decide_from_model
+from cxrmodel.charts import category_heatmap, category_matrix, summary_card
+from cxrmodel.prompts import CATEGORIES, PATHOLOGIES, LabelConfig
+from cxrmodel.report import compose_report, templates, to_markdown
+from cxrmodel.zeroshot import LabelScore
+from tests.imagegen import gray_image, shape_image, write_dicom
+
+WORDS = ["a chest x-ray", "lateral lumbar spine radiograph", "axial ct of the chest", "mri of the brain with a tumour",
+         "a photo of an image", "red circle", "blue square", "green triangle", "yellow cross", "stripes", "dots",
+         "a bright shape on the left", "a dark shape on the right", "normal", "abnormal", "present", "absent",
+         "effusion", "edema", "nodule", "mass", "hernia", "fibrosis", "the top", "the bottom"]
+
+
+def arranged_config(encoder, image, chest: bool) -> ApplicabilityConfig:
+    """Prompts chosen so the random test model must decide `chest` for `image`: the words nearest the
+    image go to the class that should win, the farthest to the others."""
+    vec = encoder.encode_images([image])[0]
+    order = np.argsort(-(encoder.encode_texts(WORDS) @ vec))
+    near, far = [WORDS[i] for i in order[:2]], [WORDS[i] for i in order[-6:]]
+    if chest:
+        classes = {"chest_pa": tuple(near), "ct": tuple(far[:3]), "mri": tuple(far[3:])}
+    else:
+        classes = {"chest_pa": tuple(far[:3]), "chest_lateral": tuple(far[3:]), "ct": tuple(near)}
+    return ApplicabilityConfig(classes=classes, chest_views={"chest_pa": "PA", "chest_lateral": "lateral"})
+
+
+@pytest.mark.parametrize("meta,applicable,view", [
+    ({"modality": "CT", "body_part": "CHEST"}, False, None),
+    ({"modality": "MR", "body_part": "BRAIN"}, False, None),
+    ({"modality": "MRI"}, False, None),
+    ({"modality": "DX", "body_part": "KNEE"}, False, None),
+    ({"modality": "CR", "body_part": "CHEST", "view": "PA"}, True, "PA"),
+    ({"modality": "X-ray", "body_part": "chest", "view": "AP supine"}, True, "AP"),
+    ({"modality": "DX", "body_part": "CHEST", "view": "LL"}, True, "lateral"),
+])
+def test_metadata_decides_when_it_can(meta, applicable, view):
+    decision = decide_from_metadata(meta)
+    assert decision.applicable is applicable and decision.source == "metadata" and decision.view == view
+    assert decision.reason
+
+
+def test_metadata_silence_leaves_it_to_the_model():
+    assert decide_from_metadata({}) is None
+    assert decide_from_metadata({"modality": "DX"}) is None
+
+
+@pytest.mark.parametrize("image,chest", [(shape_image("circle", "blue", seed=4), False),
+                                         (gray_image(11, (64, 64)), False),
+                                         (Image.fromarray(np.full((48, 48), 128, np.uint8)), True)])
+def test_model_path_decides_with_arranged_prompts(tiny_encoder, image, chest):
+    config = arranged_config(tiny_encoder, image, chest)
+    decision = decide_from_model(tiny_encoder, tiny_encoder.encode_images([image]), config)[0]
+    assert decision.applicable is chest and decision.source == "model" and 0.5 <= decision.confidence <= 1.0
+    assert (decision.view == "PA") if chest else (decision.view is None)
+
+
+def test_indexing_stores_not_applicable_without_scores_and_filters_skip_them(tmp_path, tiny_encoder):
+    from indexer.pipeline import IndexJob, run_index
+    from search.engine import Engine, EngineConfig
+
+    src = tmp_path / "src"
+    src.mkdir()
+    ramp = (np.arange(64 * 64).reshape(64, 64) % 4096).astype(np.uint16)
+    write_dicom(src / "ct.dcm", ramp, Modality="CT", BodyPartExamined="CHEST")
+    write_dicom(src / "mri.dcm", ramp[::-1].copy(), Modality="MR", BodyPartExamined="BRAIN")
+    write_dicom(src / "cxr.dcm", ramp.T.copy(), Modality="DX", BodyPartExamined="CHEST", ViewPosition="PA")
+    shape_image("cross", "red").save(src / "photo.png")
+    (tmp_path / "m.csv").write_text("path,modality,body_part\nsrc/photo.png,photograph,none\n")
+    data = tmp_path / "data"
+    run_index(IndexJob(sources=[str(src), str(tmp_path / "m.csv")], data_dir=data, workers=0, progress=False),
+              tiny_encoder)
+    con = sqlite3.connect(data / "radlens.db")
+    rows = dict(con.execute("select i.path, a.applicable from images i join applicability a on a.image_id = i.id"))
+    scored = {r[0] for r in con.execute("select distinct i.path from images i join scores s on s.image_id = i.id")}
+    con.close()
+    by_name = {k.rsplit("/", 1)[-1]: v for k, v in rows.items()}
+    assert by_name["ct.dcm"] == 0 and by_name["mri.dcm"] == 0 and by_name["cxr.dcm"] == 1
+    assert {s.rsplit("/", 1)[-1] for s in scored} <= {n for n, v in by_name.items() if v}
+    engine = Engine.open(EngineConfig(data_dir=data), encoder=tiny_encoder)
+    for pathology in PATHOLOGIES:
+        hits = engine.text("x", k=10, filters=engine.parse_filters([f"{pathology}>=0"]))
+        assert all(h.applicability["applicable"] for h in hits)
+        assert "ct.dcm" not in {h.image["file_name"] for h in hits}
+    ct_id = next(h.id for h in engine.text("x", k=10) if h.image["file_name"] == "ct.dcm")
+    report, scores, decision = engine.report_for_id(ct_id)
+    assert not decision.applicable and scores == [] and "do not apply" in report.impression[0]
+    assert engine.get(ct_id)["applicability"]["source"] == "metadata"
+    engine.close()
+
+
+def _scores(probs: dict) -> list[LabelScore]:
+    return [LabelScore(p, probs.get(p, 0.1), 0.05, 0.5, {"original/names": probs.get(p, 0.1),
+                                                            "clahe/pairs": probs.get(p, 0.1) / 2}) for p in PATHOLOGIES]
+
+
+def test_categories_cover_every_pathology_once():
+    members = [p for names in CATEGORIES.values() for p in names]
+    assert sorted(members) == sorted(PATHOLOGIES)
+
+
+def test_heatmap_and_summary_render():
+    scores = _scores({"Effusion": 0.9, "Cardiomegaly": 0.7})
+    cats, members, matrix = category_matrix(scores)
+    assert cats == list(CATEGORIES) and members == ["clahe/pairs", "original/names"]
+    assert matrix[cats.index("pleura"), members.index("original/names")] == pytest.approx((0.9 + 0.1 + 0.1) / 3)
+    assert category_heatmap(scores, "png").startswith(b"\x89PNG") and b"<svg" in category_heatmap(scores, "svg")
+    assert b"<svg" in summary_card(scores, None, "svg")
+
+
+def test_every_template_key_exists_in_every_language():
+    langs = templates()
+
+    def keys(d, prefix=""):
+        out = set()
+        for k, v in d.items():
+            out.add(prefix + k)
+            if isinstance(v, dict):
+                out |= keys(v, prefix + k + ".")
+        return out
+
+    reference = keys(langs["en"])
+    assert len(langs) >= 2
+    for lang, block in langs.items():
+        assert keys(block) == reference, lang
+        assert len(block["limitations"]) == len(langs["en"]["limitations"])
+        assert set(block["recommendations"]) == set(PATHOLOGIES) == set(block["pathologies"])
+
+
+def test_same_findings_in_both_languages():
+    scores = _scores({"Effusion": 0.9, "Cardiomegaly": 0.7})
+    meta = {"modality": "X-ray", "body_part": "chest", "view": "PA", "age": "67", "sex": "F"}
+    en = compose_report(scores, meta, LabelConfig(), lang="en")
+    de = compose_report(scores, meta, LabelConfig(), lang="de")
+    assert len(en.impression) == len(de.impression) == 2
+    assert en.impression[0].startswith("Effusion") and de.impression[0].startswith("Pleuraerguss")
+    assert "Age band: 60-69" in en.clinical_information and "Altersgruppe: 60-69" in de.clinical_information
+    assert "## Beurteilung" in to_markdown(de) and "## Impression" in to_markdown(en)
+    assert len(en.recommendations) == len(de.recommendations) == 2
+    assert "67" not in " ".join(en.clinical_information)  # an age band, never the exact age
+
+
+def test_priors_in_date_order_with_changes_and_no_raw_key(tmp_path, tiny_encoder):
+    from indexer.pipeline import IndexJob, run_index
+    from search.engine import Engine, EngineConfig
+    from web import ServeConfig, create_app
+
+    src = tmp_path / "src"
+    src.mkdir()
+    lines = ["path,modality,body_part,view,patient_id,study_date"]
+    for i, date in enumerate(["2024-03-01", "2021-06-15", "2023-01-20"]):
+        gray_image(300 + i).save(src / f"s{i}.png")
+        lines.append(f"src/s{i}.png,X-ray,chest,PA,MRN-0042-SECRET,{date}")
+    gray_image(400).save(src / "other.png")
+    lines.append("src/other.png,X-ray,chest,PA,MRN-9999-OTHER,2022-01-01")
+    (tmp_path / "m.csv").write_text("\n".join(lines) + "\n")
+    data = tmp_path / "data"
+    run_index(IndexJob(sources=[str(tmp_path / "m.csv")], data_dir=data, workers=0, progress=False), tiny_encoder)
+    engine = Engine.open(EngineConfig(data_dir=data), encoder=tiny_encoder)
+    s0 = next(h.id for h in engine.text("x", k=10) if h.image["file_name"] == "s0.png")
+    priors = engine.priors(s0)
+    assert [s["study_date"] for s in priors["studies"]] == ["2021-06-15", "2023-01-20", "2024-03-01"]
+    assert [s["file_name"] for s in priors["studies"]] == ["s1.png", "s2.png", "s0.png"]
+    first, second = priors["studies"][:2]
+    delta = priors["changes"][0]["delta"]
+    assert len(delta) == 14
+    for p, d in delta.items():
+        assert d == pytest.approx(second["scores"][p] - first["scores"][p], abs=1e-3)
+    client = create_app(ServeConfig(), engine=engine).test_client()
+    api = client.get(f"/api/images/{s0}/priors")
+    page = client.get(f"/image/{s0}")
+    assert api.status_code == 200 and len(api.json["studies"]) == 3
+    assert page.status_code == 200 and b"Studies of this patient" in page.data
+    dump = "\n".join(sqlite3.connect(data / "radlens.db").iterdump())
+    for text in (dump, api.get_data(as_text=True), page.get_data(as_text=True)):
+        assert "MRN-0042" not in text and "SECRET" not in text
+    assert (data / "patient-key.salt").stat().st_mode & 0o077 == 0
+    engine.close()
