@@ -26,7 +26,7 @@ from sqlalchemy.orm import Session
 from bench.common import table
 from bench.models import vit_b32_dir
 from indexer.store import Generation, ImageRow, default_db_url, open_db
-from indexer.vectors import IndexConfig, IndexMeta, choose_factory, new_index, write_index_atomic
+from indexer.vectors import IndexConfig, IndexMeta, choose_factory, new_index, tune_nprobe, write_index_atomic
 
 DIM = 512
 QUERIES = ["lateral chest radiograph", "axial CT of the chest", "MRI of the brain", "pleural effusion",
@@ -60,7 +60,7 @@ def build(vectors: np.ndarray, factory: str) -> tuple[faiss.Index, float]:
     return index, time.perf_counter() - t0
 
 
-def make_data_dir(path: Path, n: int, index: faiss.Index, factory: str) -> None:
+def make_data_dir(path: Path, n: int, index: faiss.Index, factory: str, nprobe: int | None) -> None:
     if path.exists():
         shutil.rmtree(path)
     path.mkdir(parents=True)
@@ -74,7 +74,7 @@ def make_data_dir(path: Path, n: int, index: faiss.Index, factory: str) -> None:
         s.add(Generation(id=1, model="bench", adapter_hash=None, dim=DIM, active=True, next_revision=2,
                          index_type=factory))
     db.dispose()
-    write_index_atomic(path, index, IndexMeta(generation=1, revision=1, count=n, factory=factory))
+    write_index_atomic(path, index, IndexMeta(generation=1, revision=1, count=n, factory=factory, nprobe=nprobe))
 
 
 def latency(engine, queries: list[str]) -> tuple[float, float]:
@@ -106,14 +106,20 @@ def main(argv: list[str] | None = None) -> int:
     print(f"text encode alone: {encode_ms:.1f} ms/query (ViT-B/32 text tower, {encoder.dtype})")
     rows = []
     for n in [int(s) for s in args.sizes.split(",")]:
-        vectors = clustered_vectors(n, seed=1)
-        probe = clustered_vectors(200, seed=2)
+        everything = clustered_vectors(n + 200, seed=1)
+        vectors, probe = everything[:n], everything[n:]  # probes: same distribution, not indexed
         results = {}
         for label, factory in (("exact", "Flat"), ("approx", choose_factory(n, IndexConfig(index_type="IVF")))):
             index, build_s = build(vectors, factory)
+            nprobe = None
+            if factory.startswith("IVF"):  # as `radlens index` does: tune on a sample of stored vectors
+                t0 = time.perf_counter()
+                nprobe, _ = tune_nprobe(index, vectors[:: max(1, n // 200)][:200])
+                build_s += time.perf_counter() - t0
+                factory = f"{factory} nprobe={nprobe}"
             ram = len(faiss.serialize_index(index)) / n
             data = args.out / f"data-{n}-{label}"
-            make_data_dir(data, n, index, factory)
+            make_data_dir(data, n, index, factory.split()[0], nprobe)
             engine = Engine.open(EngineConfig(data_dir=data), encoder=encoder)
             _, found = engine._refresh().index.search(probe, 10)
             results[label] = found

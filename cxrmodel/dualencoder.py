@@ -111,6 +111,10 @@ def save_model_dir(model, tokenizer, preprocess: ImagePreprocess, source: dict, 
     out.mkdir(parents=True, exist_ok=True)
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     base.config.save_pretrained(out)
+    config_path = out / "config.json"  # keep this machine's paths out of a shippable file
+    saved = json.loads(config_path.read_text())
+    saved.get("text_config", {}).pop("_name_or_path", None)
+    config_path.write_text(json.dumps(saved, indent=2, sort_keys=True) + "\n")
     tensors = {k: v.to(dtype).contiguous().clone() for k, v in own_parameters(model).items()}
     save_file(tensors, str(out / WEIGHTS))
     tokenizer.save_pretrained(out)

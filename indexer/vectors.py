@@ -38,7 +38,9 @@ class IndexConfig:
     index_type: str = field(default="auto", metadata={
         "help": "auto, Flat, IVF (IVF-Flat sized to the corpus) or any faiss.index_factory string."})
     exact_below: int = field(default=100_000, metadata={"help": "auto uses exact search below this many vectors."})
-    nprobe: int | None = field(default=None, metadata={"help": "IVF lists probed per query (None: by size)."})
+    nprobe: int | None = field(default=None, metadata={
+        "help": "IVF lists probed per query (None: the smallest reaching target_recall on a sample)."})
+    target_recall: float = field(default=0.95, metadata={"help": "recall@10 vs exact that tuning aims for."})
 
 
 @dataclass
@@ -51,6 +53,7 @@ class IndexMeta:
     factory: str
     trained_on: int = 0
     nprobe: int | None = None
+    measured_recall: float | None = None
 
 
 def index_paths(data_dir: str | Path, generation: int) -> tuple[Path, Path]:
@@ -63,6 +66,31 @@ def ivf_lists(count: int) -> int:
     """A list count of about 2*sqrt(N), a power of two, within [16, 65536]."""
     target = 2 * math.sqrt(max(count, 1))
     return int(min(65536, max(16, 2 ** round(math.log2(target)))))
+
+
+def tune_nprobe(index: faiss.Index, queries: np.ndarray, target: float = 0.95, k: int = 10) -> tuple[int, float]:
+    """Smallest power-of-two nprobe whose recall@k against exhaustive search reaches `target`.
+
+    Queries are stored vectors; each one's own id is dropped from both result lists, so the recall is
+    that of its true neighbours. IVF-Flat probing every list is exact, so it is the ground truth.
+    """
+    inner = faiss.downcast_index(index.index)
+
+    def search(nprobe):
+        inner.nprobe = nprobe
+        _, ids = index.search(queries, k + 1)
+        return ids
+    truth = search(inner.nlist)
+    qids = truth[:, 0]
+    truth_sets = [set(row[row != q][:k]) for row, q in zip(truth, qids)]
+    nprobe, recall = 1, 0.0
+    while True:
+        found = search(nprobe)
+        recall = float(np.mean([len(set(row[row != q][:k]) & t) / max(1, len(t))
+                                for row, q, t in zip(found, qids, truth_sets)]))
+        if recall >= target or nprobe >= inner.nlist:
+            return nprobe, recall
+        nprobe = min(inner.nlist, nprobe * 2)
 
 
 def default_nprobe(nlist: int) -> int:
@@ -212,8 +240,12 @@ def sync_generation(db: Engine, data_dir: str | Path, generation: int,
                 reusable = False
         if not reusable:
             index, trained_on = build_full(session, gen, factory)
+        nprobe, recall = config.nprobe, None
+        if nprobe is None and factory.startswith("IVF"):
+            nprobe, recall = tune_nprobe(index, _train_sample(session, gen.id, gen.dim, count, limit=200)[:200],
+                                         config.target_recall)
         meta = IndexMeta(generation=generation, revision=revision, count=int(index.ntotal), factory=factory,
-                         trained_on=trained_on, nprobe=config.nprobe)
+                         trained_on=trained_on, nprobe=nprobe, measured_recall=recall)
         apply_search_params(index, meta)
         write_index_atomic(data_dir, index, meta)
         gen.index_type = factory

@@ -143,12 +143,16 @@ class Engine:
                 stamp = -1
             if served is None or served.generation != gen.id or served.stamp != stamp:
                 if not gen.matches(self.encoder.identity):
-                    if not self._owns_encoder:
+                    if self._owns_encoder:
+                        log.info("index built with %s; loading that model", gen.model)
+                        self.encoder = _encoder_for(self.config, gen.model, gen.adapter_path)
+                    elif served is not None:
                         log.warning("generation %d was built by another model; keep serving the previous one",
                                     gen.id)
                         return served
-                    log.info("index rebuilt with %s; loading that model", gen.model)
-                    self.encoder = _encoder_for(self.config, gen.model, gen.adapter_path)
+                    elif gen.dim != self.encoder.dim:
+                        raise DataError(f"the index holds {gen.dim}-d vectors but the model makes "
+                                        f"{self.encoder.dim}-d ones")
                 loaded = read_index(self.config.data_dir, gen.id)
                 if loaded is None:
                     if served is not None:

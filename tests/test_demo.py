@@ -38,7 +38,8 @@ def test_bundled_files_stay_small():
 
 
 def test_samples_cover_every_modality_and_view_with_licences():
-    rows = list(csv.DictReader(open(SAMPLES / "manifest.csv", encoding="utf-8")))
+    with open(SAMPLES / "manifest.csv", encoding="utf-8") as f:
+        rows = list(csv.DictReader(f))
     assert 60 <= len(rows) <= 100
     kinds = {(r["modality"], r["view"]) for r in rows}
     assert {("X-ray", "PA"), ("X-ray", "AP"), ("X-ray", "AP supine"), ("X-ray", "lateral"), ("CT", "axial"),

@@ -74,3 +74,17 @@ def test_preprocessing_matches_transformers_clip_processor(tiny_model_dir):
         got = ours.to_tensor([im]).numpy()[0]
         assert got.shape == expected.shape == (3, 224, 224)
         assert np.abs(got - expected).max() < 0.02  # one 8-bit step after normalisation
+
+
+def test_auto_precision_runs_an_int8_text_tower_close_to_fp32(tiny_model_dir):
+    from cxrmodel.encoder import cpu_supports_bf16
+
+    if not cpu_supports_bf16():
+        pytest.skip("auto precision is fp32 on this CPU")
+    texts = ["a chest x-ray showing cardiomegaly", "lateral lumbar spine radiograph", "mri of the brain"]
+    auto = load_encoder(EncoderConfig(model=str(tiny_model_dir), precision="auto"))
+    exact = load_encoder(EncoderConfig(model=str(tiny_model_dir), precision="fp32"))
+    assert "quantized" in type(auto.model.text_projection).__module__
+    cos = np.sum(auto.encode_texts(texts) * exact.encode_texts(texts), axis=1)
+    assert cos.min() >= 0.99, cos
+    np.testing.assert_allclose(np.linalg.norm(auto.encode_texts(texts), axis=1), 1.0, atol=1e-5)
