@@ -29,6 +29,10 @@ def _setup_logging(verbosity: int) -> None:
     level = logging.WARNING if verbosity == 0 else logging.INFO if verbosity == 1 else logging.DEBUG
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
     if verbosity < 2:
+        import warnings
+
+        # peft calls an API transformers 5 deprecated; nothing a RadLens user can act on
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
         import transformers
 
         transformers.utils.logging.set_verbosity_error()

@@ -201,3 +201,12 @@ def test_sigkill_during_training_then_resume(shapes_pairs, tiny_model_dir, tmp_p
     assert len(resumed["loss_per_epoch"]) == 5
     np.testing.assert_allclose(resumed["loss_per_epoch"], straight["loss_per_epoch"], rtol=1e-4)
     np.testing.assert_allclose(resumed["after"]["text_to_image"]["R@1"], straight["after"]["text_to_image"]["R@1"])
+
+
+def test_gradient_accumulation_trains_with_fewer_optimiser_steps(shapes_pairs, tiny_model_dir, tmp_path):
+    accumulated = train(_config(shapes_pairs, tiny_model_dir, tmp_path / "acc", epochs=4, accumulate=3),
+                        log=lambda _: None)
+    m = accumulated.metrics
+    assert m["accumulate"] == 3 and m["loss_per_epoch"][-1] < m["loss_per_epoch"][0]
+    state = __import__("torch").load(tmp_path / "acc" / "checkpoint" / "trainer_state.pt", weights_only=False)
+    assert state["scheduler"]["last_epoch"] == 4 * 2  # 144 pairs = 4 full batches of 32: ceil(4 / 3) = 2 steps
