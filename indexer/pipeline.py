@@ -34,6 +34,7 @@ from .vectors import IndexConfig, remove_generation_files, sync_generation
 log = logging.getLogger(__name__)
 
 DEFAULT_DATA_DIR = "radlens-data"
+META_COLUMNS = (*ImageRow.METADATA_FIELDS, "patient_hash")
 
 
 def default_workers() -> int:
@@ -190,10 +191,13 @@ class ChunkWriter:
 
     def plan(self, records: list[SourceRecord], summary: IndexSummary) -> list[PrepareTask]:
         """Files that need reading: new, or changed size/mtime, or not yet embedded in this generation."""
+        stored_meta: dict[int, dict] = {}
+        meta_columns = [getattr(ImageRow, f) for f in META_COLUMNS]
         with Session(self.db) as session:
             for row in session.execute(select(ImageRow.id, ImageRow.path, ImageRow.content_hash,
-                                              ImageRow.size_bytes, ImageRow.mtime_ns)):
+                                              ImageRow.size_bytes, ImageRow.mtime_ns, *meta_columns)):
                 self.known[row.path] = (row.id, row.content_hash, row.size_bytes, row.mtime_ns)
+                stored_meta[row.id] = {f: getattr(row, f) for f in META_COLUMNS}
             self.embedded_ids = set(session.scalars(select(EmbeddingRow.image_id)
                                                     .where(EmbeddingRow.generation_id == self.generation)))
             tasks, meta_updates = [], []
@@ -209,7 +213,11 @@ class ChunkWriter:
                     continue
                 if known and known[0] in self.embedded_ids and (known[2], known[3]) == (st.st_size, st.st_mtime_ns):
                     summary.unchanged += 1
-                    meta_updates.append((known[0], record.metadata))
+                    if record.metadata:
+                        changed = {k: v for k, v in row_fields(record.metadata, self.salt).items()
+                                   if v is not None and stored_meta[known[0]].get(k) != v}
+                        if changed:  # a manifest edit: update the row, no re-embedding
+                            meta_updates.append((known[0], changed))
                     continue
                 in_gen = known is not None and known[0] in self.embedded_ids
                 tasks.append(PrepareTask(path, known[1] if in_gen else None))
@@ -217,12 +225,11 @@ class ChunkWriter:
             session.commit()
         return tasks
 
-    def _update_metadata(self, session: Session, updates: list[tuple[int, dict]]) -> None:
+    @staticmethod
+    def _update_metadata(session: Session, updates: list[tuple[int, dict]]) -> None:
         """Manifest edits (captions, labels, ...) reach unchanged files without re-embedding."""
-        for image_id, meta in updates:
-            if meta:
-                fields = {k: v for k, v in row_fields(meta, self.salt).items() if v is not None}
-                session.execute(update(ImageRow).where(ImageRow.id == image_id).values(**fields))
+        for image_id, fields in updates:
+            session.execute(update(ImageRow).where(ImageRow.id == image_id).values(**fields))
 
     def write(self, chunk: list[Prepared], summary: IndexSummary) -> None:
         """Embed the chunk's new/changed images and commit everything about it in one transaction."""

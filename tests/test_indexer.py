@@ -222,3 +222,21 @@ def test_sigkill_mid_run_then_resume_equals_uninterrupted(corpus, tmp_path, tiny
     r_index, _ = read_index(reference, 1)
     k_index, _ = read_index(killed, 1)
     assert sorted(index_ids(r_index)) == sorted(index_ids(k_index))
+
+
+def test_manifest_edits_update_rows_without_re_embedding(tmp_path, tiny_encoder):
+    src = tmp_path / "src"
+    src.mkdir()
+    for i in range(3):
+        gray_image(i).save(src / f"g{i}.png")
+    manifest = tmp_path / "m.csv"
+    manifest.write_text("path,caption\nsrc/g0.png,first words\nsrc/g1.png,unchanged\n")
+    data = tmp_path / "data"
+    run_index(_job(manifest, data), tiny_encoder)
+    manifest.write_text("path,caption\nsrc/g0.png,corrected words\nsrc/g1.png,unchanged\n")
+    summary = run_index(_job(manifest, data), tiny_encoder)
+    assert summary.embedded == 0 and summary.unchanged == 2
+    con = sqlite3.connect(data / "radlens.db")
+    captions = dict(con.execute("select path, caption from images"))
+    con.close()
+    assert captions[str((src / "g0.png").resolve())] == "corrected words"
