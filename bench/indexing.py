@@ -41,6 +41,21 @@ def make_images(folder: Path, count: int, size: int, seed: int = 0) -> list[Path
     return paths
 
 
+def corpus_images(folder: Path, count: int, size: int) -> list[Path]:
+    """The shared corpus's real images, upscaled to size x size grayscale PNGs (cached)."""
+    from bench.common import CORPUS, require
+
+    folder.mkdir(parents=True, exist_ok=True)
+    sources = sorted(p for p in (require(CORPUS, "shared corpus") / "images").rglob("*") if p.is_file())[:count]
+    paths = []
+    for i, src in enumerate(sources):
+        path = folder / f"real{i:05d}.png"
+        if not path.exists():
+            Image.open(src).convert("L").resize((size, size), Image.Resampling.BICUBIC).save(path)
+        paths.append(path)
+    return paths
+
+
 def naive_embed(model_dir: Path, paths: list[Path], batch: int = 32) -> tuple[np.ndarray, float]:
     """What a user would write first; returns (unit vectors, seconds)."""
     from transformers import CLIPModel
@@ -98,11 +113,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--images", type=int, default=512)
     parser.add_argument("--size", type=int, default=1024)
     parser.add_argument("--workers", type=int, default=None)
+    parser.add_argument("--source", choices=("generated", "corpus"), default="generated",
+                        help="generated radiograph-like images, or the shared corpus upscaled to --size")
     parser.add_argument("--out", type=Path, default=Path("bench-out/indexing"))
     args = parser.parse_args(argv)
     model_dir = vit_b32_dir(args.out / "vit-b32")
-    paths = make_images(args.out / f"images-{args.size}", args.images, args.size)
-    print(f"{len(paths)} images of {args.size}x{args.size}, ViT-B/32 architecture, torch threads "
+    paths = make_images(args.out / f"images-{args.size}", args.images, args.size) if args.source == "generated" \
+        else corpus_images(args.out / f"corpus-{args.size}", args.images, args.size)
+    print(f"{len(paths)} {args.source} images of {args.size}x{args.size}, ViT-B/32 architecture, torch threads "
           f"{torch.get_num_threads()}")
     naive, naive_s = naive_embed(model_dir, paths)
     ours, ours_s = radlens_embed(model_dir, paths, args.out / "data", args.workers, "auto")
