@@ -23,9 +23,12 @@ def _figure(width: float, height: float):
     return plt, *plt.subplots(figsize=(width, height), dpi=110)
 
 
-def _save(plt, fig, fmt: str) -> bytes:
+def _check(fmt: str) -> None:
     if fmt not in FORMATS:
         raise ValueError(f"chart format must be one of {FORMATS}")
+
+
+def _save(plt, fig, fmt: str) -> bytes:
     buf = io.BytesIO()
     fig.savefig(buf, format=fmt)
     plt.close(fig)
@@ -34,8 +37,7 @@ def _save(plt, fig, fmt: str) -> bytes:
 
 def probability_chart(scores: list[LabelScore], fmt: str = "png", threshold: float | None = None) -> bytes:
     """Horizontal bars of the pathology probabilities with uncertainty whiskers and thresholds."""
-    if fmt not in FORMATS:
-        raise ValueError(f"chart format must be one of {FORMATS}")
+    _check(fmt)
     plt, fig, ax = _figure(6.5, 4.8)
     ordered = sorted(scores, key=lambda s: s.probability)
     probs = [s.probability for s in ordered]
@@ -64,8 +66,7 @@ def category_matrix(scores: list[LabelScore]) -> tuple[list[str], list[str], np.
 
 def category_heatmap(scores: list[LabelScore], fmt: str = "png") -> bytes:
     """Heatmap of categories x ensemble members (preprocessing variant / prompt set)."""
-    if fmt not in FORMATS:
-        raise ValueError(f"chart format must be one of {FORMATS}")
+    _check(fmt)
     categories, members, matrix = category_matrix(scores)
     plt, fig, ax = _figure(max(6.0, 0.45 * len(members) + 2.5), 0.55 * len(categories) + 2.2)
     image = ax.imshow(matrix, vmin=0, vmax=1, cmap="magma", aspect="auto")
@@ -83,8 +84,7 @@ def category_heatmap(scores: list[LabelScore], fmt: str = "png") -> bytes:
 
 def summary_card(scores: list[LabelScore], decision=None, fmt: str = "png", top: int = 3) -> bytes:
     """A card with the applicability decision and the top findings."""
-    if fmt not in FORMATS:
-        raise ValueError(f"chart format must be one of {FORMATS}")
+    _check(fmt)
     plt, fig, ax = _figure(4.8, 2.6)
     ax.axis("off")
     lines = ["RadLens summary " + TITLE_NOTE]

@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 from .errors import ModelLoadError
+from .lora import unwrap
 from .preprocess import PREPROCESSOR_FILE, ImagePreprocess
 
 MANIFEST = "radlens_model.json"
@@ -97,8 +98,7 @@ def build_scratch_model(spec: ScratchSpec):
 
 def own_parameters(model) -> dict[str, torch.Tensor]:
     """The parameters a RadLens model directory stores: everything but the pretrained text tower."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return {name: p.detach() for name, p in base.state_dict().items()
+    return {name: p.detach() for name, p in unwrap(model).state_dict().items()
             if not name.startswith("text_model.") and "lora_" not in name}
 
 
@@ -109,8 +109,7 @@ def save_model_dir(model, tokenizer, preprocess: ImagePreprocess, source: dict, 
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    base.config.save_pretrained(out)
+    unwrap(model).config.save_pretrained(out)
     config_path = out / "config.json"  # keep this machine's paths out of a shippable file
     saved = json.loads(config_path.read_text())
     saved.get("text_config", {}).pop("_name_or_path", None)

@@ -19,6 +19,7 @@ import torch
 from PIL import Image
 
 from .errors import ModelLoadError
+from .lora import unwrap
 from .preprocess import PREPROCESSOR_FILE, ImagePreprocess
 
 log = logging.getLogger(__name__)
@@ -215,7 +216,7 @@ class Encoder:
 
     def _base_config(self):
         model = self.model
-        return model.get_base_model().config if hasattr(model, "get_base_model") else model.config
+        return unwrap(model).config
 
     def encode_pixels(self, pixels: torch.Tensor) -> np.ndarray:
         """Preprocessed pixel batch (B, 3, H, W) -> (B, dim) unit vectors."""
@@ -254,7 +255,7 @@ class Encoder:
 
 
 def _max_text_tokens(model, tokenizer) -> int:
-    cfg = model.get_base_model().config if hasattr(model, "get_base_model") else model.config
+    cfg = unwrap(model).config
     limit = getattr(cfg.text_config, "max_position_embeddings", None) or 77
     tok_limit = getattr(tokenizer, "model_max_length", limit) or limit
     return int(min(limit, tok_limit))

@@ -43,6 +43,11 @@ def apply_lora(model, settings: LoraSettings, scope: str | None = None):
     return get_peft_model(model, config)
 
 
+def unwrap(model):
+    """The transformers model inside a peft wrapper (or the model itself)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
 def count_parameters(model) -> dict:
     """Trainable and total parameter counts, and the trainable percentage."""
     total = sum(p.numel() for p in model.parameters())

@@ -27,7 +27,7 @@ from .encoder import Encoder, EncoderConfig, choose_device, choose_dtype, featur
 from .errors import DataError, ImageDecodeError
 from .evaluate import embed_pairs, retrieval_metrics
 from .images import load_image
-from .lora import LoraSettings, apply_lora, count_parameters
+from .lora import LoraSettings, apply_lora, count_parameters, unwrap
 from .pairs import Pair, load_pairs, split_pairs
 from .preprocess import ImagePreprocess
 
@@ -169,10 +169,6 @@ def _lr_lambda(total_steps: int, warmup_steps: int):
     return schedule
 
 
-def _base(model):
-    return model.get_base_model() if hasattr(model, "get_base_model") else model
-
-
 def train(cfg: TrainConfig, log: Callable[[str], None] = log_.info) -> TrainResult:
     """Run LoRA training as configured; returns metrics and the trained encoder."""
     from peft import PeftModel
@@ -208,18 +204,18 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = log_.info) -> TrainResu
         model = PeftModel.from_pretrained(model, str(resume_from), is_trainable=True)
         state = torch.load(resume_from / STATE_FILE, weights_only=False)
         if scratch:
-            _base(model).load_state_dict(state["own_parameters"], strict=False)
+            unwrap(model).load_state_dict(state["own_parameters"], strict=False)
         log(f"resuming from {resume_from} after epoch {state['epoch']}")
     elif cfg.resume:
         log(f"--resume: no checkpoint in {ckpt}, starting from scratch")
     if state is None:
         model = apply_lora(model, lora, scope="text_model" if scratch else None)
     if scratch:  # the new vision tower and both projections train fully
-        for name, param in _base(model).named_parameters():
+        for name, param in unwrap(model).named_parameters():
             if not name.startswith("text_model."):
                 param.requires_grad_(True)
     model.to(device)
-    base = _base(model)
+    base = unwrap(model)
     if cfg.learn_temperature and hasattr(base, "logit_scale"):
         base.logit_scale.requires_grad_(True)
         if state is not None and "logit_scale" in state:

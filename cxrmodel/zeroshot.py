@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from PIL import Image, ImageOps
 
+from .lora import unwrap
 from .prompts import LabelConfig
 
 _bank_lock = threading.Lock()
@@ -58,8 +59,7 @@ def _mean_direction(vectors: np.ndarray) -> np.ndarray:
 
 def logit_scale_of(encoder) -> float:
     """The model's learned softmax temperature (CLIP: 100), capped like CLIP does."""
-    model = encoder.model.get_base_model() if hasattr(encoder.model, "get_base_model") else encoder.model
-    scale = getattr(model, "logit_scale", None)
+    scale = getattr(unwrap(encoder.model), "logit_scale", None)
     return float(min(scale.detach().float().exp().item(), 100.0)) if scale is not None else 100.0
 
 

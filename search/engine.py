@@ -298,8 +298,8 @@ class Engine:
         return compose_report(scores, meta, self.labels, threshold, decision=decision, lang=lang)
 
     def report_for_id(self, image_id: int, threshold: float | None = None, lang: str = "en"
-                      ) -> tuple[Report, list[LabelScore], Decision]:
-        """Report, scores and applicability of an indexed image."""
+                      ) -> tuple[Report, list[LabelScore], Decision, dict]:
+        """Report, scores, applicability and metadata of an indexed image (DataError when unknown)."""
         meta = self.get(image_id)
         if meta is None:
             raise DataError(f"no image with id {image_id}")
@@ -310,7 +310,7 @@ class Engine:
             scores = self.label(image) if decision.applicable else []
         else:
             decision, scores = self.assess(image, meta)
-        return self.report(image, meta, threshold, scores, decision, lang), scores, decision
+        return self.report(image, meta, threshold, scores, decision, lang), scores, decision, meta
 
     def priors(self, image_id: int) -> dict:
         """The same patient's indexed studies in date order, with stored scores and the change per pathology.

@@ -92,7 +92,7 @@ def test_indexing_stores_not_applicable_without_scores_and_filters_skip_them(tmp
         assert all(h.applicability["applicable"] for h in hits)
         assert "ct.dcm" not in {h.image["file_name"] for h in hits}
     ct_id = next(h.id for h in engine.text("x", k=10) if h.image["file_name"] == "ct.dcm")
-    report, scores, decision = engine.report_for_id(ct_id)
+    report, scores, decision, _ = engine.report_for_id(ct_id)
     assert not decision.applicable and scores == [] and "do not apply" in report.impression[0]
     assert engine.get(ct_id)["applicability"]["source"] == "metadata"
     engine.close()

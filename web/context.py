@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from flask import current_app, request
 
+from cxrmodel.errors import DataError
 from cxrmodel.report import languages
 
 from . import HTTPError, ServeConfig
@@ -64,11 +65,10 @@ def lang_param(value) -> str:
 
 def id_labels(image_id: int, threshold: float | None, lang: str = "en"):
     """(metadata, scores, report, decision) of an indexed image; HTTPError 404 when unknown."""
-    eng = engine()
-    meta = eng.get(image_id)
-    if meta is None:
-        raise HTTPError(404, f"no image with id {image_id}")
-    report, scores, decision = eng.report_for_id(image_id, threshold, lang)
+    try:
+        report, scores, decision, meta = engine().report_for_id(image_id, threshold, lang)
+    except DataError as exc:
+        raise HTTPError(404, str(exc)) from None
     return meta, scores, report, decision
 
 
