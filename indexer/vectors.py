@@ -22,6 +22,8 @@ from sqlalchemy import func, select
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session
 
+from cxrmodel.errors import DataError
+
 from .store import EmbeddingRow, Generation, vectors_from_bytes
 
 log = logging.getLogger(__name__)
@@ -104,7 +106,8 @@ def choose_factory(count: int, config: IndexConfig) -> str:
     if kind == "auto":
         kind = "Flat" if count < config.exact_below else "IVF"
     if kind == "IVF":
-        return f"IVF{ivf_lists(count)},Flat"
+        nlist = ivf_lists(count)
+        return f"IVF{nlist},Flat" if count >= 4 * nlist else "Flat"  # too few vectors to cluster
     return kind
 
 
@@ -239,7 +242,12 @@ def sync_generation(db: Engine, data_dir: str | Path, generation: int,
                 log.warning("index of generation %d drifted from the DB; rebuilding it", generation)
                 reusable = False
         if not reusable:
-            index, trained_on = build_full(session, gen, factory)
+            try:
+                index, trained_on = build_full(session, gen, factory)
+            except RuntimeError as exc:  # e.g. a factory string faiss rejects, or too few vectors to train
+                raise DataError(f"cannot build a FAISS {factory!r} index over {count} vectors: "
+                                f"{str(exc).strip().splitlines()[-1][:200]}. The rows are stored; rerun with "
+                                f"another --index-type (e.g. Flat).") from None
         nprobe, recall = config.nprobe, None
         if nprobe is None and factory.startswith("IVF"):
             nprobe, recall = tune_nprobe(index, _train_sample(session, gen.id, gen.dim, count, limit=200)[:200],

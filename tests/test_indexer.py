@@ -240,3 +240,16 @@ def test_manifest_edits_update_rows_without_re_embedding(tmp_path, tiny_encoder)
     captions = dict(con.execute("select path, caption from images"))
     con.close()
     assert captions[str((src / "g0.png").resolve())] == "corrected words"
+
+
+def test_unbuildable_index_type_is_a_clear_error_and_rows_survive(tmp_path, tiny_encoder):
+    src = tmp_path / "src"
+    src.mkdir()
+    for i in range(5):
+        gray_image(i).save(src / f"g{i}.png")
+    data = tmp_path / "data"
+    with pytest.raises(DataError, match="--index-type"):
+        run_index(_job(src, data, index=IndexConfig(index_type="IVF64,PQ4")), tiny_encoder)
+    summary = run_index(_job(src, data, index=IndexConfig(index_type="IVF")), tiny_encoder)
+    assert summary.embedded == 0 and summary.index_type == "Flat"  # rows were kept; too few to cluster
+    _check_ok(data)
