@@ -121,7 +121,7 @@ def run_index(job: IndexJob, encoder) -> IndexSummary:
     started = time.perf_counter()
     job.data_dir.mkdir(parents=True, exist_ok=True)
     problems: list[ManifestProblem] = []
-    records = collect(job.sources, problems)
+    records = collect(job.sources, problems, exclude=job.data_dir)
     db = open_db(job.url)
     summary = IndexSummary()
     try:

@@ -96,9 +96,12 @@ def read_manifest(path: Path, problems: list[ManifestProblem]) -> Iterator[Sourc
         yield SourceRecord(file_path.resolve(), meta)
 
 
-def collect(sources: Iterable[str | Path], problems: list[ManifestProblem] | None = None) -> list[SourceRecord]:
-    """All records from folders and manifests, de-duplicated by path (first one wins)."""
+def collect(sources: Iterable[str | Path], problems: list[ManifestProblem] | None = None,
+            exclude: Path | None = None) -> list[SourceRecord]:
+    """All records from folders and manifests, de-duplicated by path (first one wins); files under
+    `exclude` (the data dir, with its cached thumbnails) are left out."""
     problems = problems if problems is not None else []
+    exclude = exclude.resolve() if exclude is not None else None
     seen: dict[Path, SourceRecord] = {}
     for src in sources:
         src = Path(src)
@@ -113,6 +116,8 @@ def collect(sources: Iterable[str | Path], problems: list[ManifestProblem] | Non
         else:
             raise DataError(f"{src}: no such file or folder")
         for record in records:
+            if exclude is not None and record.path.is_relative_to(exclude):
+                continue
             if record.path not in seen:
                 seen[record.path] = record
             elif record.metadata and not seen[record.path].metadata:

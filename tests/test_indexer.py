@@ -253,3 +253,19 @@ def test_unbuildable_index_type_is_a_clear_error_and_rows_survive(tmp_path, tiny
     summary = run_index(_job(src, data, index=IndexConfig(index_type="IVF")), tiny_encoder)
     assert summary.embedded == 0 and summary.index_type == "Flat"  # rows were kept; too few to cluster
     _check_ok(data)
+
+
+def test_the_data_dir_inside_a_source_folder_is_not_indexed(tmp_path, tiny_encoder):
+    from search.engine import Engine, EngineConfig
+
+    src = tmp_path / "src"
+    src.mkdir()
+    for i in range(4):
+        gray_image(i).save(src / f"g{i}.png")
+    data = src / "radlens-data"
+    run_index(_job(src, data), tiny_encoder)
+    engine = Engine.open(EngineConfig(data_dir=data), encoder=tiny_encoder)
+    engine.thumbnail(engine.text("x", k=1)[0].id, 64)  # writes PNGs under the data dir
+    engine.close()
+    again = run_index(_job(src, data), tiny_encoder)
+    assert (again.added, again.unchanged) == (0, 4)
