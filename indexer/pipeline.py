@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -116,10 +117,34 @@ def _short(h: str | None) -> str:
     return h[:12] if h else "none"
 
 
+LOCK_FILE = "index.lock"
+
+
+@contextmanager
+def exclusive_run(data_dir: Path):
+    """One `radlens index` per data dir at a time; a second one fails at once with a clear message."""
+    import fcntl
+
+    data_dir.mkdir(parents=True, exist_ok=True)
+    with open(data_dir / LOCK_FILE, "w") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise DataError(f"another `radlens index` is running on {data_dir}; wait for it to finish") from None
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
 def run_index(job: IndexJob, encoder) -> IndexSummary:
     """Index `job.sources` into `job.data_dir` with `encoder`; returns the run's summary."""
+    with exclusive_run(job.data_dir):
+        return _run_index(job, encoder)
+
+
+def _run_index(job: IndexJob, encoder) -> IndexSummary:
     started = time.perf_counter()
-    job.data_dir.mkdir(parents=True, exist_ok=True)
     problems: list[ManifestProblem] = []
     records = collect(job.sources, problems, exclude=job.data_dir)
     db = open_db(job.url)

@@ -269,3 +269,16 @@ def test_the_data_dir_inside_a_source_folder_is_not_indexed(tmp_path, tiny_encod
     engine.close()
     again = run_index(_job(src, data), tiny_encoder)
     assert (again.added, again.unchanged) == (0, 4)
+
+
+def test_a_second_concurrent_run_is_refused_clearly(tmp_path, tiny_encoder):
+    from indexer.pipeline import exclusive_run
+
+    src = tmp_path / "src"
+    src.mkdir()
+    gray_image(1).save(src / "g.png")
+    data = tmp_path / "data"
+    with exclusive_run(data):  # as if another process were indexing
+        with pytest.raises(DataError, match="another `radlens index` is running"):
+            run_index(_job(src, data), tiny_encoder)
+    assert run_index(_job(src, data), tiny_encoder).added == 1
