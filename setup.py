@@ -36,6 +36,7 @@ setup(
     ],
     extras_require={
         "test": ["pytest>=8", "hypothesis>=6.100", "pypdf>=4", "playwright>=1.40"],
+        "postgres": ["psycopg[binary]>=3.1"],
     },
     entry_points={"console_scripts": ["radlens=radlens.cli:main"]},
 )
