@@ -202,11 +202,21 @@ class Encoder:
         self.batch_size = batch_size
         self._lock = threading.Lock()
         self.max_text_tokens = _max_text_tokens(model, tokenizer)
+        self.cache_dir: Path | None = None  # where derived text embeddings (prompt banks) may be kept
 
     @property
     def dim(self) -> int:
         """Length of every vector this encoder returns."""
         return int(self._base_config().projection_dim)
+
+    @property
+    def fingerprint(self) -> str:
+        """Identifies everything that shapes this encoder's outputs (weights, adapter, precision)."""
+        import json
+
+        text_impl = type(getattr(unwrap(self.model), "text_projection", None)).__module__
+        blob = json.dumps({**self.identity, "dtype": str(self.dtype), "text": text_impl}, sort_keys=True)
+        return hashlib.sha256(blob.encode()).hexdigest()
 
     @property
     def identity(self) -> dict:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import threading
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageOps
@@ -64,13 +65,41 @@ def logit_scale_of(encoder) -> float:
 
 
 def prompt_bank(encoder, config: LabelConfig) -> PromptBank:
-    """The cached `PromptBank` of `encoder` for `config`'s prompts (computed on first use)."""
+    """The `PromptBank` of `encoder` for `config`'s prompts: computed once per model and prompt set,
+    kept in memory and, when the encoder has a `cache_dir`, on disk for the next process."""
     key = config.fingerprint()
     with _bank_lock:
         cache = encoder.__dict__.setdefault("_prompt_banks", {})
         if key not in cache:
-            cache[key] = _build_bank(encoder, config)
+            cache[key] = _load_or_build_bank(encoder, config)
         return cache[key]
+
+
+def _load_or_build_bank(encoder, config: LabelConfig) -> PromptBank:
+    import hashlib
+    import os
+
+    cache_dir = getattr(encoder, "cache_dir", None)
+    if cache_dir is None:
+        return _build_bank(encoder, config)
+    digest = hashlib.sha256((encoder.fingerprint + config.fingerprint()).encode()).hexdigest()[:32]
+    path = Path(cache_dir) / f"prompts-{digest}.npz"
+    try:
+        with np.load(path) as data:
+            return PromptBank(list(data["set_names"]), list(data["pathologies"]), data["positive"],
+                              data["negative"], logit_scale_of(encoder))
+    except (OSError, KeyError, ValueError):
+        pass
+    bank = _build_bank(encoder, config)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f"{path.stem}.tmp{os.getpid()}.npz")
+        np.savez(tmp, set_names=np.array(bank.set_names), pathologies=np.array(bank.pathologies),
+                 positive=bank.positive, negative=bank.negative)
+        os.replace(tmp, path)
+    except OSError:  # a read-only data dir only costs the cache
+        pass
+    return bank
 
 
 def _build_bank(encoder, config: LabelConfig) -> PromptBank:

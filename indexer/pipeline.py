@@ -140,6 +140,8 @@ def exclusive_run(data_dir: Path):
 def run_index(job: IndexJob, encoder) -> IndexSummary:
     """Index `job.sources` into `job.data_dir` with `encoder`; returns the run's summary."""
     with exclusive_run(job.data_dir):
+        if encoder.cache_dir is None:
+            encoder.cache_dir = job.data_dir / "cache"
         return _run_index(job, encoder)
 
 

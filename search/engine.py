@@ -89,6 +89,8 @@ class Engine:
         self.encoder = encoder
         self.labels = labels
         self._owns_encoder = owns_encoder  # loaded from the index's own record, so it may follow a rebuild
+        if encoder.cache_dir is None:
+            encoder.cache_dir = Path(config.data_dir) / "cache"
         self.db = open_db(config.url, create=False)
         self._lock = threading.Lock()
         self._served: _Served | None = None
@@ -146,6 +148,7 @@ class Engine:
                     if self._owns_encoder:
                         log.info("index built with %s; loading that model", gen.model)
                         self.encoder = _encoder_for(self.config, gen.model, gen.adapter_path)
+                        self.encoder.cache_dir = Path(self.config.data_dir) / "cache"
                     elif served is not None:
                         log.warning("generation %d was built by another model; keep serving the previous one",
                                     gen.id)

@@ -172,3 +172,27 @@ def test_engine_switches_to_a_newer_index_without_restart(tmp_path, tiny_encoder
     hits = engine.image(gray_image(201), k=1)
     assert hits[0].image["file_name"] == "b1.png" and hits[0].score == pytest.approx(1.0, abs=1e-3)
     engine.close()
+
+
+def test_prompt_embeddings_are_computed_once_per_model_across_processes(tmp_path, tiny_model_dir, monkeypatch):
+    """A second process (a fresh encoder object) reads the prompt bank from the data dir's cache."""
+    from cxrmodel.encoder import EncoderConfig, load_encoder
+    from cxrmodel.prompts import LabelConfig
+    from cxrmodel.zeroshot import prompt_bank
+
+    first = load_encoder(EncoderConfig(model=str(tiny_model_dir), precision="fp32"))
+    first.cache_dir = tmp_path / "cache"
+    bank = prompt_bank(first, LabelConfig())
+    assert len(list((tmp_path / "cache").glob("prompts-*.npz"))) == 1
+    second = load_encoder(EncoderConfig(model=str(tiny_model_dir), precision="fp32"))
+    second.cache_dir = tmp_path / "cache"
+    monkeypatch.setattr(second, "encode_texts", lambda texts: pytest.fail("prompts were encoded again"))
+    again = prompt_bank(second, LabelConfig())
+    np.testing.assert_array_equal(again.positive, bank.positive)
+    assert again.pathologies == bank.pathologies
+    other_prompts = LabelConfig(thresholds={**LabelConfig().thresholds})
+    other_prompts.prompt_sets["names"] = other_prompts.prompt_sets["pairs"]  # a different prompt set
+    third = load_encoder(EncoderConfig(model=str(tiny_model_dir), precision="fp32"))
+    third.cache_dir = tmp_path / "cache"
+    assert prompt_bank(third, other_prompts).positive.shape == bank.positive.shape
+    assert len(list((tmp_path / "cache").glob("prompts-*.npz"))) == 2
