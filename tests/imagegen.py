@@ -43,6 +43,14 @@ def gray_image(seed: int, size: tuple[int, int] = (48, 40)) -> Image.Image:
     return Image.fromarray((big * 255).astype(np.uint8), mode="L")
 
 
+def gray_folder(folder: Path, count: int, prefix: str = "g", first_seed: int = 0) -> Path:
+    """A new folder of `count` grayscale PNGs named prefix0.png ... (seeds first_seed, first_seed+1, ...)."""
+    folder.mkdir(parents=True)
+    for i in range(count):
+        gray_image(first_seed + i).save(folder / f"{prefix}{i}.png")
+    return folder
+
+
 def png_bytes(im: Image.Image) -> bytes:
     buf = io.BytesIO()
     im.save(buf, format="PNG")

@@ -150,13 +150,10 @@ def test_engine_switches_to_a_newer_index_without_restart(tmp_path, tiny_encoder
     from cxrmodel.encoder import EncoderConfig, load_encoder
     from indexer.pipeline import IndexJob, run_index
     from search.engine import Engine, EngineConfig
-    from tests.imagegen import gray_image
+    from tests.imagegen import gray_folder, gray_image
     from tests.tinymodel import save_tiny_clip
 
-    src, data = tmp_path / "src", tmp_path / "data"
-    src.mkdir()
-    for i in range(10):
-        gray_image(100 + i).save(src / f"a{i}.png")
+    src, data = gray_folder(tmp_path / "src", 10, prefix="a", first_seed=100), tmp_path / "data"
     run_index(IndexJob(sources=[str(src)], data_dir=data, workers=0, progress=False), tiny_encoder)
     engine = Engine.open(EngineConfig(data_dir=data, reload_interval=0.0, precision="fp32"))  # model from index
     assert engine.stats()["vectors"] == 10

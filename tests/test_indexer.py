@@ -20,7 +20,7 @@ from indexer.check import check_data_dir
 from indexer.pipeline import IndexJob, run_index
 from indexer.store import EmbeddingRow, ImageRow, ScoreRow, SkippedRow, default_db_url, open_db
 from indexer.vectors import IndexConfig, index_ids, read_index
-from tests.imagegen import gray_image, write_dicom
+from tests.imagegen import gray_folder, gray_image, write_dicom
 
 
 def _job(src, data, **kw):
@@ -94,10 +94,7 @@ def test_same_content_touched_is_not_re_embedded(corpus, tmp_path, tiny_encoder)
 
 
 def test_corrupt_and_non_image_files_are_skipped_with_reason(tmp_path, tiny_encoder):
-    src = tmp_path / "src"
-    src.mkdir()
-    for i in range(4):
-        gray_image(i).save(src / f"ok{i}.png")
+    src = gray_folder(tmp_path / "src", 4, prefix="ok")
     (src / "notes.png").write_text("not an image")
     data = (src / "ok0.png").read_bytes()
     (src / "cut.png").write_bytes(data[: len(data) // 2])
@@ -225,10 +222,7 @@ def test_sigkill_mid_run_then_resume_equals_uninterrupted(corpus, tmp_path, tiny
 
 
 def test_manifest_edits_update_rows_without_re_embedding(tmp_path, tiny_encoder):
-    src = tmp_path / "src"
-    src.mkdir()
-    for i in range(3):
-        gray_image(i).save(src / f"g{i}.png")
+    src = gray_folder(tmp_path / "src", 3)
     manifest = tmp_path / "m.csv"
     manifest.write_text("path,caption\nsrc/g0.png,first words\nsrc/g1.png,unchanged\n")
     data = tmp_path / "data"
@@ -243,10 +237,7 @@ def test_manifest_edits_update_rows_without_re_embedding(tmp_path, tiny_encoder)
 
 
 def test_unbuildable_index_type_is_a_clear_error_and_rows_survive(tmp_path, tiny_encoder):
-    src = tmp_path / "src"
-    src.mkdir()
-    for i in range(5):
-        gray_image(i).save(src / f"g{i}.png")
+    src = gray_folder(tmp_path / "src", 5)
     data = tmp_path / "data"
     with pytest.raises(DataError, match="--index-type"):
         run_index(_job(src, data, index=IndexConfig(index_type="IVF64,PQ4")), tiny_encoder)
@@ -258,10 +249,7 @@ def test_unbuildable_index_type_is_a_clear_error_and_rows_survive(tmp_path, tiny
 def test_the_data_dir_inside_a_source_folder_is_not_indexed(tmp_path, tiny_encoder):
     from search.engine import Engine, EngineConfig
 
-    src = tmp_path / "src"
-    src.mkdir()
-    for i in range(4):
-        gray_image(i).save(src / f"g{i}.png")
+    src = gray_folder(tmp_path / "src", 4)
     data = src / "radlens-data"
     run_index(_job(src, data), tiny_encoder)
     engine = Engine.open(EngineConfig(data_dir=data), encoder=tiny_encoder)

@@ -22,7 +22,7 @@ from cxrmodel.errors import DataError, ImageDecodeError
 from cxrmodel.images import ImageLimits, decode_bytes
 from indexer.check import check_data_dir
 from indexer.store import default_db_url
-from tests.imagegen import gray_image, png_bytes, shape_image, write_dicom
+from tests.imagegen import gray_folder, gray_image, png_bytes, shape_image, write_dicom
 
 def fuzz(examples: int):
     """Hypothesis settings for a fuzz test: deterministic, no deadline, `examples` inputs."""
@@ -138,10 +138,7 @@ def test_fuzz_manifest_and_pairs_parsers_raise_only_data_errors(tmp_path, table,
 def test_fuzzed_files_in_a_corpus_are_skipped_and_the_index_stays_consistent(tmp_path, tiny_encoder):
     from indexer.pipeline import IndexJob, run_index
 
-    src = tmp_path / "src"
-    src.mkdir()
-    for i in range(6):
-        gray_image(i).save(src / f"ok{i}.png")
+    src = gray_folder(tmp_path / "src", 6, prefix="ok")
     data = tmp_path / "data"
     run_index(IndexJob(sources=[str(src)], data_dir=data, workers=0, progress=False), tiny_encoder)
     before = _ids(data)
