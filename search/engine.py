@@ -19,7 +19,7 @@ from PIL import Image
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from cxrmodel.applicability import Decision, decide
+from cxrmodel.applicability import Decision, decide_from_metadata, decide_from_model
 from cxrmodel.encoder import Encoder, EncoderConfig, load_encoder
 from cxrmodel.errors import DataError, ModelLoadError
 from cxrmodel.images import DecodedImage, ImageLimits, decode_bytes, load_image
@@ -187,10 +187,14 @@ class Engine:
             raise DataError("empty query")
         return self.search_vector(self.encoder.encode_texts([query.strip()])[0], k, filters)
 
+    def embed(self, image: Image.Image | DecodedImage) -> np.ndarray:
+        """One image's unit vector (compute it once when several queries need it)."""
+        pil = image.image if isinstance(image, DecodedImage) else image
+        return self.encoder.encode_images([pil])[0]
+
     def image(self, image: Image.Image | DecodedImage, k: int = 10, filters: Filters | None = None) -> list[Hit]:
         """Indexed images most similar to `image`, best first."""
-        pil = image.image if isinstance(image, DecodedImage) else image
-        return self.search_vector(self.encoder.encode_images([pil])[0], k, filters)
+        return self.search_vector(self.embed(image), k, filters)
 
     def search_vector(self, vector: np.ndarray, k: int = 10, filters: Filters | None = None) -> list[Hit]:
         """Nearest indexed images to a unit vector; exact duplicates (same content hash) collapse."""
@@ -277,16 +281,21 @@ class Engine:
         pil = image.image if isinstance(image, DecodedImage) else image
         return label_image(self.encoder, pil, self.labels)
 
-    def applicability(self, image: Image.Image | DecodedImage, metadata: dict | None = None) -> Decision:
-        """Do the 14 labels apply? From metadata when it settles it, else from the model."""
-        pil = image.image if isinstance(image, DecodedImage) else image
+    def applicability(self, image: Image.Image | DecodedImage, metadata: dict | None = None,
+                      vector: np.ndarray | None = None) -> Decision:
+        """Do the 14 labels apply? From metadata when it settles it (no model call), else from the model
+        (using `vector` when the caller already embedded the image)."""
         meta = {**(image.metadata if isinstance(image, DecodedImage) else {}), **(metadata or {})}
-        return decide(self.encoder, self.encoder.encode_images([pil]), [meta], self.labels.applicability)[0]
+        decided = decide_from_metadata(meta)
+        if decided is not None:
+            return decided
+        vec = self.embed(image) if vector is None else vector
+        return decide_from_model(self.encoder, vec[None, :], self.labels.applicability)[0]
 
-    def assess(self, image: Image.Image | DecodedImage, metadata: dict | None = None
-               ) -> tuple[Decision, list[LabelScore]]:
+    def assess(self, image: Image.Image | DecodedImage, metadata: dict | None = None,
+               vector: np.ndarray | None = None) -> tuple[Decision, list[LabelScore]]:
         """The applicability decision and, only where the labels apply, their scores."""
-        decision = self.applicability(image, metadata)
+        decision = self.applicability(image, metadata, vector)
         return decision, (self.label(image) if decision.applicable else [])
 
     def report(self, image: Image.Image | DecodedImage, metadata: dict | None = None,

@@ -43,8 +43,9 @@ def upload():
         return render_template("upload.html", result=None, error=exc.message), exc.status
     except RadLensError as exc:
         return render_template("upload.html", result=None, error=str(exc)), status_for(exc)
-    hits = engine().image(image, k=k)
-    scores, report, decision = upload_labels(image, threshold, lang)
+    vector = engine().embed(image)  # one forward pass serves the search and the applicability check
+    hits = engine().search_vector(vector, k=k)
+    scores, report, decision = upload_labels(image, threshold, lang, vector)
     preview = image.image.copy()
     preview.thumbnail((384, 384))
     buf = io.BytesIO()
