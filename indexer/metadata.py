@@ -37,6 +37,32 @@ def data_dir_salt(data_dir: str | Path) -> bytes:
     return bytes.fromhex(path.read_text().strip())
 
 
+SALT_SETTING = "patient_salt_fingerprint"
+
+
+def check_salt(db, salt: bytes, data_dir: str | Path) -> None:
+    """Every data dir writing one database must hash patient keys with the same salt.
+
+    The database keeps a fingerprint of the first writer's salt (never the salt itself, so the DB
+    alone cannot be used to test guesses of patient keys); a writer with another salt is refused.
+    """
+    from sqlalchemy import select
+    from sqlalchemy.orm import Session
+
+    from cxrmodel.errors import DataError
+
+    from .store import SettingRow, upsert
+
+    fingerprint = hashlib.sha256(b"radlens-salt-fingerprint:" + salt).hexdigest()
+    with Session(db) as session, session.begin():
+        upsert(session, SettingRow, [dict(key=SALT_SETTING, value=fingerprint)], keys=("key",), update=False)
+        stored = session.scalar(select(SettingRow.value).where(SettingRow.key == SALT_SETTING))
+    if stored != fingerprint:
+        raise DataError(f"this database's patient keys were hashed with another salt than "
+                        f"{Path(data_dir) / SALT_FILE}; copy {SALT_FILE} from the data dir that first wrote to "
+                        "this database into this one")
+
+
 def patient_hash(key: str, salt: bytes) -> str:
     """sha256 of salt + normalised key."""
     return hashlib.sha256(salt + key.strip().encode("utf-8")).hexdigest()

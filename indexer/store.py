@@ -9,15 +9,21 @@ Image rows (paths, hashes, metadata) are shared by all generations.
 from __future__ import annotations
 
 import datetime as dt
+from contextlib import contextmanager
+import os
 from pathlib import Path
 
 import numpy as np
 from sqlalchemy import (BigInteger, Boolean, DateTime, Float, ForeignKey, Index, Integer, LargeBinary, String,
-                        Text, create_engine, event, select)
-from sqlalchemy.engine import Engine
+                        Text, create_engine, event, select, text, update)
+from sqlalchemy.engine import Engine, make_url
+from sqlalchemy.exc import ArgumentError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
+from cxrmodel.errors import DataError
+
 DB_FILE = "radlens.db"
+DB_URL_FILE = "database.url"  # a data dir that lives on a database server remembers its URL here
 
 
 def utcnow() -> dt.datetime:
@@ -131,6 +137,14 @@ class DecisionRow(Base):
                 "reason": self.reason, "view": self.view, "kind": self.kind}
 
 
+class SettingRow(Base):
+    """One named value shared by every process writing this database (e.g. the salt's fingerprint)."""
+
+    __tablename__ = "settings"
+    key: Mapped[str] = mapped_column(String(64), primary_key=True)
+    value: Mapped[str] = mapped_column(Text)
+
+
 class SkippedRow(Base):
     """A file the indexer could not use, and why."""
 
@@ -141,9 +155,38 @@ class SkippedRow(Base):
     at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
 
 
-def default_db_url(data_dir: str | Path) -> str:
-    """SQLite file inside the data directory."""
+def embedded_db_url(data_dir: str | Path) -> str:
+    """The embedded default: a SQLite file inside the data directory."""
+    return _sqlite_url(data_dir)
+
+
+def _sqlite_url(data_dir: str | Path) -> str:
     return f"sqlite:///{Path(data_dir).resolve() / DB_FILE}"
+
+
+def default_db_url(data_dir: str | Path) -> str:
+    """The data dir's database: the URL it remembers (see `remember_db_url`), else its SQLite file."""
+    try:
+        remembered = (Path(data_dir) / DB_URL_FILE).read_text().strip()
+    except OSError:
+        remembered = ""
+    return remembered or embedded_db_url(data_dir)
+
+
+def remember_db_url(data_dir: str | Path, url: str) -> None:
+    """Record a server URL in the data dir (mode 0600), so `serve`/`check`/`search` find it without --db-url."""
+    path = Path(data_dir) / DB_URL_FILE
+    if url == _sqlite_url(data_dir) or (path.exists() and path.read_text().strip() == url):
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(url + "\n")
+
+
+def has_database(data_dir: str | Path) -> bool:
+    """True when the data dir has an embedded DB file or remembers a server URL."""
+    return (Path(data_dir) / DB_FILE).exists() or (Path(data_dir) / DB_URL_FILE).exists()
 
 
 def _sqlite_pragmas(dbapi_conn, _record) -> None:
@@ -156,13 +199,86 @@ def _sqlite_pragmas(dbapi_conn, _record) -> None:
 
 
 def open_db(url: str, create: bool = True) -> Engine:
-    """Connect to the metadata DB (SQLite by default, any SQLAlchemy URL) and create missing tables."""
-    engine = create_engine(url)
+    """Connect to the metadata DB (SQLite by default, any SQLAlchemy URL); create or upgrade its schema.
+
+    With `create=False` (readers) the schema is only checked: an old one is a clear error, never a
+    silent upgrade under a running indexer.
+    """
+    from .migrations import ensure_schema
+
+    try:
+        engine = create_engine(url)
+    except (ArgumentError, ImportError, ModuleNotFoundError) as exc:
+        raise DataError(f"cannot use database URL {redact_url(url)!r}: {exc}. Server databases need their "
+                        "driver, e.g. `pip install 'radlens[postgres]'` for postgresql+psycopg://...") from None
     if engine.dialect.name == "sqlite":
         event.listen(engine, "connect", _sqlite_pragmas)
-    if create:
-        Base.metadata.create_all(engine)
+    try:
+        ensure_schema(engine, upgrade=create)
+    except BaseException:
+        engine.dispose()
+        raise
     return engine
+
+
+def redact_url(url: str) -> str:
+    """A database URL with its password hidden, for messages."""
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except ArgumentError:
+        return "<unparsable URL>"
+
+
+def upsert(session: Session, model, rows: list[dict], keys: tuple[str, ...], returning=None, update: bool = True):
+    """INSERT ... ON CONFLICT (keys) DO UPDATE: safe when several writers meet the same row at once.
+
+    PostgreSQL and SQLite use the native statement; other databases fall back to `Session.merge`
+    (correct for one writer at a time). `update=False` keeps an existing row as it is.
+    """
+    if not rows:
+        return None
+    dialect = session.get_bind().dialect.name
+    if dialect not in ("postgresql", "sqlite"):
+        for row in rows:
+            if update or session.get(model, tuple(row[k] for k in keys)) is None:
+                session.merge(model(**row))
+        session.flush()
+        return None
+    if dialect == "postgresql":
+        from sqlalchemy.dialects.postgresql import insert
+    else:
+        from sqlalchemy.dialects.sqlite import insert
+    stmt = insert(model).values(rows)
+    changing = [c for c in rows[0] if c not in keys and c != "added_at"] if update else []
+    stmt = stmt.on_conflict_do_update(index_elements=list(keys), set_={c: stmt.excluded[c] for c in changing}) \
+        if changing else stmt.on_conflict_do_nothing(index_elements=list(keys))
+    if returning is not None:
+        return session.execute(stmt.returning(returning)).scalars().all()
+    return session.execute(stmt)
+
+
+def next_revision(session: Session, generation: int) -> int:
+    """Take the generation's next write revision; the row stays locked until the transaction ends,
+    so concurrent writers commit their chunks in revision order."""
+    taken = session.execute(update(Generation).where(Generation.id == generation)
+                            .values(next_revision=Generation.next_revision + 1)
+                            .returning(Generation.next_revision)).scalar_one()
+    return taken - 1
+
+
+@contextmanager
+def writers_lock(session: Session):
+    """Serialise generation bookkeeping (create, activate) between processes writing one server DB.
+
+    A transaction-scoped advisory lock on PostgreSQL; SQLite serialises writers by itself and one
+    data dir admits one `radlens index` at a time.
+    """
+    if session.get_bind().dialect.name == "postgresql":
+        session.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": _WRITERS_LOCK})
+    yield
+
+
+_WRITERS_LOCK = 0x5261644C  # "RadL"
 
 
 def active_generation(session: Session) -> Generation | None:

@@ -10,6 +10,7 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never touch the network
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+from tests.databases import ADMIN_URL, PostgresBackend, SqliteBackend  # noqa: E402
 from tests.imagegen import COLOURS, SHAPES, gray_image, shape_image  # noqa: E402
 from tests.tinymodel import save_tiny_clip  # noqa: E402
 
@@ -56,14 +57,32 @@ def write_manifest(image_dir: Path) -> Path:
     return manifest
 
 
+@pytest.fixture(scope="session", params=["sqlite", pytest.param(
+    "postgresql", marks=pytest.mark.skipif(not ADMIN_URL, reason="RADLENS_TEST_DB_URL not set"))])
+def backend(request):
+    """The metadata database the indexer, engine and web tests run on (see tests/databases.py)."""
+    b = SqliteBackend() if request.param == "sqlite" else PostgresBackend(ADMIN_URL)
+    yield b
+    b.close()
+
+
+@pytest.fixture
+def on_backend(backend, monkeypatch):
+    """Data dirs this test makes keep their metadata on `backend` (the user's `--db-url`, remembered)."""
+    import indexer.store
+
+    monkeypatch.setattr(indexer.store, "embedded_db_url", backend.url_for)
+    return backend
+
+
 @pytest.fixture(scope="session")
-def indexed_dir(tmp_path_factory, image_dir, tiny_encoder) -> Path:
+def indexed_dir(tmp_path_factory, image_dir, tiny_encoder, backend) -> Path:
     from indexer.pipeline import IndexJob, run_index
 
     data = tmp_path_factory.mktemp("data")
     manifest = write_manifest(image_dir)
-    run_index(IndexJob(sources=[str(image_dir), str(manifest)], data_dir=data, workers=0, progress=False),
-              tiny_encoder)
+    run_index(IndexJob(sources=[str(image_dir), str(manifest)], data_dir=data, db_url=backend.url_for(data),
+                       workers=0, progress=False), tiny_encoder)
     return data
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import sqlite3
 
 import numpy as np
 import pytest
@@ -13,6 +12,8 @@ from cxrmodel.charts import category_heatmap, category_matrix, summary_card
 from cxrmodel.prompts import CATEGORIES, PATHOLOGIES, LabelConfig
 from cxrmodel.report import compose_report, templates, to_markdown
 from cxrmodel.zeroshot import LabelScore
+from indexer.store import default_db_url
+from tests.databases import dump_database, fetch
 from tests.imagegen import gray_image, shape_image, write_dicom
 
 WORDS = ["a chest x-ray", "lateral lumbar spine radiograph", "axial ct of the chest", "mri of the brain with a tumour",
@@ -79,10 +80,9 @@ def test_indexing_stores_not_applicable_without_scores_and_filters_skip_them(tmp
     data = tmp_path / "data"
     run_index(IndexJob(sources=[str(src), str(tmp_path / "m.csv")], data_dir=data, workers=0, progress=False),
               tiny_encoder)
-    con = sqlite3.connect(data / "radlens.db")
-    rows = dict(con.execute("select i.path, a.applicable from images i join applicability a on a.image_id = i.id"))
-    scored = {r[0] for r in con.execute("select distinct i.path from images i join scores s on s.image_id = i.id")}
-    con.close()
+    url = default_db_url(data)
+    rows = dict(fetch(url, "select i.path, a.applicable from images i join applicability a on a.image_id = i.id"))
+    scored = {r[0] for r in fetch(url, "select distinct i.path from images i join scores s on s.image_id = i.id")}
     by_name = {k.rsplit("/", 1)[-1]: v for k, v in rows.items()}
     assert by_name["ct.dcm"] == 0 and by_name["mri.dcm"] == 0 and by_name["cxr.dcm"] == 1
     assert {s.rsplit("/", 1)[-1] for s in scored} <= {n for n, v in by_name.items() if v}
@@ -180,7 +180,7 @@ def test_priors_in_date_order_with_changes_and_no_raw_key(tmp_path, tiny_encoder
     page = client.get(f"/image/{s0}")
     assert api.status_code == 200 and len(api.json["studies"]) == 3
     assert page.status_code == 200 and b"Studies of this patient" in page.data
-    dump = "\n".join(sqlite3.connect(data / "radlens.db").iterdump())
+    dump = dump_database(default_db_url(data))
     for text in (dump, api.get_data(as_text=True), page.get_data(as_text=True)):
         assert "MRN-0042" not in text and "SECRET" not in text
     assert (data / "patient-key.salt").stat().st_mode & 0o077 == 0

@@ -15,6 +15,8 @@ from cxrmodel.report import text_for, to_json, to_markdown, to_pdf
 from indexer.store import EmbeddingRow, ImageRow, ScoreRow, default_db_url, open_db
 from tests.imagegen import shape_image
 
+pytestmark = pytest.mark.usefixtures("on_backend")  # SQLite, and PostgreSQL when RADLENS_TEST_DB_URL is set
+
 
 def _all_vectors(data):
     db = open_db(default_db_url(data))

@@ -8,7 +8,6 @@ and the served index must be unchanged afterwards.
 from __future__ import annotations
 
 import io
-import sqlite3
 import struct
 import zlib
 from pathlib import Path
@@ -22,6 +21,7 @@ from cxrmodel.errors import DataError, ImageDecodeError
 from cxrmodel.images import ImageLimits, decode_bytes
 from indexer.check import check_data_dir
 from indexer.store import default_db_url
+from tests.databases import dump_database, fetch
 from tests.imagegen import gray_folder, gray_image, png_bytes, shape_image, write_dicom
 
 def fuzz(examples: int):
@@ -89,11 +89,7 @@ def test_fuzz_decoding_gives_a_decoded_image_or_the_one_error(data, name):
 
 
 def _ids(data_dir):
-    con = sqlite3.connect(data_dir / "radlens.db")
-    try:
-        return con.execute("select image_id, revision from embeddings order by image_id").fetchall()
-    finally:
-        con.close()
+    return fetch(default_db_url(data_dir), "select image_id, revision from embeddings order by image_id")
 
 
 @fuzz(150)
@@ -184,7 +180,7 @@ def test_dicom_patient_identity_never_leaves_the_file(tmp_path, tiny_encoder):
     outputs.append(client.post("/api/label", data={"image": (io.BytesIO((src / "patient.dcm").read_bytes()),
                                                              "p.dcm")}, content_type="multipart/form-data")
                    .get_data(as_text=True))
-    outputs.append("\n".join(sqlite3.connect(data / "radlens.db").iterdump()))
+    outputs.append(dump_database(default_db_url(data)))
     for text in outputs:
         for secret in ("DOE", "JANE", "PHI-123456", "19700101"):
             assert secret not in text

@@ -12,6 +12,8 @@ from PIL import Image
 from tests.imagegen import png_bytes, shape_image, write_dicom
 from web import ServeConfig, create_app
 
+pytestmark = pytest.mark.usefixtures("on_backend")  # SQLite, and PostgreSQL when RADLENS_TEST_DB_URL is set
+
 
 def _upload(data: bytes, name: str = "x.png", **fields):
     return {"image": (io.BytesIO(data), name), **fields}

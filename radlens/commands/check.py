@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 
 from cxrmodel.errors import DataError
 
@@ -18,9 +17,9 @@ def register(sub) -> None:
 
 def run(args) -> int:
     from indexer.check import check_data_dir
-    from indexer.store import DB_FILE, default_db_url
+    from indexer.store import default_db_url, has_database
 
-    if args.db_url is None and not (Path(args.data_dir) / DB_FILE).exists():
+    if args.db_url is None and not has_database(args.data_dir):
         raise DataError(f"no RadLens index in {args.data_dir}")
     report = check_data_dir(args.data_dir, args.db_url or default_db_url(args.data_dir))
     for line in report.lines():

@@ -13,7 +13,9 @@ from indexer.pipeline import DEFAULT_DATA_DIR
 def add_data_dir(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data-dir", type=Path, default=Path(DEFAULT_DATA_DIR),
                    help=f"directory holding radlens.db and the FAISS files (default ./{DEFAULT_DATA_DIR})")
-    p.add_argument("--db-url", default=None, help="SQLAlchemy URL of the metadata DB (default: SQLite in --data-dir)")
+    p.add_argument("--db-url", default=None,
+                   help="SQLAlchemy URL of the metadata DB, e.g. postgresql+psycopg://user@host/db (default: the URL "
+                        "the data dir remembers from its first --db-url, else SQLite in --data-dir)")
 
 
 def add_model(p: argparse.ArgumentParser, adapter: bool = True) -> None:

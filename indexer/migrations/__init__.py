@@ -1,0 +1,94 @@
+"""Schema creation and upgrades (Alembic), run by the project itself when a database is opened.
+
+Writers (`radlens index`) upgrade an old schema in place; readers (`serve`, `check`) only check it.
+Two processes opening a fresh database at once are serialised (an advisory lock on PostgreSQL, a
+file lock beside a SQLite file), so the schema is created exactly once.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import zlib
+from contextlib import contextmanager
+from pathlib import Path
+
+from alembic import command
+from alembic.config import Config
+from alembic.runtime.migration import MigrationContext
+from alembic.script import ScriptDirectory
+from sqlalchemy import inspect, text
+from sqlalchemy.engine import Connection, Engine
+
+from cxrmodel.errors import DataError
+
+BASELINE = "0001"  # the schema databases made before migrations existed have
+_LOCK_KEY = zlib.crc32(b"radlens-schema")
+
+
+def alembic_config() -> Config:
+    """Alembic configuration pointing at this package's scripts."""
+    config = Config()
+    config.set_main_option("script_location", str(Path(__file__).parent))
+    return config
+
+
+def head_revision() -> str:
+    """The schema revision this version of RadLens writes."""
+    return ScriptDirectory.from_config(alembic_config()).get_current_head()
+
+
+def current_revision(conn: Connection) -> str | None:
+    """The revision a database is at (None: never migrated)."""
+    return MigrationContext.configure(conn).get_current_revision()
+
+
+def ensure_schema(engine: Engine, upgrade: bool = True) -> None:
+    """Create or upgrade the schema to head (`upgrade`), or check that it is there."""
+    head = head_revision()
+    with engine.connect() as conn:
+        current = current_revision(conn)
+        populated = inspect(conn).has_table("images")
+    if current == head:
+        return
+    if not upgrade:
+        if populated:
+            raise DataError(f"this database's schema is at revision {current or 'pre-' + BASELINE}, this RadLens "
+                            f"needs {head}: run `radlens index` once to upgrade it")
+        return
+    with _schema_lock(engine) as conn:
+        if current_revision(conn) is None and inspect(conn).has_table("images"):
+            _run(conn, command.stamp, BASELINE)  # made by create_all before migrations existed
+        _run(conn, command.upgrade, "head")
+
+
+def _run(conn: Connection, fn, target: str) -> None:
+    config = alembic_config()
+    config.attributes["connection"] = conn
+    fn(config, target)
+    conn.commit()
+
+
+@contextmanager
+def _schema_lock(engine: Engine):
+    """A connection holding the one-migrator-at-a-time lock of this database."""
+    if engine.dialect.name == "postgresql":
+        with engine.connect() as conn:
+            conn.execute(text("SELECT pg_advisory_lock(:k)"), {"k": _LOCK_KEY})
+            conn.commit()
+            try:
+                yield conn
+            finally:
+                conn.execute(text("SELECT pg_advisory_unlock(:k)"), {"k": _LOCK_KEY})
+                conn.commit()
+        return
+    database = engine.url.database if engine.dialect.name == "sqlite" else None
+    if not database or database == ":memory:":
+        with engine.connect() as conn:
+            yield conn
+        return
+    with open(f"{database}.migrate-lock", "w") as lock, engine.connect() as conn:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield conn
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)

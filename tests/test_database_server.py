@@ -1,0 +1,99 @@
+"""Schema migrations (Alembic) and several writers on one database server."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from sqlalchemy import create_engine, inspect
+
+from cxrmodel.errors import DataError
+from indexer.check import check_data_dir
+from indexer.metadata import SALT_FILE, data_dir_salt
+from indexer.migrations import current_revision, head_revision
+from indexer.pipeline import IndexJob, run_index
+from indexer.store import Base, default_db_url, open_db
+from tests.databases import fetch
+from tests.imagegen import gray_folder
+
+pytestmark = pytest.mark.usefixtures("on_backend")
+
+
+def test_migrations_create_exactly_the_models_schema(tmp_path):
+    from alembic.autogenerate import compare_metadata
+    from alembic.migration import MigrationContext
+
+    (tmp_path / "d").mkdir()
+    db = open_db(default_db_url(tmp_path / "d"))
+    with db.connect() as conn:
+        assert current_revision(conn) == head_revision()
+        assert compare_metadata(MigrationContext.configure(conn), Base.metadata) == []
+    db.dispose()
+
+
+def test_a_database_from_before_migrations_is_upgraded_by_the_indexer_and_refused_by_readers(tmp_path, tiny_encoder):
+    (tmp_path / "d").mkdir()
+    url = default_db_url(tmp_path / "d")
+    old = create_engine(url)
+    Base.metadata.create_all(old, tables=[t for t in Base.metadata.sorted_tables if t.name != "settings"])
+    old.dispose()
+    with pytest.raises(DataError, match="run `radlens index` once to upgrade"):
+        open_db(url, create=False)
+    summary = run_index(IndexJob(sources=[str(gray_folder(tmp_path / "src", 3))], data_dir=tmp_path / "d",
+                                 workers=0, progress=False), tiny_encoder)
+    assert summary.added == 3
+    db = open_db(url, create=False)
+    with db.connect() as conn:
+        assert current_revision(conn) == head_revision() and inspect(conn).has_table("settings")
+    db.dispose()
+
+
+def test_a_second_data_dir_with_another_salt_is_refused(tmp_path, tiny_encoder):
+    src = gray_folder(tmp_path / "src", 2)
+    url = default_db_url(tmp_path / "a")
+    run_index(IndexJob(sources=[str(src)], data_dir=tmp_path / "a", workers=0, progress=False), tiny_encoder)
+    with pytest.raises(DataError, match=f"copy {SALT_FILE}"):
+        run_index(IndexJob(sources=[str(src)], data_dir=tmp_path / "b", db_url=url, workers=0, progress=False),
+                  tiny_encoder)
+    shutil.copy(tmp_path / "a" / SALT_FILE, tmp_path / "b" / SALT_FILE)
+    assert run_index(IndexJob(sources=[str(src)], data_dir=tmp_path / "b", db_url=url, workers=0,
+                              progress=False), tiny_encoder).unchanged == 2
+
+
+@pytest.mark.slow
+def test_two_index_runs_at_once_on_one_server_store_every_row_exactly_once(tmp_path, tiny_model_dir, on_backend):
+    if on_backend.name == "sqlite":
+        pytest.skip("concurrent writers are a database-server feature (SQLite has one writer; one run per data dir)")
+    shared = gray_folder(tmp_path / "shared", 40, prefix="s")
+    only_a = gray_folder(tmp_path / "only_a", 30, prefix="a")
+    only_b = gray_folder(tmp_path / "only_b", 30, prefix="b")
+    url = default_db_url(tmp_path / "a")
+    data_dir_salt(tmp_path / "a")
+    (tmp_path / "b").mkdir()
+    shutil.copy(tmp_path / "a" / SALT_FILE, tmp_path / "b" / SALT_FILE)
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+
+    def cmd(data, *sources):
+        return [sys.executable, "-m", "radlens", "index", *map(str, sources), "--data-dir", str(data),
+                "--db-url", url, "--model", str(tiny_model_dir), "--precision", "fp32", "--workers", "0",
+                "--chunk-size", "4", "--no-progress"]
+    runs = [subprocess.Popen(cmd(tmp_path / "a", shared, only_a), env=env, stderr=subprocess.PIPE, text=True),
+            subprocess.Popen(cmd(tmp_path / "b", only_b, shared), env=env, stderr=subprocess.PIPE, text=True)]
+    for run in runs:
+        _, err = run.communicate(timeout=300)
+        assert run.returncode == 0, err
+    paths = [p for (p,) in fetch(url, "select path from images")]
+    assert len(paths) == len(set(paths)) == 100
+    assert fetch(url, "select count(*) from generations") == [(1,)]
+    assert fetch(url, "select count(*), count(distinct image_id) from embeddings") == [(100, 100)]
+    assert fetch(url, "select count(*) from applicability") == [(100,)]
+    assert fetch(url, "select count(*) from (select image_id, pathology from scores group by image_id, pathology "
+                      "having count(*) > 1) d") == [(0,)]
+    for data in (tmp_path / "a", tmp_path / "b"):  # a data dir's FAISS file catches up with the other's rows
+        subprocess.run(cmd(data, shared), env=env, check=True, capture_output=True)
+        report = check_data_dir(data, url)
+        assert report.ok and report.vectors == 100, report.lines()
