@@ -203,6 +203,7 @@ class Encoder:
         self._lock = threading.Lock()
         self.max_text_tokens = _max_text_tokens(model, tokenizer)
         self.cache_dir: Path | None = None  # where derived text embeddings (prompt banks) may be kept
+        self.config: EncoderConfig | None = None  # set by load_encoder
 
     @property
     def dim(self) -> int:
@@ -318,5 +319,7 @@ def load_encoder(config: EncoderConfig) -> Encoder:
 
     local = Path(resolve_alias(config.model)).expanduser()
     name = str(local.resolve()) if local.is_dir() else config.model
-    return Encoder(model, tokenizer, preprocess, model_name=name, adapter=adapter,
-                   device=device, dtype=dtype, batch_size=config.batch_size)
+    encoder = Encoder(model, tokenizer, preprocess, model_name=name, adapter=adapter,
+                      device=device, dtype=dtype, batch_size=config.batch_size)
+    encoder.config = config  # so that other processes (e.g. Ray actors) can load the same encoder
+    return encoder

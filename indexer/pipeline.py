@@ -14,6 +14,7 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 from sqlalchemy import delete, select, update
@@ -25,12 +26,16 @@ from cxrmodel.prompts import LabelConfig
 from cxrmodel.applicability import decide
 from cxrmodel.zeroshot import prompt_bank, score_vectors
 
-from .metadata import data_dir_salt, row_fields
+from .metadata import check_salt, data_dir_salt, row_fields
 from .prepare import Prepared, PrepareTask, prepare_all
 from .sources import ManifestProblem, SourceRecord, collect
 from .store import (DecisionRow, EmbeddingRow, Generation, ImageRow, ScoreRow, SkippedRow, active_generation,
-                    default_db_url, open_db, utcnow, vector_to_bytes)
+                    default_db_url, next_revision, open_db, remember_db_url, upsert, utcnow, vector_to_bytes,
+                    writers_lock)
 from .vectors import IndexConfig, remove_generation_files, sync_generation
+
+if TYPE_CHECKING:
+    from .ray_engine import RayConfig
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +63,8 @@ class IndexJob:
     limits: ImageLimits = field(default_factory=ImageLimits)
     labels: LabelConfig = field(default_factory=LabelConfig)
     progress: bool = True
+    engine: str = "local"  # or "ray": decode and embed on a Ray cluster (indexer/ray_engine.py)
+    ray: "RayConfig | None" = None
 
     @property
     def url(self) -> str:
@@ -91,6 +98,11 @@ class IndexSummary:
 
 def target_generation(session: Session, identity: dict, rebuild: bool) -> Generation:
     """The generation this run writes to: the active one, a resumable unfinished one, or a new one."""
+    with writers_lock(session):
+        return _target_generation(session, identity, rebuild)
+
+
+def _target_generation(session: Session, identity: dict, rebuild: bool) -> Generation:
     active = active_generation(session)
     if active is not None and not rebuild:
         if not active.matches(identity):
@@ -150,12 +162,16 @@ def _run_index(job: IndexJob, encoder) -> IndexSummary:
     problems: list[ManifestProblem] = []
     records = collect(job.sources, problems, exclude=job.data_dir)
     db = open_db(job.url)
+    if job.db_url:
+        remember_db_url(job.data_dir, job.db_url)
     summary = IndexSummary()
     try:
+        salt = data_dir_salt(job.data_dir)
+        check_salt(db, salt, job.data_dir)
         with Session(db) as session, session.begin():
             gen = target_generation(session, encoder.identity, job.rebuild)
             gen_id = gen.id
-        writer = ChunkWriter(db, gen_id, encoder, job.labels, data_dir_salt(job.data_dir))
+        writer = ChunkWriter(db, gen_id, encoder, job.labels, salt)
         writer.record_problems(problems, summary)
         tasks = writer.plan(records, summary)
         _embed(job, encoder, writer, tasks, summary)
@@ -179,6 +195,13 @@ def _embed(job: IndexJob, encoder, writer: "ChunkWriter", tasks: list[PrepareTas
     t0 = time.perf_counter()
     chunk: list[Prepared] = []
     try:
+        if job.engine == "ray":
+            from .ray_engine import RayConfig, embed_with_ray
+
+            for chunk, vectors in embed_with_ray(tasks, encoder, job.limits, job.ray or RayConfig(), job.chunk_size):
+                writer.write_embedded(chunk, vectors, summary)
+                bar.update(len(chunk))
+            return
         for item in prepare_all(tasks, encoder.preprocess, job.limits, job.workers):
             chunk.append(item)
             if len(chunk) >= job.chunk_size:
@@ -211,9 +234,8 @@ class ChunkWriter:
         if not problems:
             return
         with Session(self.db) as session, session.begin():
-            for p in problems:
-                session.merge(SkippedRow(path=f"{p.source}:{p.line}", kind="manifest", reason=p.reason,
-                                         at=utcnow()))
+            upsert(session, SkippedRow, [dict(path=f"{p.source}:{p.line}", kind="manifest", reason=p.reason,
+                                              at=utcnow()) for p in problems], keys=("path",))
         summary.skipped += len(problems)
 
     def plan(self, records: list[SourceRecord], summary: IndexSummary) -> list[PrepareTask]:
@@ -235,7 +257,8 @@ class ChunkWriter:
                 try:
                     st = os.stat(path)
                 except OSError:
-                    session.merge(SkippedRow(path=path, reason="file not found", at=utcnow()))
+                    upsert(session, SkippedRow, [dict(path=path, kind="file", reason="file not found", at=utcnow())],
+                           keys=("path",))
                     summary.skipped += 1
                     continue
                 if known and known[0] in self.embedded_ids and (known[2], known[3]) == (st.st_size, st.st_mtime_ns):
@@ -263,17 +286,21 @@ class ChunkWriter:
         fresh = [p for p in chunk if p.error is None and not p.unchanged]
         vectors = self.encoder.encode_pixels(self.encoder.preprocess.batch_tensor([p.pixels for p in fresh])) \
             if fresh else np.zeros((0, self.encoder.dim), dtype=np.float32)
+        self.write_embedded(chunk, vectors, summary)
+
+    def write_embedded(self, chunk: list[Prepared], vectors: np.ndarray, summary: IndexSummary) -> None:
+        """Commit a chunk whose fresh (decoded, new or changed) items were embedded elsewhere, in order."""
+        fresh = [p for p in chunk if p.error is None and not p.unchanged]
         probs, spread = score_vectors(vectors, prompt_bank(self.encoder, self.labels), self.labels) \
             if fresh else (None, None)
         decisions = decide(self.encoder, vectors, [self._metadata(p) for p in fresh], self.labels.applicability)
         pathologies = list(self.labels.pathologies)
         with Session(self.db) as session, session.begin():
-            gen = session.get(Generation, self.generation)
-            revision = gen.next_revision
-            gen.next_revision = revision + 1
+            revision = next_revision(session, self.generation)
             for item in chunk:
                 if item.error is not None:
-                    session.merge(SkippedRow(path=item.path, reason=item.error, at=utcnow()))
+                    upsert(session, SkippedRow, [dict(path=item.path, kind="file", reason=item.error, at=utcnow())],
+                           keys=("path",))
                     summary.skipped += 1
                 elif item.unchanged:
                     fields = {k: v for k, v in row_fields(self.metadata.get(item.path, {}), self.salt).items()
@@ -283,18 +310,21 @@ class ChunkWriter:
                     summary.unchanged += 1
             for i, item in enumerate(fresh):
                 image_id = self._upsert_image(session, item, summary)
-                session.merge(EmbeddingRow(generation_id=self.generation, image_id=image_id, revision=revision,
-                                           vector=vector_to_bytes(vectors[i])))
-                session.execute(delete(ScoreRow).where(ScoreRow.generation_id == self.generation,
-                                                       ScoreRow.image_id == image_id))
-                session.merge(DecisionRow(generation_id=self.generation, image_id=image_id,
-                                          applicable=decisions[i].applicable, source=decisions[i].source,
-                                          confidence=decisions[i].confidence, reason=decisions[i].reason,
-                                          view=decisions[i].view, kind=decisions[i].kind))
-                if decisions[i].applicable:  # images the 14 labels do not apply to get no scores at all
-                    session.add_all([ScoreRow(generation_id=self.generation, image_id=image_id, pathology=p,
-                                              probability=float(probs[i, j]), uncertainty=float(spread[i, j]))
-                                     for j, p in enumerate(pathologies)])
+                key = dict(generation_id=self.generation, image_id=image_id)
+                upsert(session, EmbeddingRow, [dict(**key, revision=revision, vector=vector_to_bytes(vectors[i]))],
+                       keys=tuple(key))
+                d = decisions[i]
+                upsert(session, DecisionRow, [dict(**key, applicable=d.applicable, source=d.source,
+                                                   confidence=d.confidence, reason=d.reason, view=d.view,
+                                                   kind=d.kind)], keys=tuple(key))
+                if d.applicable:  # images the 14 labels do not apply to get no scores at all
+                    upsert(session, ScoreRow, [dict(**key, pathology=p, probability=float(probs[i, j]),
+                                                    uncertainty=float(spread[i, j]))
+                                               for j, p in enumerate(pathologies)],
+                           keys=("generation_id", "image_id", "pathology"))
+                else:
+                    session.execute(delete(ScoreRow).where(ScoreRow.generation_id == self.generation,
+                                                           ScoreRow.image_id == image_id))
                 session.execute(delete(SkippedRow).where(SkippedRow.path == item.path))
         summary.embedded += len(fresh)
 
@@ -308,18 +338,18 @@ class ChunkWriter:
                       width=item.width, height=item.height, format=item.format, updated_at=utcnow(),
                       **row_fields(meta, self.salt))
         known = self.known.get(item.path)
+        image_id = upsert(session, ImageRow, [dict(path=item.path, added_at=utcnow(), **fields)], keys=("path",),
+                          returning=ImageRow.id)
+        if image_id is None:  # a database without native upserts
+            image_id = [session.scalar(select(ImageRow.id).where(ImageRow.path == item.path))]
         if known is None:
-            row = ImageRow(path=item.path, added_at=utcnow(), **fields)
-            session.add(row)
-            session.flush()
             summary.added += 1
-            return row.id
-        session.execute(update(ImageRow).where(ImageRow.id == known[0]).values(**fields))
+            return image_id[0]
         if known[1] == item.content_hash and known[0] not in self.embedded_ids:
             summary.added += 1  # same file, first time in this generation
         else:
             summary.updated += 1
-        return known[0]
+        return image_id[0]
 
 
 def prune_missing(db) -> int:
@@ -342,7 +372,7 @@ def prune_missing(db) -> int:
 
 def activate(db, data_dir: Path, generation: int) -> None:
     """Make `generation` the served one and retire the others (rows and files)."""
-    with Session(db) as session, session.begin():
+    with Session(db) as session, session.begin(), writers_lock(session):
         gen = session.get(Generation, generation)
         if gen.active:
             return

@@ -22,6 +22,12 @@ def register(sub) -> None:
                    help="auto (exact below --exact-below vectors, IVF above), Flat, IVF or a faiss factory string")
     p.add_argument("--exact-below", type=positive_int, default=100_000, help="auto's switch to an approximate index")
     p.add_argument("--labels", default=None, help="JSON file overriding prompts, weights and thresholds")
+    p.add_argument("--engine", choices=("local", "ray"), default="local",
+                   help="local: decode processes + one model here; ray: decode tasks and embedding actors on Ray "
+                        "(pip install 'radlens[ray]')")
+    p.add_argument("--ray-address", default=None, help="Ray cluster to join (host:port or auto; default: a local Ray)")
+    p.add_argument("--ray-actors", type=positive_int, default=1, help="embedding actors (one model each)")
+    p.add_argument("--ray-gpus-per-actor", type=float, default=0.0, help="GPUs per embedding actor")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(run=run)
 
@@ -32,12 +38,19 @@ def run(args) -> int:
     from indexer.pipeline import IndexJob, default_workers, run_index
     from indexer.vectors import IndexConfig
 
+    ray = None
+    if args.engine == "ray":
+        from indexer.ray_engine import RayConfig, require_ray
+
+        require_ray()  # before the slow model load
+        ray = RayConfig(address=args.ray_address, actors=args.ray_actors, gpus_per_actor=args.ray_gpus_per_actor)
+
     job = IndexJob(sources=args.sources, data_dir=Path(args.data_dir), db_url=args.db_url, rebuild=args.rebuild,
                    prune=args.prune, workers=default_workers() if args.workers is None else args.workers,
                    chunk_size=args.chunk_size, index=IndexConfig(index_type=args.index_type,
                                                                  exact_below=args.exact_below),
                    labels=load_label_config(args.labels),  # a bad file fails before the slow model load
-                   progress=not args.no_progress)
+                   progress=not args.no_progress, engine=args.engine, ray=ray)
     encoder = load_encoder(encoder_config(args))
     summary = run_index(job, encoder)
     print(summary.line())
