@@ -289,67 +289,76 @@ class ChunkWriter:
         self.write_embedded(chunk, vectors, summary)
 
     def write_embedded(self, chunk: list[Prepared], vectors: np.ndarray, summary: IndexSummary) -> None:
-        """Commit a chunk whose fresh (decoded, new or changed) items were embedded elsewhere, in order."""
-        fresh = [p for p in chunk if p.error is None and not p.unchanged]
+        """Commit a chunk whose fresh (decoded, new or changed) items were embedded elsewhere, in order.
+
+        One multi-row statement per table (not per image): the writer is the one serial stage of a
+        distributed run, so its rate caps the whole cluster's (see bench/writer.py).
+        """
+        # vector n belongs to chunk[fresh_at[n]]
+        fresh_at = [i for i, p in enumerate(chunk) if p.error is None and not p.unchanged]
+        picked = sorted({chunk[i].path: n for n, i in enumerate(fresh_at)}.values())  # a path twice: the last wins
+        fresh = [chunk[fresh_at[n]] for n in picked]
+        vectors = np.asarray(vectors, dtype=np.float32).reshape(len(fresh_at), self.encoder.dim)[picked]
         probs, spread = score_vectors(vectors, prompt_bank(self.encoder, self.labels), self.labels) \
             if fresh else (None, None)
         decisions = decide(self.encoder, vectors, [self._metadata(p) for p in fresh], self.labels.applicability)
         pathologies = list(self.labels.pathologies)
+        now = utcnow()
         with Session(self.db) as session, session.begin():
             revision = next_revision(session, self.generation)
+            errors = {item.path: item.error for item in chunk if item.error is not None}
+            upsert(session, SkippedRow, [dict(path=p, kind="file", reason=r, at=now) for p, r in errors.items()],
+                   keys=("path",))
+            summary.skipped += len(errors)
             for item in chunk:
-                if item.error is not None:
-                    upsert(session, SkippedRow, [dict(path=item.path, kind="file", reason=item.error, at=utcnow())],
-                           keys=("path",))
-                    summary.skipped += 1
-                elif item.unchanged:
+                if item.error is None and item.unchanged:
                     fields = {k: v for k, v in row_fields(self.metadata.get(item.path, {}), self.salt).items()
                               if v is not None}
                     session.execute(update(ImageRow).where(ImageRow.path == item.path)
                                     .values(mtime_ns=item.mtime_ns, size_bytes=item.size_bytes, **fields))
                     summary.unchanged += 1
-            for i, item in enumerate(fresh):
-                image_id = self._upsert_image(session, item, summary)
-                key = dict(generation_id=self.generation, image_id=image_id)
-                upsert(session, EmbeddingRow, [dict(**key, revision=revision, vector=vector_to_bytes(vectors[i]))],
-                       keys=tuple(key))
-                d = decisions[i]
-                upsert(session, DecisionRow, [dict(**key, applicable=d.applicable, source=d.source,
-                                                   confidence=d.confidence, reason=d.reason, view=d.view,
-                                                   kind=d.kind)], keys=tuple(key))
-                if d.applicable:  # images the 14 labels do not apply to get no scores at all
-                    upsert(session, ScoreRow, [dict(**key, pathology=p, probability=float(probs[i, j]),
-                                                    uncertainty=float(spread[i, j]))
-                                               for j, p in enumerate(pathologies)],
-                           keys=("generation_id", "image_id", "pathology"))
-                else:
-                    session.execute(delete(ScoreRow).where(ScoreRow.generation_id == self.generation,
-                                                           ScoreRow.image_id == image_id))
-                session.execute(delete(SkippedRow).where(SkippedRow.path == item.path))
+            if not fresh:
+                return
+            ids = self._upsert_images(session, fresh, now, summary)
+            keys = [dict(generation_id=self.generation, image_id=ids[item.path]) for item in fresh]
+            upsert(session, EmbeddingRow, [dict(**k, revision=revision, vector=vector_to_bytes(v))
+                                           for k, v in zip(keys, vectors)], keys=("generation_id", "image_id"))
+            upsert(session, DecisionRow, [dict(**k, applicable=d.applicable, source=d.source, confidence=d.confidence,
+                                               reason=d.reason, view=d.view, kind=d.kind)
+                                          for k, d in zip(keys, decisions)], keys=("generation_id", "image_id"))
+            # images the 14 labels do not apply to get no scores at all
+            upsert(session, ScoreRow, [dict(**keys[i], pathology=p, probability=float(probs[i, j]),
+                                            uncertainty=float(spread[i, j]))
+                                       for i, d in enumerate(decisions) if d.applicable
+                                       for j, p in enumerate(pathologies)],
+                   keys=("generation_id", "image_id", "pathology"))
+            unscored = [k["image_id"] for k, d in zip(keys, decisions) if not d.applicable]
+            if unscored:
+                session.execute(delete(ScoreRow).where(ScoreRow.generation_id == self.generation,
+                                                       ScoreRow.image_id.in_(unscored)))
+            session.execute(delete(SkippedRow).where(SkippedRow.path.in_([item.path for item in fresh])))
         summary.embedded += len(fresh)
 
     def _metadata(self, item: Prepared) -> dict:
         """DICOM metadata overlaid by the manifest row's (the manifest wins)."""
         return {**item.metadata, **self.metadata.get(item.path, {})}
 
-    def _upsert_image(self, session: Session, item: Prepared, summary: IndexSummary) -> int:
-        meta = self._metadata(item)
-        fields = dict(content_hash=item.content_hash, size_bytes=item.size_bytes, mtime_ns=item.mtime_ns,
-                      width=item.width, height=item.height, format=item.format, updated_at=utcnow(),
-                      **row_fields(meta, self.salt))
-        known = self.known.get(item.path)
-        image_id = upsert(session, ImageRow, [dict(path=item.path, added_at=utcnow(), **fields)], keys=("path",),
-                          returning=ImageRow.id)
-        if image_id is None:  # a database without native upserts
-            image_id = [session.scalar(select(ImageRow.id).where(ImageRow.path == item.path))]
-        if known is None:
-            summary.added += 1
-            return image_id[0]
-        if known[1] == item.content_hash and known[0] not in self.embedded_ids:
-            summary.added += 1  # same file, first time in this generation
-        else:
-            summary.updated += 1
-        return image_id[0]
+    def _upsert_images(self, session: Session, items: list[Prepared], now, summary: IndexSummary) -> dict[str, int]:
+        """Insert or update the chunk's image rows in one statement; path -> id."""
+        rows = [dict(path=item.path, added_at=now, content_hash=item.content_hash, size_bytes=item.size_bytes,
+                     mtime_ns=item.mtime_ns, width=item.width, height=item.height, format=item.format,
+                     updated_at=now, **row_fields(self._metadata(item), self.salt)) for item in items]
+        returned = upsert(session, ImageRow, rows, keys=("path",), returning=(ImageRow.path, ImageRow.id))
+        if returned is None:  # a database without native upserts
+            returned = session.execute(select(ImageRow.path, ImageRow.id)
+                                       .where(ImageRow.path.in_([r["path"] for r in rows]))).all()
+        for item in items:
+            known = self.known.get(item.path)
+            if known is None or (known[1] == item.content_hash and known[0] not in self.embedded_ids):
+                summary.added += 1  # new, or the same file's first time in this generation
+            else:
+                summary.updated += 1
+        return {path: image_id for path, image_id in returned}
 
 
 def prune_missing(db) -> int:

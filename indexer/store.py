@@ -229,11 +229,13 @@ def redact_url(url: str) -> str:
         return "<unparsable URL>"
 
 
-def upsert(session: Session, model, rows: list[dict], keys: tuple[str, ...], returning=None, update: bool = True):
+def upsert(session: Session, model, rows: list[dict], keys: tuple[str, ...], returning: tuple = None,
+           update: bool = True):
     """INSERT ... ON CONFLICT (keys) DO UPDATE: safe when several writers meet the same row at once.
 
     PostgreSQL and SQLite use the native statement; other databases fall back to `Session.merge`
-    (correct for one writer at a time). `update=False` keeps an existing row as it is.
+    (correct for one writer at a time) and return None. `update=False` keeps an existing row as it is;
+    `returning` columns come back as rows (e.g. the ids of inserted-or-updated rows).
     """
     if not rows:
         return None
@@ -248,13 +250,18 @@ def upsert(session: Session, model, rows: list[dict], keys: tuple[str, ...], ret
         from sqlalchemy.dialects.postgresql import insert
     else:
         from sqlalchemy.dialects.sqlite import insert
-    stmt = insert(model).values(rows)
     changing = [c for c in rows[0] if c not in keys and c != "added_at"] if update else []
-    stmt = stmt.on_conflict_do_update(index_elements=list(keys), set_={c: stmt.excluded[c] for c in changing}) \
-        if changing else stmt.on_conflict_do_nothing(index_elements=list(keys))
-    if returning is not None:
-        return session.execute(stmt.returning(returning)).scalars().all()
-    return session.execute(stmt)
+    per_statement = max(1, 30_000 // len(rows[0]))  # under SQLite's and PostgreSQL's bound-parameter limits
+    returned = []
+    for lo in range(0, len(rows), per_statement):
+        stmt = insert(model).values(rows[lo:lo + per_statement])
+        stmt = stmt.on_conflict_do_update(index_elements=list(keys), set_={c: stmt.excluded[c] for c in changing}) \
+            if changing else stmt.on_conflict_do_nothing(index_elements=list(keys))
+        if returning is None:
+            session.execute(stmt)
+        else:
+            returned += session.execute(stmt.returning(*returning)).all()
+    return returned if returning is not None else None
 
 
 def next_revision(session: Session, generation: int) -> int:
