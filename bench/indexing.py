@@ -75,7 +75,7 @@ def naive_embed(model_dir: Path, paths: list[Path], batch: int = 32) -> tuple[np
 
 
 def radlens_embed(model_dir: Path, paths: list[Path], data_dir: Path, workers: int | None,
-                  precision: str) -> tuple[np.ndarray, float]:
+                  precision: str, engine: str = "local", actors: int = 1) -> tuple[np.ndarray, float]:
     """`radlens index` as a user runs it; returns (vectors in path order, seconds)."""
     from sqlalchemy import select
     from sqlalchemy.orm import Session
@@ -87,8 +87,13 @@ def radlens_embed(model_dir: Path, paths: list[Path], data_dir: Path, workers: i
     if data_dir.exists():
         shutil.rmtree(data_dir)
     encoder = load_encoder(EncoderConfig(model=str(model_dir), precision=precision))
+    ray = None
+    if engine == "ray":
+        from indexer.ray_engine import RayConfig
+
+        ray = RayConfig(actors=actors, cpus_per_actor=1)
     job = IndexJob(sources=[str(paths[0].parent)], data_dir=data_dir, progress=False,
-                   workers=default_workers() if workers is None else workers)
+                   workers=default_workers() if workers is None else workers, engine=engine, ray=ray)
     summary = run_index(job, encoder)
     db = open_db(default_db_url(data_dir))
     with Session(db) as s:
@@ -116,6 +121,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--source", choices=("generated", "corpus"), default="generated",
                         help="generated radiograph-like images, or the shared corpus upscaled to --size")
     parser.add_argument("--out", type=Path, default=Path("bench-out/indexing"))
+    parser.add_argument("--ray-actors", type=int, default=0,
+                        help="also run `radlens index --engine ray` on a local Ray with this many embedding actors")
     args = parser.parse_args(argv)
     model_dir = vit_b32_dir(args.out / "vit-b32")
     paths = make_images(args.out / f"images-{args.size}", args.images, args.size) if args.source == "generated" \
@@ -130,6 +137,11 @@ def main(argv: list[str] | None = None) -> int:
              neighbour_agreement(naive, fp32)],
             ["radlens index (auto: bf16 + decode workers)", len(paths) / ours_s, ours_s, naive_s / ours_s,
              neighbour_agreement(naive, ours)]]
+    if args.ray_actors:
+        on_ray, ray_s = radlens_embed(model_dir, paths, args.out / "data-ray", args.workers, "auto", "ray",
+                                      args.ray_actors)
+        rows.append([f"radlens index --engine ray (local Ray, {args.ray_actors} actor(s), bf16)", len(paths) / ray_s,
+                     ray_s, naive_s / ray_s, neighbour_agreement(naive, on_ray)])
     print(table(["pipeline", "img/s", "seconds", "speed-up", "top-10 agreement"], rows))
     cos = np.sum(naive * ours, axis=1)
     print(f"cosine(naive, radlens bf16) per image: min {cos.min():.4f}, median {np.median(cos):.4f}")

@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import math
 import os
+import sys
+from contextlib import contextmanager
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -169,12 +171,26 @@ def build(stem: Path, dim: int, count: int, factory: str, params: CompressedPara
             list(pool.map(fill_shard, [trained_path] * shards, [str(stem)] * shards, bounds[:-1], bounds[1:],
                           shard_paths, [threads] * shards))
     progress("merging shards")
-    merge_ondisk(index, shard_paths, f"{stem}.ivfdata")
+    with _stdout_to_stderr():
+        merge_ondisk(index, shard_paths, f"{stem}.ivfdata")
     out = Path(f"{stem}.faiss")
     faiss.write_index(index, str(out))
     for path in (trained_path, *shard_paths):
         os.unlink(path)
     return out
+
+
+@contextmanager
+def _stdout_to_stderr():
+    """faiss's on-disk lists print notes on the C stdout; keep a command's stdout for its results."""
+    sys.stdout.flush()
+    saved = os.dup(1)
+    os.dup2(2, 1)
+    try:
+        yield
+    finally:
+        os.dup2(saved, 1)
+        os.close(saved)
 
 
 # -- search ---------------------------------------------------------------------------------------
@@ -190,7 +206,11 @@ class RerankedIndex:
     @classmethod
     def open(cls, faiss_path: Path, stem: Path, nprobe: int, depth: int) -> "RerankedIndex":
         """Memory-map an index written by `build` (its files may have moved together)."""
-        ivf = faiss.read_index(str(faiss_path), faiss.IO_FLAG_ONDISK_SAME_DIR | faiss.IO_FLAG_READ_ONLY)
+        try:  # the lists file where the build wrote it ...
+            ivf = faiss.read_index(str(faiss_path), faiss.IO_FLAG_READ_ONLY)
+        except RuntimeError:  # ... or beside the .faiss file, when the data dir was moved
+            with _stdout_to_stderr():
+                ivf = faiss.read_index(str(faiss_path), faiss.IO_FLAG_ONDISK_SAME_DIR | faiss.IO_FLAG_READ_ONLY)
         return cls(ivf, RowReader(stem), np.load(f"{stem}.ids.npy", mmap_mode="r"), nprobe, depth)
 
     @property

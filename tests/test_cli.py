@@ -43,3 +43,24 @@ def test_missing_model_is_a_one_line_error(tmp_path, capsys):
                  str(tmp_path / "no-model")])
     err = capsys.readouterr().err
     assert code == 1 and "no-model" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("argv, missing, hint", [
+    (["index", "SRC", "--engine", "ray"], "ray", "pip install 'radlens[ray]'"),
+    (["serve", "--workers", "2"], "gunicorn", "pip install 'radlens[serve]'"),
+])
+def test_optional_scale_out_parts_say_how_to_install_them(argv, missing, hint, tmp_path, monkeypatch, capsys):
+    import sys
+
+    monkeypatch.setitem(sys.modules, missing, None)  # as if not installed
+    monkeypatch.chdir(tmp_path)
+    assert main(argv) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("radlens: error:") and hint in err and "Traceback" not in err
+
+
+def test_unusable_database_url_is_a_one_line_error(tmp_path, capsys):
+    assert main(["index", str(tmp_path), "--data-dir", str(tmp_path / "d"), "--model", "radlens-mini",
+                 "--db-url", "nosuchdb://x"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("radlens: error:") and "database URL" in err and "Traceback" not in err

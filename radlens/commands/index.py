@@ -19,8 +19,19 @@ def register(sub) -> None:
     p.add_argument("--workers", type=int, default=None, help="decode processes (default: cores - 1; 0: none)")
     p.add_argument("--chunk-size", type=positive_int, default=256, help="images committed per transaction")
     p.add_argument("--index-type", default="auto",
-                   help="auto (exact below --exact-below vectors, IVF above), Flat, IVF or a faiss factory string")
+                   help="auto (exact below --exact-below vectors, IVF above, IVFPQ from --compress-above), Flat, IVF, "
+                        "IVFPQ or a faiss factory string")
     p.add_argument("--exact-below", type=positive_int, default=100_000, help="auto's switch to an approximate index")
+    p.add_argument("--compress-above", type=positive_int, default=5_000_000,
+                   help="auto's switch to IVFPQ (PQ codes on disk + fp16 re-ranking)")
+    p.add_argument("--nlist", type=positive_int, default=None, help="IVFPQ: lists (default ~sqrt(N))")
+    p.add_argument("--pq-bytes", type=positive_int, default=None, help="IVFPQ: code bytes per vector (default dim/8)")
+    p.add_argument("--nprobe", type=positive_int, default=None,
+                   help="IVF/IVFPQ: lists probed per query (default: tuned to --target-recall)")
+    p.add_argument("--rerank-depth", type=positive_int, default=None,
+                   help="IVFPQ: candidates re-scored exactly per query (default: tuned)")
+    p.add_argument("--target-recall", type=float, default=0.95, help="recall@10 the tuning aims for")
+    p.add_argument("--shards", type=positive_int, default=2, help="IVFPQ: shards filled in parallel processes")
     p.add_argument("--labels", default=None, help="JSON file overriding prompts, weights and thresholds")
     p.add_argument("--engine", choices=("local", "ray"), default="local",
                    help="local: decode processes + one model here; ray: decode tasks and embedding actors on Ray "
@@ -32,11 +43,22 @@ def register(sub) -> None:
     p.set_defaults(run=run)
 
 
+def index_config(args):
+    """IndexConfig from the flags (choice of index, and the compressed index's overrides)."""
+    from indexer.compressed import CompressedParams
+    from indexer.vectors import IndexConfig
+
+    return IndexConfig(index_type=args.index_type, exact_below=args.exact_below, compress_above=args.compress_above,
+                       nprobe=args.nprobe, target_recall=args.target_recall,
+                       compressed=CompressedParams(nlist=args.nlist, pq_bytes=args.pq_bytes, nprobe=args.nprobe,
+                                                   depth=args.rerank_depth, target_recall=args.target_recall,
+                                                   shards=args.shards))
+
+
 def run(args) -> int:
     from cxrmodel.encoder import load_encoder
     from cxrmodel.prompts import load_label_config
     from indexer.pipeline import IndexJob, default_workers, run_index
-    from indexer.vectors import IndexConfig
 
     ray = None
     if args.engine == "ray":
@@ -47,8 +69,7 @@ def run(args) -> int:
 
     job = IndexJob(sources=args.sources, data_dir=Path(args.data_dir), db_url=args.db_url, rebuild=args.rebuild,
                    prune=args.prune, workers=default_workers() if args.workers is None else args.workers,
-                   chunk_size=args.chunk_size, index=IndexConfig(index_type=args.index_type,
-                                                                 exact_below=args.exact_below),
+                   chunk_size=args.chunk_size, index=index_config(args),
                    labels=load_label_config(args.labels),  # a bad file fails before the slow model load
                    progress=not args.no_progress, engine=args.engine, ray=ray)
     encoder = load_encoder(encoder_config(args))
