@@ -64,3 +64,23 @@ def test_unusable_database_url_is_a_one_line_error(tmp_path, capsys):
                  "--db-url", "nosuchdb://x"]) == 1
     err = capsys.readouterr().err
     assert err.startswith("radlens: error:") and "database URL" in err and "Traceback" not in err
+
+
+def test_the_embedded_default_imports_no_scale_out_part(tmp_path, tiny_model_dir):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from tests.imagegen import gray_folder
+
+    src = gray_folder(tmp_path / "src", 3)
+    code = ("import sys; from radlens.cli import main; "
+            f"rc = main(['index', {str(src)!r}, '--data-dir', {str(tmp_path / 'd')!r}, '--model', "
+            f"{str(tiny_model_dir)!r}, '--workers', '0', '--no-progress']); "
+            f"rc = rc or main(['search', 'x', '--data-dir', {str(tmp_path / 'd')!r}]); "
+            "print(sorted(m for m in ('ray', 'psycopg', 'gunicorn') if m in sys.modules)); sys.exit(rc)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip().splitlines()[-1] == "[]"
