@@ -130,7 +130,7 @@ def test_a_killed_ray_worker_loses_and_duplicates_nothing(ray_cluster, thousand_
         except Exception:
             written = 0
         victims = _ray_worker_pids("EmbedActor")
-        if written >= 100 and victims:
+        if written >= 50 and victims:  # one chunk committed, the rest still to come
             os.kill(victims[0], signal.SIGKILL)
             killed.append(victims[0])
         time.sleep(0.05)
