@@ -99,7 +99,7 @@ class RowReader:
         mapped = np.load(path, mmap_mode="r")  # only to read the header: shape, dtype, data offset
         self.offset, self.dim, self.row_bytes = mapped.offset, mapped.shape[1], mapped.shape[1] * mapped.itemsize
         del mapped
-        self.fd = os.open(path, os.O_RDONLY)
+        self.fd: int | None = os.open(path, os.O_RDONLY)
         if hasattr(os, "posix_fadvise"):
             os.posix_fadvise(self.fd, 0, 0, os.POSIX_FADV_RANDOM)
 
@@ -113,7 +113,12 @@ class RowReader:
         return np.frombuffer(buf, dtype=np.float16).reshape(len(positions), self.dim).astype(np.float32)
 
     def close(self) -> None:
-        os.close(self.fd)
+        """Close the file (also done when a server drops this index for a newer one)."""
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+
+    __del__ = close
 
 
 def sample_rows(stem: Path, limit: int, seed: int = 0) -> np.ndarray:
