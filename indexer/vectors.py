@@ -205,15 +205,21 @@ def _fsync(path: Path) -> None:
         os.close(fd)
 
 
-def remove_generation_files(data_dir: str | Path, generation: int, keep_stem: str | None = None) -> None:
-    """Delete a retired generation's files (all but a compressed index's `keep_stem` parts, if given)."""
-    if keep_stem is None:
-        for path in index_paths(data_dir, generation):
-            path.unlink(missing_ok=True)
-    base = Path(data_dir) / INDEX_DIR
-    for path in base.glob(f"g{generation}-*"):
+def remove_generation_files(data_dir: str | Path, generation: int) -> None:
+    """Delete a retired generation's files."""
+    for path in index_paths(data_dir, generation):
+        path.unlink(missing_ok=True)
+    remove_compressed_parts(data_dir, generation)
+
+
+def remove_compressed_parts(data_dir: str | Path, generation: int, keep_stem: str | None = None) -> None:
+    """Delete a generation's compressed-index parts, all but those of `keep_stem`.
+
+    Servers that still have an old part open keep reading it until they switch (POSIX unlink).
+    """
+    for path in (Path(data_dir) / INDEX_DIR).glob(f"g{generation}-*"):
         if keep_stem is None or not path.name.startswith(keep_stem + "."):
-            path.unlink(missing_ok=True)  # servers that still map an old part keep it until they switch
+            path.unlink(missing_ok=True)
 
 
 def _stream_vectors(session: Session, generation: int, dim: int, min_revision: int = 0):
@@ -294,6 +300,7 @@ def sync_generation(db: Engine, data_dir: str | Path, generation: int,
                          trained_on=trained_on, nprobe=nprobe, measured_recall=recall)
         apply_search_params(index, meta)
         write_index_atomic(data_dir, index, meta)
+        remove_compressed_parts(data_dir, generation)  # a compressed index this one replaced
         gen.index_type = factory
         session.commit()
         return meta
@@ -335,7 +342,8 @@ def _sync_compressed(session: Session, gen: Generation, data_dir: str | Path, fa
                      trained_on=min(count, params.train_sample), nprobe=nprobe, measured_recall=recall,
                      stem=stem.name, depth=depth)
     _write_meta_atomic(data_dir, meta)
-    remove_generation_files(data_dir, gen.id, keep_stem=stem.name)
+    remove_compressed_parts(data_dir, gen.id, keep_stem=stem.name)
+    index_paths(data_dir, gen.id)[0].unlink(missing_ok=True)  # a plain index this one replaced
     gen.index_type = factory
     session.commit()
     return meta

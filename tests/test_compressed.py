@@ -86,4 +86,9 @@ def test_radlens_index_builds_tunes_and_serves_a_compressed_index(tmp_path, tiny
                        index=config), tiny_encoder)
     assert engine.stats()["vectors"] == 320  # the server switched to the rebuilt index
     assert len(list((data / "index").glob("*.ivfdata"))) == 1  # the old parts are gone
+    run_index(IndexJob(sources=[str(src), str(tmp_path / "src2")], data_dir=data, workers=0, progress=False,
+                       index=IndexConfig(index_type="Flat")), tiny_encoder)
+    assert engine.stats()["index_type"] == "Flat" and engine.stats()["vectors"] == 320
+    assert not list((data / "index").glob("g*-*"))  # back to a plain index: no compressed parts left
+    assert check_data_dir(data, default_db_url(data)).ok
     engine.close()
