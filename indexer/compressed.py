@@ -44,6 +44,7 @@ class CompressedParams:
     target_recall: float = 0.95
     shards: int = 2
     train_sample: int = 131_072
+    delta_fraction: float = 0.02  # changes since the build kept beside it (exact) before a full rebuild
 
 
 def default_nlist(count: int) -> int:
@@ -200,32 +201,53 @@ def _stdout_to_stderr():
 
 # -- search ---------------------------------------------------------------------------------------
 class RerankedIndex:
-    """IVF-PQ candidates re-scored exactly from fp16 rows; searches like a faiss index (ids = image ids)."""
+    """IVF-PQ candidates re-scored exactly from fp16 rows; searches like a faiss index (ids = image ids).
 
-    def __init__(self, ivf: faiss.Index, vectors: RowReader, ids: np.ndarray, nprobe: int, depth: int):
+    Changes made after the build live beside it until the next rebuild: `delta`, an exact in-RAM
+    index of vectors written since, and `removed`, the built ids those superseded or that were deleted.
+    """
+
+    def __init__(self, ivf: faiss.Index, vectors: RowReader, ids: np.ndarray, nprobe: int, depth: int,
+                 delta: faiss.Index | None = None, removed: np.ndarray | None = None):
         self.index = ivf  # the IVF itself, so callers can read nlist / set nprobe
         self.vectors, self.ids = vectors, ids
         self.depth = depth
+        self.delta = delta
+        self.removed = np.sort(np.asarray(removed if removed is not None else [], dtype=np.int64))
+        self._removed_batch = faiss.IDSelectorBatch(self.removed) if len(self.removed) else None
+        self._not_removed = faiss.IDSelectorNot(self._removed_batch) if len(self.removed) else None
         faiss.extract_index_ivf(ivf).nprobe = nprobe
 
     @classmethod
-    def open(cls, faiss_path: Path, stem: Path, nprobe: int, depth: int) -> "RerankedIndex":
-        """Memory-map an index written by `build` (its files may have moved together)."""
+    def open(cls, faiss_path: Path, stem: Path, nprobe: int, depth: int, delta_path: Path | None = None,
+             removed_path: Path | None = None) -> "RerankedIndex":
+        """Memory-map an index written by `build` (its files may have moved together), with its changes."""
         try:  # the lists file where the build wrote it ...
             ivf = faiss.read_index(str(faiss_path), faiss.IO_FLAG_READ_ONLY)
         except RuntimeError:  # ... or beside the .faiss file, when the data dir was moved
             with _stdout_to_stderr():
                 ivf = faiss.read_index(str(faiss_path), faiss.IO_FLAG_ONDISK_SAME_DIR | faiss.IO_FLAG_READ_ONLY)
-        return cls(ivf, RowReader(stem), np.load(f"{stem}.ids.npy", mmap_mode="r"), nprobe, depth)
+        delta = faiss.read_index(str(delta_path)) if delta_path else None
+        removed = np.load(removed_path) if removed_path else None
+        return cls(ivf, RowReader(stem), np.load(f"{stem}.ids.npy", mmap_mode="r"), nprobe, depth, delta, removed)
 
     @property
     def ntotal(self) -> int:
-        return int(self.index.ntotal)
+        return int(self.index.ntotal) - len(self.removed) + (int(self.delta.ntotal) if self.delta else 0)
 
     def search(self, queries: np.ndarray, k: int, params=None, depth: int | None = None):
-        """Top-k by exact inner product among the `depth` best PQ candidates; (scores, ids) like faiss."""
+        """Top-k by exact inner product among the `depth` best PQ candidates (and the exact delta);
+        (scores, ids) like faiss. `params` may carry an id selector (filters) and nprobe."""
         depth = max(k, depth or self.depth)
-        _, cand = self.index.search(np.ascontiguousarray(queries, dtype=np.float32), depth, params=params)
+        queries = np.ascontiguousarray(queries, dtype=np.float32)
+        selector = getattr(params, "sel", None) if params is not None else None
+        built_sel = self._not_removed if selector is None or self._not_removed is None else \
+            faiss.IDSelectorAnd(selector, self._not_removed)
+        built_sel = built_sel or selector
+        nprobe = getattr(params, "nprobe", 0) or faiss.extract_index_ivf(self.index).nprobe
+        built_params = faiss.SearchParametersIVF(sel=built_sel, nprobe=nprobe) if built_sel is not None \
+            else faiss.SearchParametersIVF(nprobe=nprobe)
+        _, cand = self.index.search(queries, depth, params=built_params)
         out_s = np.full((len(queries), k), -np.inf, dtype=np.float32)
         out_i = np.full((len(queries), k), -1, dtype=np.int64)
         for q, row in enumerate(cand):
@@ -235,6 +257,14 @@ class RerankedIndex:
             scores = self.rescore(queries[q], row)
             top = np.argsort(-scores)[:k]
             out_s[q, :len(top)], out_i[q, :len(top)] = scores[top], row[top]
+        if self.delta is not None and self.delta.ntotal:
+            d_s, d_i = self.delta.search(queries, k, params=faiss.SearchParameters(sel=selector)
+                                         if selector is not None else None)
+            both_s, both_i = np.concatenate([out_s, d_s], axis=1), np.concatenate([out_i, d_i], axis=1)
+            both_s[both_i < 0] = -np.inf
+            top = np.argsort(-both_s, axis=1, kind="stable")[:, :k]
+            out_s, out_i = np.take_along_axis(both_s, top, 1), np.take_along_axis(both_i, top, 1)
+            out_i[~np.isfinite(out_s)] = -1
         return out_s, out_i
 
     def rescore(self, query: np.ndarray, ids: np.ndarray) -> np.ndarray:
@@ -250,8 +280,11 @@ class RerankedIndex:
         self.vectors.close()
 
     def all_ids(self) -> np.ndarray:
-        """Every id held by the IVF lists."""
-        return ivf_ids(self.index)
+        """Every id this index answers with: the built ones not removed, and the delta's."""
+        ids = np.setdiff1d(ivf_ids(self.index), self.removed)
+        if self.delta is not None:
+            ids = np.union1d(ids, faiss.vector_to_array(self.delta.id_map).astype(np.int64))
+        return ids
 
 
 def ivf_ids(index: faiss.Index) -> np.ndarray:

@@ -66,6 +66,9 @@ class IndexMeta:
     measured_recall: float | None = None
     stem: str | None = None  # compressed indexes: the file stem of their parts, in the index dir
     depth: int | None = None  # compressed indexes: candidates re-scored per query
+    base_revision: int | None = None  # compressed indexes: the DB revision the build holds
+    delta: str | None = None  # compressed indexes: file of the vectors written since the build (exact)
+    removed: str | None = None  # compressed indexes: file of built ids superseded or deleted since
 
 
 def index_paths(data_dir: str | Path, generation: int) -> tuple[Path, Path]:
@@ -147,8 +150,11 @@ def read_index(data_dir: str | Path, generation: int, mmap: bool = False) -> tup
     faiss_path, _ = index_paths(data_dir, generation)
     if meta is not None and meta.stem:
         stem = Path(data_dir) / INDEX_DIR / meta.stem
+        base = Path(data_dir) / INDEX_DIR
         try:
-            return RerankedIndex.open(Path(f"{stem}.faiss"), stem, meta.nprobe or 16, meta.depth or 100), meta
+            return RerankedIndex.open(Path(f"{stem}.faiss"), stem, meta.nprobe or 16, meta.depth or 100,
+                                      delta_path=base / meta.delta if meta.delta else None,
+                                      removed_path=base / meta.removed if meta.removed else None), meta
         except (RuntimeError, OSError, ValueError) as exc:
             log.warning("cannot read compressed index %s (%s); it will be rebuilt", stem, exc)
             return None
@@ -319,6 +325,10 @@ def _sync_compressed(session: Session, gen: Generation, data_dir: str | Path, fa
             revision, count, factory):
         return existing
     params = config.compressed
+    if existing is not None and existing.stem and existing.factory == factory:
+        updated = _update_delta(session, gen, data_dir, existing, revision, count, params)
+        if updated is not None:
+            return updated
     stem = Path(data_dir) / INDEX_DIR / f"g{gen.id}-{time.time_ns()}"
     stem.parent.mkdir(parents=True, exist_ok=True)
     try:
@@ -340,13 +350,54 @@ def _sync_compressed(session: Session, gen: Generation, data_dir: str | Path, fa
     index.close()
     meta = IndexMeta(generation=gen.id, revision=revision, count=count, factory=factory,
                      trained_on=min(count, params.train_sample), nprobe=nprobe, measured_recall=recall,
-                     stem=stem.name, depth=depth)
+                     stem=stem.name, depth=depth, base_revision=revision)
     _write_meta_atomic(data_dir, meta)
     remove_compressed_parts(data_dir, gen.id, keep_stem=stem.name)
     index_paths(data_dir, gen.id)[0].unlink(missing_ok=True)  # a plain index this one replaced
     gen.index_type = factory
     session.commit()
     return meta
+
+
+def _update_delta(session: Session, gen: Generation, data_dir: str | Path, meta: IndexMeta, revision: int,
+                  count: int, params: CompressedParams) -> IndexMeta | None:
+    """Keep a small change beside the compressed build instead of rebuilding it; None when it is too big.
+
+    Rows written since the build go to an exact delta index; built ids they supersede, and built ids
+    whose rows were deleted, are listed as removed. Both files are rewritten whole each time.
+    """
+    base = Path(data_dir) / INDEX_DIR
+    try:
+        built_ids = np.load(base / f"{meta.stem}.ids.npy", mmap_mode="r")
+    except OSError:
+        return None
+    since = meta.base_revision if meta.base_revision is not None else meta.revision
+    parts = list(_stream_vectors(session, gen.id, gen.dim, min_revision=since))
+    new_ids = np.concatenate([p[0] for p in parts]) if parts else np.zeros(0, dtype=np.int64)
+    db_ids = np.fromiter(session.scalars(select(EmbeddingRow.image_id).where(EmbeddingRow.generation_id == gen.id)),
+                         dtype=np.int64)
+    removed = np.union1d(np.intersect1d(built_ids, new_ids), np.setdiff1d(built_ids, db_ids))
+    if len(new_ids) + len(removed) > params.delta_fraction * max(1, len(built_ids)):
+        return None
+    delta = new_index(gen.dim, "Flat")
+    if parts:
+        delta.add_with_ids(np.concatenate([p[1] for p in parts]), new_ids)
+    stamp = time.time_ns()
+    delta_name, removed_name = f"{meta.stem}.delta{stamp}.faiss", f"{meta.stem}.removed{stamp}.npy"
+    faiss.write_index(delta, str(base / delta_name))
+    np.save(base / removed_name, removed)
+    for path in (base / delta_name, base / removed_name):
+        _fsync(path)
+    updated = IndexMeta(**{**meta.__dict__, "revision": revision, "count": count, "base_revision": since,
+                           "delta": delta_name, "removed": removed_name})
+    _write_meta_atomic(data_dir, updated)
+    for path in base.glob(f"{meta.stem}.delta*"):
+        if path.name != delta_name:
+            path.unlink(missing_ok=True)
+    for path in base.glob(f"{meta.stem}.removed*"):
+        if path.name != removed_name:
+            path.unlink(missing_ok=True)
+    return updated
 
 
 def _can_remove(index: faiss.Index) -> bool:

@@ -92,3 +92,42 @@ def test_radlens_index_builds_tunes_and_serves_a_compressed_index(tmp_path, tiny
     assert not list((data / "index").glob("g*-*"))  # back to a plain index: no compressed parts left
     assert check_data_dir(data, default_db_url(data)).ok
     engine.close()
+
+
+@pytest.mark.usefixtures("on_backend")
+def test_small_changes_sit_beside_the_compressed_build_until_a_rebuild(tmp_path, tiny_encoder):
+    from search.engine import Engine, EngineConfig
+    from tests.imagegen import gray_image
+
+    src = gray_folder(tmp_path / "src", 300)
+    data = tmp_path / "data"
+    config = IndexConfig(index_type="IVF4,PQ8x4",
+                         compressed=C.CompressedParams(shards=1, target_recall=0.9, delta_fraction=0.05))
+
+    def index(prune=False):
+        return run_index(IndexJob(sources=[str(src)], data_dir=data, workers=0, progress=False, index=config,
+                                  prune=prune), tiny_encoder)
+    index()
+    built = read_meta(data, 1)
+    engine = Engine.open(EngineConfig(data_dir=data, reload_interval=0.0), encoder=tiny_encoder)
+    gray_image(90_001).save(src / "new.png")  # added
+    gray_image(90_002).save(src / "g7.png")  # changed content: re-embedded under the same id
+    (src / "g8.png").unlink()  # deleted
+    summary = index(prune=True)
+    assert (summary.added, summary.updated, summary.pruned) == (1, 1, 1)
+    meta = read_meta(data, 1)
+    assert meta.stem == built.stem and meta.delta and meta.removed  # no rebuild
+    assert check_data_dir(data, default_db_url(data)).ok
+    assert engine.stats()["vectors"] == 300
+    for name in ("new.png", "g7.png"):  # the changed images are found, once, by their new content
+        hits = engine.image(gray_image(90_001 if name == "new.png" else 90_002), k=5)
+        assert hits[0].image["file_name"] == name and hits[0].score == pytest.approx(1.0, abs=1e-4)
+        assert [h.image["file_name"] for h in hits].count(name) == 1
+    assert "g8.png" not in {h.image["file_name"] for h in engine.text("x", k=300)}
+    for i in range(20):  # past delta_fraction: rebuilt, changes folded in
+        gray_image(91_000 + i).save(src / f"more{i}.png")
+    index()
+    rebuilt = read_meta(data, 1)
+    assert rebuilt.stem != built.stem and rebuilt.delta is None and engine.stats()["vectors"] == 320
+    assert check_data_dir(data, default_db_url(data)).ok
+    engine.close()
