@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Iterator
 
 import numpy as np
@@ -113,8 +113,10 @@ def embed_with_ray(tasks: list[PrepareTask], encoder, limits: ImageLimits, confi
         ds = ds.map_batches(decode_batch, batch_size=config.decode_batch, batch_format="numpy",
                             fn_kwargs={"preprocess": encoder.preprocess, "limits": limits},
                             num_cpus=config.decode_cpus, max_retries=config.task_retries)
+        # absolute model and adapter paths: actors run in directories of their own, on other machines
+        actor_config = replace(encoder.config, model=encoder.model_name, adapter=encoder.adapter)
         ds = ds.map_batches(EmbedActor, batch_size=config.embed_batch, batch_format="numpy",
-                            fn_constructor_kwargs={"encoder_config": encoder.config},
+                            fn_constructor_kwargs={"encoder_config": actor_config},
                             compute=ray.data.ActorPoolStrategy(size=config.actors),
                             num_cpus=config.cpus_per_actor, num_gpus=config.gpus_per_actor or None)
         for batch in ds.iter_batches(batch_size=chunk_size, batch_format="numpy"):
