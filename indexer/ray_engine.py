@@ -41,6 +41,7 @@ class RayConfig:
     decode_batch: int = field(default=16, metadata={"help": "Files per decode task."})
     decode_cpus: float = field(default=1.0, metadata={"help": "CPUs per decode task."})
     task_retries: int = field(default=5, metadata={"help": "Retries of a decode task whose worker died."})
+    plan_slice: int = field(default=200_000, metadata={"help": "Files per Ray dataset (the plan runs in slices)."})
     embed_batch: int = field(default=32, metadata={"help": "Images per embedding call."})
 
 
@@ -107,25 +108,31 @@ def embed_with_ray(tasks: list[PrepareTask], encoder, limits: ImageLimits, confi
         ctx = ray.data.DataContext.get_current()
         ctx.execution_options.preserve_order = True  # the writer sees the plan's order: same ids as one process
         ctx.enable_progress_bars = False
-        items = [{"path": t.path, "known_hash": t.known_hash or ""} for t in tasks]
-        blocks = max(1, min(len(items) // config.decode_batch, 200))
-        ds = ray.data.from_items(items, override_num_blocks=blocks)
-        ds = ds.map_batches(decode_batch, batch_size=config.decode_batch, batch_format="numpy",
-                            fn_kwargs={"preprocess": encoder.preprocess, "limits": limits},
-                            num_cpus=config.decode_cpus, max_retries=config.task_retries)
         # absolute model and adapter paths: actors run in directories of their own, on other machines
         actor_config = replace(encoder.config, model=encoder.model_name, adapter=encoder.adapter)
-        ds = ds.map_batches(EmbedActor, batch_size=config.embed_batch, batch_format="numpy",
-                            fn_constructor_kwargs={"encoder_config": actor_config},
-                            compute=ray.data.ActorPoolStrategy(size=config.actors),
-                            num_cpus=config.cpus_per_actor, num_gpus=config.gpus_per_actor or None)
-        for batch in ds.iter_batches(batch_size=chunk_size, batch_format="numpy"):
-            chunk = [_prepared(batch, i) for i in range(len(batch["path"]))]
-            fresh = [i for i, p in enumerate(chunk) if p.error is None and not p.unchanged]
-            yield chunk, np.asarray(batch["vector"][fresh], dtype=np.float32).reshape(len(fresh), encoder.dim)
+        for lo in range(0, len(tasks), config.plan_slice):  # the driver never holds a whole archive's dataset
+            ds = _dataset(ray, tasks[lo:lo + config.plan_slice], encoder.preprocess, limits, actor_config, config)
+            for batch in ds.iter_batches(batch_size=chunk_size, batch_format="numpy"):
+                chunk = [_prepared(batch, i) for i in range(len(batch["path"]))]
+                fresh = [i for i, p in enumerate(chunk) if p.error is None and not p.unchanged]
+                yield chunk, np.asarray(batch["vector"][fresh], dtype=np.float32).reshape(len(fresh), encoder.dim)
     finally:
         if started_here:
             ray.shutdown()
+
+
+def _dataset(ray, tasks: list[PrepareTask], preprocess: ImagePreprocess, limits: ImageLimits, encoder_config,
+             config: RayConfig):
+    """list -> decode tasks -> embedding actors, for one slice of the plan."""
+    items = [{"path": t.path, "known_hash": t.known_hash or ""} for t in tasks]
+    ds = ray.data.from_items(items, override_num_blocks=max(1, min(len(items) // config.decode_batch, 200)))
+    ds = ds.map_batches(decode_batch, batch_size=config.decode_batch, batch_format="numpy",
+                        fn_kwargs={"preprocess": preprocess, "limits": limits},
+                        num_cpus=config.decode_cpus, max_retries=config.task_retries)
+    return ds.map_batches(EmbedActor, batch_size=config.embed_batch, batch_format="numpy",
+                          fn_constructor_kwargs={"encoder_config": encoder_config},
+                          compute=ray.data.ActorPoolStrategy(size=config.actors),
+                          num_cpus=config.cpus_per_actor, num_gpus=config.gpus_per_actor or None)
 
 
 def _prepared(batch: dict, i: int) -> Prepared:

@@ -88,7 +88,7 @@ def test_ray_engine_equals_one_process_run(ray_cluster, thousand_images, tmp_pat
                                progress=False), tiny_encoder)
     assert (local.added, local.skipped) == (1000, 1)
     cmd = _radlens_index_on_ray(ray_cluster, tiny_model_dir, thousand_images, tmp_path / "ray",
-                                "--ray-actors", "2", "--chunk-size", "128")
+                                "--ray-actors", "2", "--chunk-size", "128", "--ray-slice", "400")  # 3 slices
     out = subprocess.run(cmd, env=ray_cluster[1], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     assert out.stdout.strip().splitlines()[-1].startswith("added 1000, updated 0, unchanged 0, skipped 1"), out.stdout

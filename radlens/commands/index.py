@@ -39,6 +39,8 @@ def register(sub) -> None:
     p.add_argument("--ray-address", default=None, help="Ray cluster to join (host:port or auto; default: a local Ray)")
     p.add_argument("--ray-actors", type=positive_int, default=1, help="embedding actors (one model each)")
     p.add_argument("--ray-gpus-per-actor", type=float, default=0.0, help="GPUs per embedding actor")
+    p.add_argument("--ray-slice", type=positive_int, default=200_000,
+                   help="files per Ray dataset: the plan runs in slices, so the driver never holds it all")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(run=run)
 
@@ -65,7 +67,8 @@ def run(args) -> int:
         from indexer.ray_engine import RayConfig, require_ray
 
         require_ray()  # before the slow model load
-        ray = RayConfig(address=args.ray_address, actors=args.ray_actors, gpus_per_actor=args.ray_gpus_per_actor)
+        ray = RayConfig(address=args.ray_address, actors=args.ray_actors, gpus_per_actor=args.ray_gpus_per_actor,
+                        plan_slice=args.ray_slice)
 
     job = IndexJob(sources=args.sources, data_dir=Path(args.data_dir), db_url=args.db_url, rebuild=args.rebuild,
                    prune=args.prune, workers=default_workers() if args.workers is None else args.workers,
