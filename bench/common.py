@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 import statistics
 import time
 from pathlib import Path
@@ -17,6 +18,13 @@ def require(path: Path, what: str) -> Path:
     if not path.exists():
         raise SystemExit(f"{what} not found at {path} (set RADLENS_SHARED to the shared folder)")
     return path
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def table(headers: list[str], rows: list[list]) -> str:

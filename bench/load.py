@@ -14,7 +14,6 @@ import argparse
 import json
 import random
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
@@ -26,18 +25,12 @@ import urllib.request
 import uuid
 from pathlib import Path
 
-from bench.common import CORPUS, table
+from bench.common import CORPUS, free_port, table
 
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLES = ROOT / "examples" / "sample"
 QUERIES = ["lateral chest radiograph", "axial CT of the chest", "MRI of the brain", "pleural effusion",
            "AP supine chest x-ray", "coronal CT", "cardiomegaly", "brain tumour"]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def multipart(path: Path) -> tuple[bytes, str]:

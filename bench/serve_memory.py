@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import socket
 import subprocess
 import sys
 import time
@@ -22,15 +21,9 @@ import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from bench.common import table
+from bench.common import free_port, table
 from bench.models import vit_b32_dir
 from bench.query import build, clustered_vectors, make_data_dir
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _rollup(pid: int) -> dict[str, int]:
@@ -44,7 +37,7 @@ def _rollup(pid: int) -> dict[str, int]:
 
 def measure(data: Path, model: Path, workers: int) -> dict:
     """Total and per-worker RSS/PSS of a warm `radlens serve --workers W`."""
-    port = _free_port()
+    port = free_port()
     server = subprocess.Popen([sys.executable, "-m", "radlens", "serve", "--data-dir", str(data), "--model",
                                str(model), "--workers", str(workers), "--threads", "2", "--port", str(port)],
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

@@ -9,7 +9,6 @@ from __future__ import annotations
 import os
 import secrets
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -27,15 +26,10 @@ from indexer.pipeline import IndexJob, run_index  # noqa: E402
 from indexer.store import EmbeddingRow, ImageRow, ScoreRow, default_db_url, open_db  # noqa: E402
 from tests.databases import fetch  # noqa: E402
 from tests.imagegen import gray_image  # noqa: E402
+from tests.servers import free_port  # noqa: E402
 
 pytestmark = pytest.mark.slow
 RAY = [sys.executable, "-m", "ray.scripts.scripts"]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -43,7 +37,7 @@ def ray_cluster(tmp_path_factory):
     """(address, environment with its token) of a two-node Ray cluster started for these tests."""
     env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(16),
            "RAY_USAGE_STATS_ENABLED": "0", "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
-    port = _free_port()
+    port = free_port()
     node = ["--node-ip-address=127.0.0.1", "--object-store-memory=200000000", "--disable-usage-stats"]
     subprocess.run([*RAY, "start", "--head", f"--port={port}", "--num-cpus=1", "--include-dashboard=false",
                     *node], check=True, env=env, capture_output=True)

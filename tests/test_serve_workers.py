@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -16,15 +15,10 @@ import pytest
 
 from indexer.pipeline import IndexJob, run_index
 from tests.imagegen import gray_folder
+from tests.servers import free_port
 
 pytest.importorskip("gunicorn")
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("on_backend")]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _health(port: int) -> tuple[str, dict]:
@@ -41,7 +35,7 @@ def test_workers_share_the_mapped_index_and_pick_up_a_new_one(tmp_path, tiny_enc
     src = gray_folder(tmp_path / "src", 30)
     data = tmp_path / "data"
     run_index(IndexJob(sources=[str(src)], data_dir=data, workers=0, progress=False), tiny_encoder)
-    port = _free_port()
+    port = free_port()
     log = open(tmp_path / "serve.log", "w")
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
     server = subprocess.Popen([sys.executable, "-m", "radlens", "serve", "--data-dir", str(data), "--workers", "2",
