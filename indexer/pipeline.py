@@ -249,7 +249,7 @@ class ChunkWriter:
                 stored_meta[row.id] = {f: getattr(row, f) for f in META_COLUMNS}
             self.embedded_ids = set(session.scalars(select(EmbeddingRow.image_id)
                                                     .where(EmbeddingRow.generation_id == self.generation)))
-            tasks, meta_updates = [], []
+            tasks, meta_updates, missing = [], [], {}
             for record in records:
                 path = str(record.path)
                 self.metadata[path] = record.metadata
@@ -257,8 +257,7 @@ class ChunkWriter:
                 try:
                     st = os.stat(path)
                 except OSError:
-                    upsert(session, SkippedRow, [dict(path=path, kind="file", reason="file not found", at=utcnow())],
-                           keys=("path",))
+                    missing[path] = dict(path=path, kind="file", reason="file not found", at=utcnow())
                     summary.skipped += 1
                     continue
                 if known and known[0] in self.embedded_ids and (known[2], known[3]) == (st.st_size, st.st_mtime_ns):
@@ -271,6 +270,7 @@ class ChunkWriter:
                     continue
                 in_gen = known is not None and known[0] in self.embedded_ids
                 tasks.append(PrepareTask(path, known[1] if in_gen else None))
+            upsert(session, SkippedRow, list(missing.values()), keys=("path",))
             self._update_metadata(session, meta_updates)
             session.commit()
         return tasks
