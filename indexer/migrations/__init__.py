@@ -10,6 +10,7 @@ from __future__ import annotations
 import fcntl
 import zlib
 from contextlib import contextmanager
+from functools import lru_cache
 from pathlib import Path
 
 from alembic import command
@@ -32,8 +33,9 @@ def alembic_config() -> Config:
     return config
 
 
+@lru_cache(maxsize=1)
 def head_revision() -> str:
-    """The schema revision this version of RadLens writes."""
+    """The schema revision this version of RadLens writes (read from the scripts once per process)."""
     return ScriptDirectory.from_config(alembic_config()).get_current_head()
 
 
