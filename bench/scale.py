@@ -61,15 +61,7 @@ def corpus_chunks(centre: np.ndarray, n: int, seed: int):
 
 def exact_top10(centre: np.ndarray, n: int, seed: int, queries: np.ndarray) -> np.ndarray:
     """Exact top-10 ids of each query over the fp32 corpus, by streaming brute force."""
-    best_s = np.full((len(queries), 10), -np.inf, dtype=np.float32)
-    best_i = np.full((len(queries), 10), -1, dtype=np.int64)
-    for ids, vecs in corpus_chunks(centre, n, seed):
-        s = queries @ vecs.T
-        s_all = np.concatenate([best_s, s], axis=1)
-        i_all = np.concatenate([best_i, np.broadcast_to(ids, s.shape)], axis=1)
-        top = np.argpartition(-s_all, 9, axis=1)[:, :10]
-        best_s, best_i = np.take_along_axis(s_all, top, 1), np.take_along_axis(i_all, top, 1)
-    return np.take_along_axis(best_i, np.argsort(-best_s, axis=1), 1)
+    return C.exact_top_k(queries, corpus_chunks(centre, n, seed), 10)
 
 
 def memory_status() -> dict[str, int]:

@@ -297,21 +297,25 @@ def ivf_ids(index: faiss.Index) -> np.ndarray:
 
 
 # -- choosing nprobe and depth from measured recall ----------------------------------------------
-def exact_neighbours(stem: Path, queries: np.ndarray, k: int) -> np.ndarray:
-    """Ids of each query's exact top-k over the stored vectors (streamed brute force)."""
-    vecs, ids = open_vectors(stem)
+def exact_top_k(queries: np.ndarray, chunks: Iterable[tuple[np.ndarray, np.ndarray]], k: int) -> np.ndarray:
+    """Ids of each query's exact top-k inner products over (ids, float32 vectors) chunks, best first."""
     best_s = np.full((len(queries), k), -np.inf, dtype=np.float32)
     best_i = np.full((len(queries), k), -1, dtype=np.int64)
-    for lo in range(0, len(vecs), CHUNK):
-        chunk = np.asarray(vecs[lo:lo + CHUNK], dtype=np.float32)
-        s = queries @ chunk.T
+    for ids, vecs in chunks:
+        s = queries @ vecs.T
         s_all = np.concatenate([best_s, s], axis=1)
-        i_all = np.concatenate([best_i, np.broadcast_to(np.asarray(ids[lo:lo + CHUNK]), s.shape)], axis=1)
+        i_all = np.concatenate([best_i, np.broadcast_to(ids, s.shape)], axis=1)
         top = np.argpartition(-s_all, k - 1, axis=1)[:, :k]
         best_s = np.take_along_axis(s_all, top, axis=1)
         best_i = np.take_along_axis(i_all, top, axis=1)
-    order = np.argsort(-best_s, axis=1)
-    return np.take_along_axis(best_i, order, axis=1)
+    return np.take_along_axis(best_i, np.argsort(-best_s, axis=1), axis=1)
+
+
+def exact_neighbours(stem: Path, queries: np.ndarray, k: int) -> np.ndarray:
+    """Ids of each query's exact top-k over the stored vectors (streamed brute force)."""
+    vecs, ids = open_vectors(stem)
+    return exact_top_k(queries, ((np.asarray(ids[lo:lo + CHUNK]), np.asarray(vecs[lo:lo + CHUNK], dtype=np.float32))
+                                 for lo in range(0, len(vecs), CHUNK)), k)
 
 
 def recall_at_k(found: np.ndarray, truth: np.ndarray, k: int) -> float:
