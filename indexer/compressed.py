@@ -35,13 +35,12 @@ CHUNK = 100_000
 
 @dataclass(frozen=True)
 class CompressedParams:
-    """Shape and search settings of a compressed index (None: chosen from measured recall)."""
+    """Shape and re-rank depth of a compressed index (None: nlist/PQ size from the corpus size, depth
+    from measured recall). nprobe and the recall target are `IndexConfig`'s, as for every IVF index."""
 
     nlist: int | None = None
     pq_bytes: int | None = None
-    nprobe: int | None = None
     depth: int | None = None
-    target_recall: float = 0.95
     shards: int = 2
     train_sample: int = 131_072
     delta_fraction: float = 0.02  # changes since the build kept beside it (exact) before a full rebuild

@@ -319,7 +319,7 @@ def is_compressed(factory: str) -> bool:
 
 def _sync_compressed(session: Session, gen: Generation, data_dir: str | Path, factory: str, count: int,
                      revision: int, config: IndexConfig) -> IndexMeta:
-    """Rebuild a compressed index when the DB moved on (no incremental adds: lists are on disk)."""
+    """Bring a compressed index up to the DB: small changes beside it (`_update_delta`), else a rebuild."""
     existing = read_meta(data_dir, gen.id)
     if existing is not None and existing.stem and (existing.revision, existing.count, existing.factory) == (
             revision, count, factory):
@@ -334,18 +334,18 @@ def _sync_compressed(session: Session, gen: Generation, data_dir: str | Path, fa
     try:
         write_vectors(_stream_vectors(session, gen.id, gen.dim), stem, gen.dim, count)
         faiss_path = build_compressed(stem, gen.dim, count, factory, params, progress=log.info)
-        index = RerankedIndex.open(faiss_path, stem, params.nprobe or 16, params.depth or 100)
+        index = RerankedIndex.open(faiss_path, stem, config.nprobe or 16, params.depth or 100)
     except (RuntimeError, ValueError) as exc:
         for path in stem.parent.glob(stem.name + ".*"):
             path.unlink(missing_ok=True)
         raise DataError(f"cannot build a compressed {factory!r} index over {count} vectors: "
                         f"{str(exc).strip().splitlines()[-1][:200]}. The rows are stored; rerun with another "
                         "--index-type (e.g. Flat or IVF).") from None
-    nprobe, depth, recall = params.nprobe, params.depth, None
+    nprobe, depth, recall = config.nprobe, params.depth, None
     if nprobe is None or depth is None:
         queries = sample_rows(stem, 200, seed=1)
         truth = exact_neighbours(stem, queries, 11)[:, 1:]  # each query's own row is not a neighbour
-        nprobe, depth, recall = tune(index, queries, truth, params.target_recall, skip_self=True,
+        nprobe, depth, recall = tune(index, queries, truth, config.target_recall, skip_self=True,
                                      nprobes=[nprobe] if nprobe else None, depths=[depth] if depth else None)
     index.close()
     meta = IndexMeta(generation=gen.id, revision=revision, count=count, factory=factory,

@@ -70,7 +70,7 @@ def test_radlens_index_builds_tunes_and_serves_a_compressed_index(tmp_path, tiny
 
     src = gray_folder(tmp_path / "src", 300)
     data = tmp_path / "data"
-    config = IndexConfig(index_type="IVF4,PQ8x4", compressed=C.CompressedParams(shards=2, target_recall=0.9))
+    config = IndexConfig(index_type="IVF4,PQ8x4", target_recall=0.9, compressed=C.CompressedParams(shards=2))
     summary = run_index(IndexJob(sources=[str(src)], data_dir=data, workers=0, progress=False, index=config),
                         tiny_encoder)
     assert summary.index_type == "IVF4,PQ8x4"
@@ -102,7 +102,7 @@ def test_small_changes_sit_beside_the_compressed_build_until_a_rebuild(tmp_path,
     src = gray_folder(tmp_path / "src", 300)
     data = tmp_path / "data"
     config = IndexConfig(index_type="IVF4,PQ8x4",
-                         compressed=C.CompressedParams(shards=1, target_recall=0.9, delta_fraction=0.05))
+                         target_recall=0.9, compressed=C.CompressedParams(shards=1, delta_fraction=0.05))
 
     def index(prune=False):
         return run_index(IndexJob(sources=[str(src)], data_dir=data, workers=0, progress=False, index=config,

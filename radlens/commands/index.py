@@ -52,8 +52,7 @@ def index_config(args):
 
     return IndexConfig(index_type=args.index_type, exact_below=args.exact_below, compress_above=args.compress_above,
                        nprobe=args.nprobe, target_recall=args.target_recall,
-                       compressed=CompressedParams(nlist=args.nlist, pq_bytes=args.pq_bytes, nprobe=args.nprobe,
-                                                   depth=args.rerank_depth, target_recall=args.target_recall,
+                       compressed=CompressedParams(nlist=args.nlist, pq_bytes=args.pq_bytes, depth=args.rerank_depth,
                                                    shards=args.shards))
 
 
