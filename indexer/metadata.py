@@ -15,7 +15,7 @@ from pathlib import Path
 
 from cxrmodel.report import age_band
 
-from .store import ImageRow
+from .store import ImageRow, write_private_file
 
 SALT_FILE = "patient-key.salt"
 
@@ -24,11 +24,8 @@ def data_dir_salt(data_dir: str | Path) -> bytes:
     """The data dir's random salt, created (mode 0600) on first use."""
     path = Path(data_dir) / SALT_FILE
     if not path.exists():
-        path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(f".tmp{os.getpid()}")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as f:
-            f.write(secrets.token_hex(32))
+        write_private_file(tmp, secrets.token_hex(32))
         try:
             os.link(tmp, path)  # first writer wins; others keep its salt
         except FileExistsError:

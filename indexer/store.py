@@ -178,10 +178,15 @@ def remember_db_url(data_dir: str | Path, url: str) -> None:
     path = Path(data_dir) / DB_URL_FILE
     if url == _sqlite_url(data_dir) or (path.exists() and path.read_text().strip() == url):
         return
+    write_private_file(path, url + "\n")
+
+
+def write_private_file(path: Path, text: str) -> None:
+    """Write `text` to `path`, readable by its owner only (mode 0600), creating the folder."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "w") as f:
-        f.write(url + "\n")
+        f.write(text)
 
 
 def has_database(data_dir: str | Path) -> bool:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-
 from cxrmodel.errors import DataError
 
 from .common import add_data_dir
