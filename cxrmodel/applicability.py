@@ -76,7 +76,8 @@ def decide_from_metadata(metadata: dict) -> Decision | None:
     return None
 
 
-def _class_bank(encoder, config: ApplicabilityConfig):
+def class_bank(encoder, config: ApplicabilityConfig):
+    """(class names, unit mean text embedding per class) of `config`, computed once per encoder."""
     key = ("applicability", tuple((k, v) for k, v in config.classes.items()))
     with _lock:
         cache = encoder.__dict__.setdefault("_prompt_banks", {})
@@ -94,7 +95,7 @@ def decide_from_model(encoder, image_vectors: np.ndarray, config: ApplicabilityC
     """Zero-shot decisions for embedded images (softmax over the classes at the model's temperature)."""
     from .zeroshot import logit_scale_of
 
-    names, bank = _class_bank(encoder, config)
+    names, bank = class_bank(encoder, config)
     logits = logit_scale_of(encoder) * (np.asarray(image_vectors) @ bank.T)
     logits -= logits.max(axis=1, keepdims=True)
     probs = np.exp(logits)

@@ -28,6 +28,7 @@ from .errors import DataError, ImageDecodeError
 from .evaluate import embed_pairs, retrieval_metrics
 from .images import load_image
 from .lora import LoraSettings, apply_lora, count_parameters, unwrap
+from .fastpath import apply_fastpaths
 from .pairs import Pair, load_pairs, split_pairs
 from .preprocess import ImagePreprocess
 
@@ -215,6 +216,7 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = log_.info) -> TrainResu
             if not name.startswith("text_model."):
                 param.requires_grad_(True)
     model.to(device)
+    apply_fastpaths(model, device)
     base = unwrap(model)
     if cfg.learn_temperature and hasattr(base, "logit_scale"):
         base.logit_scale.requires_grad_(True)

@@ -23,7 +23,7 @@ from sqlalchemy.orm import Session
 from cxrmodel.errors import DataError
 from cxrmodel.images import ImageLimits
 from cxrmodel.prompts import LabelConfig
-from cxrmodel.applicability import decide
+from cxrmodel.applicability import class_bank, decide
 from cxrmodel.zeroshot import prompt_bank, score_vectors
 
 from .metadata import check_salt, data_dir_salt, row_fields
@@ -43,9 +43,19 @@ DEFAULT_DATA_DIR = "radlens-data"
 META_COLUMNS = (*ImageRow.METADATA_FIELDS, "patient_hash")
 
 
-def default_workers() -> int:
-    """Decode processes: one fewer than the cores (the model uses the rest), at least one."""
-    return max(1, min(8, (os.cpu_count() or 2) - 1))
+def default_workers(device=None) -> int:
+    """Decode processes for a model on `device`.
+
+    A GPU model leaves the cores to decoding: one fewer processes than cores (at most 8). A CPU model
+    needs every core itself, so files are decoded in this process between its batches (0): decoder
+    processes running beside it oversubscribe the cores it computes on, which measured slower
+    (bench/indexing.py --workers 1 vs the default).
+    """
+    from .prepare import available_cores
+
+    if device is not None and getattr(device, "type", str(device)) != "cpu":
+        return max(1, min(8, available_cores() - 1))
+    return 0
 
 
 @dataclass
@@ -57,7 +67,7 @@ class IndexJob:
     db_url: str | None = None
     rebuild: bool = False
     prune: bool = False
-    workers: int = field(default_factory=default_workers)
+    workers: int | None = None  # decode processes; None: default_workers(the encoder's device)
     chunk_size: int = 256
     index: IndexConfig = field(default_factory=IndexConfig)
     limits: ImageLimits = field(default_factory=ImageLimits)
@@ -202,15 +212,29 @@ def _embed(job: IndexJob, encoder, writer: "ChunkWriter", tasks: list[PrepareTas
                 writer.write_embedded(chunk, vectors, summary)
                 bar.update(len(chunk))
             return
-        for item in prepare_all(tasks, encoder.preprocess, job.limits, job.workers):
+        # The model takes each batch as soon as it is decoded (not each 256-file chunk), so it starts
+        # after the first batch_size files; rows are still committed one chunk per transaction.
+        batches: list[np.ndarray] = []
+        fresh: list[Prepared] = []
+        workers = default_workers(encoder.device) if job.workers is None else job.workers
+        items = prepare_all(tasks, encoder.preprocess, job.limits, workers, batch=encoder.batch_size,
+                            while_starting=writer.warm_up)
+        for item in items:
             chunk.append(item)
+            if item.error is None and not item.unchanged:
+                fresh.append(item)
+            if len(fresh) >= encoder.batch_size:
+                batches.append(writer.embed(fresh))
+                fresh = []
             if len(chunk) >= job.chunk_size:
-                writer.write(chunk, summary)
+                batches.append(writer.embed(fresh))
+                writer.write_embedded(chunk, np.concatenate(batches), summary)
                 bar.update(len(chunk))
                 bar.set_postfix(img_s=f"{summary.embedded / max(time.perf_counter() - t0, 1e-9):.1f}")
-                chunk = []
+                chunk, fresh, batches = [], [], []
         if chunk:
-            writer.write(chunk, summary)
+            batches.append(writer.embed(fresh))
+            writer.write_embedded(chunk, np.concatenate(batches), summary)
             bar.update(len(chunk))
     finally:
         bar.close()
@@ -281,12 +305,17 @@ class ChunkWriter:
         for image_id, fields in updates:
             session.execute(update(ImageRow).where(ImageRow.id == image_id).values(**fields))
 
-    def write(self, chunk: list[Prepared], summary: IndexSummary) -> None:
-        """Embed the chunk's new/changed images and commit everything about it in one transaction."""
-        fresh = [p for p in chunk if p.error is None and not p.unchanged]
-        vectors = self.encoder.encode_pixels(self.encoder.preprocess.batch_tensor([p.pixels for p in fresh])) \
-            if fresh else np.zeros((0, self.encoder.dim), dtype=np.float32)
-        self.write_embedded(chunk, vectors, summary)
+    def embed(self, items: list[Prepared]) -> np.ndarray:
+        """Vectors of decoded items, in order: (len(items), dim)."""
+        if not items:
+            return np.zeros((0, self.encoder.dim), dtype=np.float32)
+        return self.encoder.encode_pixels(self.encoder.preprocess.batch_tensor([p.pixels for p in items]))
+
+    def warm_up(self) -> None:
+        """Build what every chunk needs (the text embeddings of the label prompts and of the
+        applicability classes) while the decode workers start."""
+        prompt_bank(self.encoder, self.labels)
+        class_bank(self.encoder, self.labels.applicability)
 
     def write_embedded(self, chunk: list[Prepared], vectors: np.ndarray, summary: IndexSummary) -> None:
         """Commit a chunk whose fresh (decoded, new or changed) items were embedded elsewhere, in order.

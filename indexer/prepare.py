@@ -91,25 +91,66 @@ def _prepare_in_worker(task: PrepareTask) -> Prepared:
 
 
 def prepare_all(tasks: Iterable[PrepareTask], preprocess: ImagePreprocess, limits: ImageLimits,
-                workers: int, window: int = 256) -> Iterator[Prepared]:
-    """Prepare tasks in order, in `workers` processes (0: in this process), at most `window` ahead."""
+                workers: int, window: int = 256, while_starting: Callable[[], None] | None = None,
+                batch: int = 32, threads: int | None = None) -> Iterator[Prepared]:
+    """Prepare tasks in order.
+
+    `workers` > 0: in that many processes, concurrently with the caller, at most `window` ahead.
+    `workers` == 0: in this process, `batch` files at a time on `threads` threads (default: every
+    core), taking turns with the caller -- nothing is decoded while the caller works on a batch, so a
+    CPU model then has every core to itself rather than sharing them with decoders.
+    `while_starting` runs once, before the first result is awaited.
+    """
     if workers <= 0:
-        for task in tasks:
-            yield prepare(task, preprocess, limits)
+        if while_starting is not None:
+            while_starting()
+        yield from prepare_in_turns(list(tasks), preprocess, limits, batch, threads or available_cores())
         return
     import multiprocessing
 
     ctx = multiprocessing.get_context("spawn")
     with ctx.Pool(workers, initializer=_init_worker, initargs=(preprocess, limits)) as pool:
-        yield from bounded_imap(pool.apply_async, _prepare_in_worker, tasks, window)
+        yield from bounded_imap(pool.apply_async, _prepare_in_worker, tasks, window, while_starting)
 
 
-def bounded_imap(submit: Callable, fn: Callable, items: Iterable, window: int) -> Iterator:
-    """Ordered results of fn(item) via `submit`, keeping at most `window` in flight."""
+def available_cores() -> int:
+    """Cores this process may run on."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def prepare_in_turns(tasks: list[PrepareTask], preprocess: ImagePreprocess, limits: ImageLimits,
+                     batch: int, threads: int) -> Iterator[Prepared]:
+    """Prepare `batch` tasks at a time on a pool of threads (Pillow and hashlib release the GIL
+    while they decode, resize and hash); the next batch starts only when the caller asks for it."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    def one(task: PrepareTask) -> Prepared:
+        return prepare(task, preprocess, limits)
+
+    if threads <= 1:
+        yield from map(one, tasks)
+        return
+    with ThreadPoolExecutor(threads, thread_name_prefix="radlens-decode") as pool:
+        for start in range(0, len(tasks), batch):
+            yield from list(pool.map(one, tasks[start : start + batch]))
+
+
+def bounded_imap(submit: Callable, fn: Callable, items: Iterable, window: int,
+                 while_starting: Callable[[], None] | None = None) -> Iterator:
+    """Ordered results of fn(item) via `submit`, keeping at most `window` in flight; `while_starting`
+    runs once, after the first window is submitted and before waiting for the first result."""
     pending: deque = deque()
     for item in items:
         pending.append(submit(fn, (item,)))
         if len(pending) >= window:
+            if while_starting is not None:
+                while_starting()
+                while_starting = None
             yield pending.popleft().get()
+    if while_starting is not None:
+        while_starting()
     while pending:
         yield pending.popleft().get()

@@ -271,3 +271,63 @@ def test_a_second_concurrent_run_is_refused_clearly(tmp_path, tiny_encoder):
         with pytest.raises(DataError, match="another `radlens index` is running"):
             run_index(_job(src, data), tiny_encoder)
     assert run_index(_job(src, data), tiny_encoder).added == 1
+
+
+@pytest.mark.parametrize("count", [3, 10])
+def test_bounded_imap_keeps_order_and_window_and_starts_once(count):
+    """Results come back in order with at most `window` in flight; the warm-up hook runs exactly once,
+    after work was submitted and before the first result is taken."""
+    from indexer.prepare import bounded_imap
+
+    events: list[str] = []
+    in_flight = []
+
+    class Submitted:
+        def __init__(self, value):
+            self.value = value
+            in_flight.append(self)
+            events.append(f"submit {value}")
+
+        def get(self):
+            in_flight.remove(self)
+            events.append(f"get {self.value}")
+            return self.value * 2
+
+    peak = 0
+
+    def submit(fn, args):
+        nonlocal peak
+        job = Submitted(args[0])
+        peak = max(peak, len(in_flight))
+        return job
+
+    out = list(bounded_imap(submit, None, range(count), window=4, while_starting=lambda: events.append("warm")))
+    assert out == [2 * i for i in range(count)]
+    assert peak <= 4
+    assert events.count("warm") == 1
+    warm = events.index("warm")
+    assert events[warm - 1].startswith("submit") and events[warm + 1] == "get 0"
+
+
+def test_decoding_in_turns_keeps_order_and_waits_for_the_caller(monkeypatch):
+    """With workers=0 a batch is decoded on threads, and the next one only once the caller asks."""
+    import threading
+
+    from indexer import prepare as prep
+
+    started: list[str] = []
+    threads: set[str] = set()
+
+    def fake_prepare(task, preprocess, limits):
+        started.append(task.path)
+        threads.add(threading.current_thread().name)
+        return prep.Prepared(path=task.path)
+
+    monkeypatch.setattr(prep, "prepare", fake_prepare)
+    tasks = [prep.PrepareTask(f"f{i}") for i in range(10)]
+    items = prep.prepare_all(tasks, None, None, workers=0, batch=4, threads=2)
+    first = [next(items) for _ in range(4)]
+    assert len(started) == 4  # the second batch has not started while the caller holds the first
+    rest = list(items)
+    assert [p.path for p in first + rest] == [t.path for t in tasks]
+    assert all(name.startswith("radlens-decode") for name in threads)

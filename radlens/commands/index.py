@@ -16,7 +16,9 @@ def register(sub) -> None:
     p.add_argument("--rebuild", action="store_true",
                    help="re-embed everything into a new index, swapped in when complete (needed after a model change)")
     p.add_argument("--prune", action="store_true", help="remove rows and vectors of files that no longer exist")
-    p.add_argument("--workers", type=int, default=None, help="decode processes (default: cores - 1; 0: none)")
+    p.add_argument("--workers", type=int, default=None,
+                   help="decode processes (default: 0 for a CPU model, which then decodes in turns with the "
+                        "model on every core; cores - 1 for a GPU model)")
     p.add_argument("--chunk-size", type=positive_int, default=256, help="images committed per transaction")
     p.add_argument("--index-type", default="auto",
                    help="auto (exact below --exact-below vectors, IVF above, IVFPQ from --compress-above), Flat, IVF, "
@@ -59,7 +61,7 @@ def index_config(args):
 def run(args) -> int:
     from cxrmodel.encoder import load_encoder
     from cxrmodel.prompts import load_label_config
-    from indexer.pipeline import IndexJob, default_workers, run_index
+    from indexer.pipeline import IndexJob, run_index
 
     ray = None
     if args.engine == "ray":
@@ -70,7 +72,7 @@ def run(args) -> int:
                         plan_slice=args.ray_slice)
 
     job = IndexJob(sources=args.sources, data_dir=Path(args.data_dir), db_url=args.db_url, rebuild=args.rebuild,
-                   prune=args.prune, workers=default_workers() if args.workers is None else args.workers,
+                   prune=args.prune, workers=args.workers,
                    chunk_size=args.chunk_size, index=index_config(args),
                    labels=load_label_config(args.labels),  # a bad file fails before the slow model load
                    progress=not args.no_progress, engine=args.engine, ray=ray)
