@@ -217,8 +217,8 @@ class Encoder:
         import json
 
         text_impl = type(getattr(unwrap(self.model), "text_projection", None)).__module__
-        blob = json.dumps({**self.identity, "dtype": str(self.dtype), "text": text_impl, "residual": "fp32"},
-                          sort_keys=True)
+        blob = json.dumps({**self.identity, "dtype": str(self.dtype), "text": text_impl,
+                           "numerics": "fp32 residuals, folded quick-GELU"}, sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()
 
     @property
@@ -333,7 +333,7 @@ def load_encoder(config: EncoderConfig) -> Encoder:
     int8_text = config.precision == "auto" and device.type == "cpu" and dtype == torch.bfloat16
     if config.adapter:
         model = attach_adapter(model, config.adapter, merge=config.merge or int8_text)
-    model = model.to(device=device)
+    model = model.to(device=device).requires_grad_(False)  # an encoder only runs the model
     apply_fastpaths(model, device)
     if dtype != torch.float32:
         lower_matmul_weights(model, dtype)

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from cxrmodel.encoder import EncoderConfig, load_encoder
-from cxrmodel.fastpath import apply_fastpaths, choose_attention, pool_only_last_layer
+from cxrmodel.fastpath import apply_fastpaths, choose_attention, fold_quick_gelu, pool_only_last_layer
 from cxrmodel.lora import LoraSettings, apply_lora
 from tests.imagegen import shape_image
 from tests.tinymodel import tiny_clip_config
@@ -95,3 +95,24 @@ def test_bf16_keeps_norms_and_residuals_in_fp32(tiny_model_dir):
     exact = load_encoder(EncoderConfig(model=str(tiny_model_dir), precision="fp32"))
     cos = np.sum(bf16.encode_images(images) * exact.encode_images(images), axis=1)
     assert cos.min() >= 0.999, cos
+
+
+def test_folded_quick_gelu_gives_the_same_embeddings(tiny_clip):
+    pixels, ids = _pixels(), torch.randint(2, 60, (3, 6), generator=torch.Generator().manual_seed(4))
+    image, text = _image_features(tiny_clip, pixels), tiny_clip.get_text_features(input_ids=ids).pooler_output
+    folded = copy.deepcopy(tiny_clip)
+    assert fold_quick_gelu(folded) == 0  # trainable weights are never touched
+    folded.requires_grad_(False)
+    assert fold_quick_gelu(folded) == 4  # two layers per tower
+    assert isinstance(folded.vision_model.encoder.layers[0].mlp.activation_fn, torch.nn.SiLU)
+    torch.testing.assert_close(_image_features(folded, pixels), image, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(folded.get_text_features(input_ids=ids).pooler_output, text, atol=1e-5, rtol=1e-5)
+
+
+def test_an_mlp_with_an_unmerged_adapter_is_not_folded(tiny_clip):
+    wrapped = apply_lora(tiny_clip, LoraSettings(targets=("fc1",), init_weights=False))  # freezes the rest
+    pixels = _pixels()
+    wrapped.eval()
+    expected = _image_features(wrapped, pixels)
+    assert fold_quick_gelu(wrapped) == 0
+    torch.testing.assert_close(_image_features(wrapped, pixels), expected)
