@@ -161,7 +161,9 @@ def read_index(data_dir: str | Path, generation: int, mmap: bool = False) -> tup
     if meta is None or not faiss_path.exists():
         return None
     try:
-        index = faiss.read_index(str(faiss_path), faiss.IO_FLAG_MMAP_IFC | faiss.IO_FLAG_MMAP if mmap else 0)
+        # IO_FLAG_MMAP_IFC maps a Flat index's codes and an IVF index's lists in place; adding
+        # IO_FLAG_MMAP breaks IVF files ("mmap only supported for File objects", faiss 1.15)
+        index = faiss.read_index(str(faiss_path), faiss.IO_FLAG_MMAP_IFC if mmap else 0)
     except RuntimeError as exc:
         log.warning("cannot read %s (%s); it will be rebuilt", faiss_path, exc)
         return None

@@ -168,6 +168,19 @@ def test_approximate_index_above_threshold_keeps_recall(corpus, tmp_path, tiny_e
     _, approx = index.search(vecs[:20], 10)
     recall = np.mean([len(set(a) & set(e)) / 10 for a, e in zip(approx, exact)])
     assert recall >= 0.9, recall
+    # servers map the file instead of reading it: the same index, the same answers
+    mapped, mapped_meta = read_index(data, 1, mmap=True)
+    assert mapped_meta.factory == meta.factory and mapped.ntotal == 200
+    assert "g1.faiss" in Path("/proc/self/maps").read_text()
+    np.testing.assert_array_equal(mapped.search(vecs[:20], 10)[1], approx)
+    from search.engine import Engine, EngineConfig
+
+    engine = Engine.open(EngineConfig(data_dir=data), encoder=tiny_encoder)
+    try:
+        assert engine.stats()["vectors"] == 200 and engine.stats()["index_type"].startswith("IVF")
+        assert len(engine.text("a chest x-ray", k=5)) == 5
+    finally:
+        engine.close()
     assert sorted(index_ids(index)) == sorted(ids)
 
 
