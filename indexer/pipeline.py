@@ -1,4 +1,7 @@
-"""The indexing pipeline: reader -> decode workers -> encoder batches -> writer (rows + vectors).
+"""The indexing pipeline: reader -> decode -> encoder batches -> writer (rows + vectors).
+
+Decoding takes turns with a CPU model on every core, or runs in worker processes beside a GPU model
+(`default_workers`); each decoded batch goes to the model at once.
 
 Each chunk of images is written in one DB transaction (image rows, vectors, pathology scores,
 skipped files), so a run killed at any moment loses at most the chunk in flight and a restart
