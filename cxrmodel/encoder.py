@@ -19,8 +19,8 @@ import torch
 from PIL import Image
 
 from .errors import ModelLoadError
-from .lora import unwrap
 from .fastpath import apply_fastpaths
+from .lora import unwrap
 from .preprocess import PREPROCESSOR_FILE, ImagePreprocess
 
 log = logging.getLogger(__name__)
@@ -216,8 +216,7 @@ class Encoder:
         """Identifies everything that shapes this encoder's outputs (weights, adapter, precision)."""
         import json
 
-        text_impl = type(getattr(unwrap(self.model), "text_projection", None)).__module__
-        blob = json.dumps({**self.identity, "dtype": str(self.dtype), "text": text_impl,
+        blob = json.dumps({**self.identity, "dtype": str(self.dtype), "text": self._text_impl,
                            "numerics": "fp32 residuals, folded quick-GELU"}, sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()
 
@@ -237,8 +236,13 @@ class Encoder:
                               enabled=enabled and self.dtype != torch.float32)
 
     @property
+    def _text_impl(self) -> str:
+        """Module of the text projection's class: transformers', or torch's quantized one (int8)."""
+        return type(getattr(unwrap(self.model), "text_projection", None)).__module__
+
+    @property
     def _text_is_quantized(self) -> bool:
-        return "quantized" in type(getattr(unwrap(self.model), "text_projection", None)).__module__
+        return "quantized" in self._text_impl
 
     def encode_pixels(self, pixels: torch.Tensor) -> np.ndarray:
         """Preprocessed pixel batch (B, 3, H, W) -> (B, dim) unit vectors."""

@@ -26,9 +26,9 @@ from .dualencoder import ScratchSpec, build_scratch_model, own_parameters, save_
 from .encoder import Encoder, EncoderConfig, choose_device, choose_dtype, features, load_pretrained_parts
 from .errors import DataError, ImageDecodeError
 from .evaluate import embed_pairs, retrieval_metrics
+from .fastpath import apply_fastpaths
 from .images import load_image
 from .lora import LoraSettings, apply_lora, count_parameters, unwrap
-from .fastpath import apply_fastpaths
 from .pairs import Pair, load_pairs, split_pairs
 from .preprocess import ImagePreprocess
 
