@@ -224,7 +224,7 @@ def _embed(job: IndexJob, encoder, writer: "ChunkWriter", tasks: list[PrepareTas
                             while_starting=writer.warm_up)
         for item in items:
             chunk.append(item)
-            if item.error is None and not item.unchanged:
+            if item.needs_vector:
                 fresh.append(item)
             if len(fresh) >= encoder.batch_size:
                 batches.append(writer.embed(fresh))
@@ -327,7 +327,7 @@ class ChunkWriter:
         distributed run, so its rate caps the whole cluster's (see bench/writer.py).
         """
         # vector n belongs to chunk[fresh_at[n]]
-        fresh_at = [i for i, p in enumerate(chunk) if p.error is None and not p.unchanged]
+        fresh_at = [i for i, p in enumerate(chunk) if p.needs_vector]
         picked = sorted({chunk[i].path: n for n, i in enumerate(fresh_at)}.values())  # a path twice: the last wins
         fresh = [chunk[fresh_at[n]] for n in picked]
         vectors = np.asarray(vectors, dtype=np.float32).reshape(len(fresh_at), self.encoder.dim)[picked]

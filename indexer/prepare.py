@@ -36,6 +36,11 @@ class Prepared:
     metadata: dict[str, str] = field(default_factory=dict)
     error: str | None = None
 
+    @property
+    def needs_vector(self) -> bool:
+        """A new or changed file that decoded: its pixels are to be embedded."""
+        return self.error is None and not self.unchanged
+
 
 @dataclass(frozen=True)
 class PrepareTask:

@@ -114,7 +114,7 @@ def embed_with_ray(tasks: list[PrepareTask], encoder, limits: ImageLimits, confi
             ds = _dataset(ray, tasks[lo:lo + config.plan_slice], encoder.preprocess, limits, actor_config, config)
             for batch in ds.iter_batches(batch_size=chunk_size, batch_format="numpy"):
                 chunk = [_prepared(batch, i) for i in range(len(batch["path"]))]
-                fresh = [i for i, p in enumerate(chunk) if p.error is None and not p.unchanged]
+                fresh = [i for i, p in enumerate(chunk) if p.needs_vector]
                 yield chunk, np.asarray(batch["vector"][fresh], dtype=np.float32).reshape(len(fresh), encoder.dim)
     finally:
         if started_here:
@@ -136,9 +136,8 @@ def _dataset(ray, tasks: list[PrepareTask], preprocess: ImagePreprocess, limits:
 
 
 def _prepared(batch: dict, i: int) -> Prepared:
-    item = Prepared(path=str(batch["path"][i]), size_bytes=int(batch["size_bytes"][i]),
+    return Prepared(path=str(batch["path"][i]), size_bytes=int(batch["size_bytes"][i]),
                     mtime_ns=int(batch["mtime_ns"][i]), content_hash=str(batch["content_hash"][i]),
                     unchanged=bool(batch["unchanged"][i]), width=int(batch["width"][i]),
                     height=int(batch["height"][i]), format=str(batch["format"][i]),
                     metadata=json.loads(str(batch["metadata"][i])), error=str(batch["error"][i]) or None)
-    return item
