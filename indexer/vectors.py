@@ -149,8 +149,8 @@ def read_index(data_dir: str | Path, generation: int, mmap: bool = False) -> tup
     meta = read_meta(data_dir, generation)
     faiss_path, _ = index_paths(data_dir, generation)
     if meta is not None and meta.stem:
-        stem = Path(data_dir) / INDEX_DIR / meta.stem
         base = Path(data_dir) / INDEX_DIR
+        stem = base / meta.stem
         try:
             return RerankedIndex.open(Path(f"{stem}.faiss"), stem, meta.nprobe or 16, meta.depth or 100,
                                       delta_path=base / meta.delta if meta.delta else None,

@@ -194,8 +194,7 @@ class Engine:
 
     def embed(self, image: Image.Image | DecodedImage) -> np.ndarray:
         """One image's unit vector (compute it once when several queries need it)."""
-        pil = image.image if isinstance(image, DecodedImage) else image
-        return self.encoder.encode_images([pil])[0]
+        return self.encoder.encode_images([_pil(image)])[0]
 
     def image(self, image: Image.Image | DecodedImage, k: int = 10, filters: Filters | None = None) -> list[Hit]:
         """Indexed images most similar to `image`, best first."""
@@ -283,8 +282,7 @@ class Engine:
 
     def label(self, image: Image.Image | DecodedImage) -> list[LabelScore]:
         """Full-ensemble zero-shot scores of the 14 pathologies for one image (whether or not they apply)."""
-        pil = image.image if isinstance(image, DecodedImage) else image
-        return label_image(self.encoder, pil, self.labels)
+        return label_image(self.encoder, _pil(image), self.labels)
 
     def applicability(self, image: Image.Image | DecodedImage, metadata: dict | None = None,
                       vector: np.ndarray | None = None) -> Decision:
@@ -397,3 +395,8 @@ def _search_params(allowed: np.ndarray | None, nprobe: int | None):
         params.sel = sel
     params._selector_ref = sel  # keep the selector alive as long as the params
     return params
+
+
+def _pil(image: Image.Image | DecodedImage) -> Image.Image:
+    """The PIL image of a decoded upload (or the image itself)."""
+    return image.image if isinstance(image, DecodedImage) else image
