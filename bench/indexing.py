@@ -109,8 +109,9 @@ def neighbour_agreement(a: np.ndarray, b: np.ndarray, k: int = 10) -> float:
         sim = x @ x.T
         np.fill_diagonal(sim, -np.inf)
         return np.argsort(-sim, axis=1)[:, :k]
-    ta, tb = topk(a), topk(b)
-    return float(np.mean([len(set(r1) & set(r2)) / k for r1, r2 in zip(ta, tb)]))
+    from indexer.compressed import recall_at_k
+
+    return recall_at_k(topk(b), topk(a), k)
 
 
 def main(argv: list[str] | None = None) -> int:

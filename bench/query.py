@@ -25,6 +25,7 @@ from sqlalchemy.orm import Session
 
 from bench.common import table
 from bench.models import vit_b32_dir
+from indexer.compressed import recall_at_k
 from indexer.store import Generation, ImageRow, default_db_url, open_db
 from indexer.vectors import IndexConfig, IndexMeta, choose_factory, new_index, tune_nprobe, write_index_atomic
 
@@ -126,8 +127,7 @@ def main(argv: list[str] | None = None) -> int:
             p50, p95 = latency(engine, queries)
             engine.close()
             del index
-            recall = 1.0 if label == "exact" else float(np.mean(
-                [len(set(a) & set(e)) / 10 for a, e in zip(found, results["exact"])]))
+            recall = 1.0 if label == "exact" else recall_at_k(found, results["exact"], 10)
             rows.append([n, factory, p50, p95, recall, ram, build_s])
             shutil.rmtree(data)
         print(table(["vectors", "index", "p50 ms", "p95 ms", "recall@10", "bytes/vector", "build s"], rows[-2:]))
