@@ -253,6 +253,12 @@ class Encoder:
                 out.append(_normalise(features(self.model.get_image_features(pixel_values=chunk))))
         return _stack(out, self.dim)
 
+    def encode_arrays(self, pixel_arrays: Sequence[np.ndarray]) -> np.ndarray:
+        """Resized 8-bit pixels (`preprocess.pixels`, e.g. from decode workers) -> (N, dim) unit vectors."""
+        if not len(pixel_arrays):
+            return np.zeros((0, self.dim), dtype=np.float32)
+        return self.encode_pixels(self.preprocess.batch_tensor(list(pixel_arrays)))
+
     def encode_images(self, images: Sequence[Image.Image]) -> np.ndarray:
         """PIL images (``L`` or ``RGB``) -> (N, dim) unit vectors."""
         out = []

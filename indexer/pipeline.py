@@ -310,9 +310,7 @@ class ChunkWriter:
 
     def embed(self, items: list[Prepared]) -> np.ndarray:
         """Vectors of decoded items, in order: (len(items), dim)."""
-        if not items:
-            return np.zeros((0, self.encoder.dim), dtype=np.float32)
-        return self.encoder.encode_pixels(self.encoder.preprocess.batch_tensor([p.pixels for p in items]))
+        return self.encoder.encode_arrays([p.pixels for p in items])
 
     def warm_up(self) -> None:
         """Build what every chunk needs (the text embeddings of the label prompts and of the

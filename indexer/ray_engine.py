@@ -87,8 +87,7 @@ class EmbedActor:
         keep = np.flatnonzero(batch["has_pixels"])
         vectors = np.zeros((len(batch["path"]), self.encoder.dim), dtype=np.float32)
         if len(keep):
-            pixels = self.encoder.preprocess.batch_tensor([batch["pixels"][i] for i in keep])
-            vectors[keep] = self.encoder.encode_pixels(pixels)
+            vectors[keep] = self.encoder.encode_arrays([batch["pixels"][i] for i in keep])
         out = {k: v for k, v in batch.items() if k != "pixels"}
         out["vector"] = vectors
         return out
