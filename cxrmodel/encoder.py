@@ -28,6 +28,7 @@ log = logging.getLogger(__name__)
 DEFAULT_MODEL = "openai/clip-vit-base-patch32"
 MODEL_ENV = "RADLENS_MODEL"
 PRECISIONS = ("auto", "bf16", "fp32")
+NUMERICS = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}  # of the image vectors
 
 
 @dataclass
@@ -40,6 +41,8 @@ class EncoderConfig:
     precision: str = field(default="auto", metadata={
         "help": "auto (bf16 where fast; on CPU the text tower then runs int8), bf16 or fp32 (exact)."})
     device: str = field(default="auto", metadata={"help": "auto, cpu or cuda[:N]."})
+    revision: str | None = field(default=None, metadata={
+        "help": "Hub models: the commit (or branch/tag) to load; None: the latest. Indexes record the one loaded."})
     batch_size: int = field(default=32, metadata={"help": "Images or texts per forward pass."})
 
 
@@ -126,8 +129,10 @@ def _model_class(model_type: str):
     return classes[model_type]
 
 
-def load_pretrained_parts(name: str, dtype: torch.dtype = torch.float32):
-    """Load (model, tokenizer, preprocess) from a hub id or local directory; raises ModelLoadError."""
+def load_pretrained_parts(name: str, dtype: torch.dtype = torch.float32, revision: str | None = None):
+    """Load (model, tokenizer, preprocess) from a hub id or local directory; raises ModelLoadError.
+
+    A hub model's resolved commit is on `model.config._commit_hash` (None for local directories)."""
     from transformers import AutoConfig, AutoTokenizer
 
     from .bundled import resolve_alias
@@ -144,11 +149,12 @@ def load_pretrained_parts(name: str, dtype: torch.dtype = torch.float32):
     if not local.exists() and (name.startswith((".", "/", "~")) or name.count("/") > 1):
         raise ModelLoadError(f"model directory {name!r} does not exist. " + _hub_hint(name))
     source = str(local) if local.is_dir() else name
+    pinned = {"revision": revision} if revision and not local.is_dir() else {}
     try:
-        config = AutoConfig.from_pretrained(source)
-        model = _model_class(config.model_type).from_pretrained(source, dtype=dtype)
-        tokenizer = AutoTokenizer.from_pretrained(source)
-        preprocess = _load_preprocess(source)
+        config = AutoConfig.from_pretrained(source, **pinned)
+        model = _model_class(config.model_type).from_pretrained(source, dtype=dtype, **pinned)
+        tokenizer = AutoTokenizer.from_pretrained(source, **pinned)
+        preprocess = _load_preprocess(source, **pinned)
     except ModelLoadError:
         raise
     except (OSError, ValueError, KeyError, EnvironmentError) as exc:
@@ -158,7 +164,7 @@ def load_pretrained_parts(name: str, dtype: torch.dtype = torch.float32):
     return model, tokenizer, preprocess
 
 
-def _load_preprocess(source: str) -> ImagePreprocess:
+def _load_preprocess(source: str, revision: str | None = None) -> ImagePreprocess:
     if Path(source).is_dir():
         path = Path(source) / PREPROCESSOR_FILE
         if not path.exists():
@@ -166,7 +172,7 @@ def _load_preprocess(source: str) -> ImagePreprocess:
         return ImagePreprocess.from_pretrained(source)
     from huggingface_hub import hf_hub_download
 
-    return ImagePreprocess.from_pretrained(Path(hf_hub_download(source, PREPROCESSOR_FILE)).parent)
+    return ImagePreprocess.from_pretrained(Path(hf_hub_download(source, PREPROCESSOR_FILE, revision=revision)).parent)
 
 
 def attach_adapter(model, adapter_dir: str | Path, merge: bool = False, trainable: bool = False):
@@ -205,6 +211,7 @@ class Encoder:
         self.max_text_tokens = _max_text_tokens(model, tokenizer)
         self.cache_dir: Path | None = None  # where derived text embeddings (prompt banks) may be kept
         self.config: EncoderConfig | None = None  # set by load_encoder
+        self.revision: str | None = None  # a hub model's resolved commit; set by load_encoder
 
     @property
     def dim(self) -> int:
@@ -224,7 +231,7 @@ class Encoder:
     def identity(self) -> dict:
         """What an index records to know which encoder built it."""
         return {"model": self.model_name, "adapter": self.adapter, "adapter_hash": self.adapter_hash,
-                "dim": self.dim}
+                "dim": self.dim, "numerics": NUMERICS.get(self.dtype, str(self.dtype)), "revision": self.revision}
 
     def _base_config(self):
         model = self.model
@@ -339,7 +346,8 @@ def load_encoder(config: EncoderConfig) -> Encoder:
     """Load checkpoint, tokenizer, preprocessing and adapter as `config` says; raises ModelLoadError."""
     device = choose_device(config.device)
     dtype = choose_dtype(config.precision, device)
-    model, tokenizer, preprocess = load_pretrained_parts(config.model, dtype=torch.float32)
+    model, tokenizer, preprocess = load_pretrained_parts(config.model, dtype=torch.float32, revision=config.revision)
+    revision = getattr(model.config, "_commit_hash", None)
     int8_text = config.precision == "auto" and device.type == "cpu" and dtype == torch.bfloat16
     if config.adapter:
         model = attach_adapter(model, config.adapter, merge=config.merge or int8_text)
@@ -360,4 +368,5 @@ def load_encoder(config: EncoderConfig) -> Encoder:
     encoder = Encoder(model, tokenizer, preprocess, model_name=name, adapter=adapter,
                       device=device, dtype=dtype, batch_size=config.batch_size)
     encoder.config = config  # so that other processes (e.g. Ray actors) can load the same encoder
+    encoder.revision = revision if not local.is_dir() else None
     return encoder

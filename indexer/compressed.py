@@ -274,6 +274,21 @@ class RerankedIndex:
         rows[order] = self.vectors.rows(pos[order])
         return rows @ np.asarray(query, dtype=np.float32)
 
+    def exact_scores(self, query: np.ndarray, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(those of the sorted `ids` this index answers with, their exact inner products with `query`):
+        built rows re-read from the fp16 file, changes since the build from the exact delta."""
+        ids = np.asarray(ids, dtype=np.int64)
+        query = np.asarray(query, dtype=np.float32).ravel()
+        pos = np.minimum(np.searchsorted(self.ids, ids), max(0, len(self.ids) - 1))
+        built = ids[(self.ids[pos] == ids) & ~np.isin(ids, self.removed)] if len(self.ids) else ids[:0]
+        parts_i, parts_s = [built], [self.rescore(query, built) if len(built) else np.zeros(0, np.float32)]
+        if self.delta is not None and self.delta.ntotal:
+            in_delta = ids[np.isin(ids, faiss.vector_to_array(self.delta.id_map))]
+            if len(in_delta):
+                parts_i.append(in_delta)
+                parts_s.append(self.delta.reconstruct_batch(in_delta) @ query)
+        return np.concatenate(parts_i), np.concatenate(parts_s).astype(np.float32)
+
     def close(self) -> None:
         """Release the vector file."""
         self.vectors.close()

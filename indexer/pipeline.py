@@ -33,8 +33,8 @@ from .metadata import check_salt, data_dir_salt, row_fields
 from .prepare import Prepared, PrepareTask, prepare_all
 from .sources import ManifestProblem, SourceRecord, collect
 from .store import (DecisionRow, EmbeddingRow, Generation, ImageRow, ScoreRow, SkippedRow, active_generation,
-                    default_db_url, next_revision, open_db, remember_db_url, upsert, utcnow, vector_to_bytes,
-                    writers_lock)
+                    default_db_url, next_revision, open_db, publish, remember_db_url, upsert, utcnow,
+                    vector_to_bytes, writers_lock)
 from .vectors import IndexConfig, remove_generation_files, sync_generation
 
 if TYPE_CHECKING:
@@ -120,8 +120,7 @@ def _target_generation(session: Session, identity: dict, rebuild: bool) -> Gener
     if active is not None and not rebuild:
         if not active.matches(identity):
             raise DataError(
-                f"this index was built with model {active.model!r} (adapter {_short(active.adapter_hash)}), "
-                f"but this run uses {identity['model']!r} (adapter {_short(identity['adapter_hash'])}). "
+                f"this index was built with {active.describe()}, but this run uses {_describe(identity)}. "
                 "Re-run with --rebuild to embed everything again into a new index; the current one keeps "
                 "serving until the new one is complete.")
         return active
@@ -131,15 +130,17 @@ def _target_generation(session: Session, identity: dict, rebuild: bool) -> Gener
         if gen.matches(identity):
             return gen
     gen = Generation(model=identity["model"], adapter_hash=identity["adapter_hash"],
-                     adapter_path=identity.get("adapter"), dim=identity["dim"],
-                     active=False, next_revision=1)
+                     adapter_path=identity.get("adapter"), dim=identity["dim"], numerics=identity.get("numerics"),
+                     model_revision=identity.get("revision"), active=False, next_revision=1)
     session.add(gen)
     session.flush()
     return gen
 
 
-def _short(h: str | None) -> str:
-    return h[:12] if h else "none"
+def _describe(identity: dict) -> str:
+    """An encoder identity in the words of `Generation.describe`."""
+    return Generation(model=identity["model"], adapter_hash=identity["adapter_hash"], numerics=identity.get("numerics"),
+                      model_revision=identity.get("revision")).describe()
 
 
 LOCK_FILE = "index.lock"
@@ -194,6 +195,8 @@ def _run_index(job: IndexJob, encoder) -> IndexSummary:
         summary.index_type = meta.factory
         summary.generation = gen_id
         activate(db, job.data_dir, gen_id)
+        with Session(db) as session, session.begin():
+            publish(session)  # servers drop caches made from the metadata before this run
     finally:
         db.dispose()
     summary.seconds = time.perf_counter() - started

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 from sqlalchemy import (BigInteger, Boolean, DateTime, Float, ForeignKey, Index, Integer, LargeBinary, String,
-                        Text, create_engine, event, select, text, update)
+                        Text, create_engine, event, func, select, text, update)
 from sqlalchemy.engine import Engine, make_url
 from sqlalchemy.exc import ArgumentError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
@@ -62,6 +62,9 @@ class ImageRow(Base):
     added_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     updated_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
 
+    __table_args__ = tuple(Index(f"ix_images_lower_{c}", func.lower(text(c))) for c in
+                           ("modality", "body_part", "view", "source", "format"))  # case-insensitive filters
+
     METADATA_FIELDS = ("modality", "body_part", "view", "caption", "labels", "source", "study_description",
                        "indication", "age_band", "sex", "study_date")
 
@@ -85,15 +88,36 @@ class Generation(Base):
     adapter_path: Mapped[str | None] = mapped_column(Text)
     dim: Mapped[int] = mapped_column(Integer)
     index_type: Mapped[str | None] = mapped_column(String(128))
+    numerics: Mapped[str | None] = mapped_column(String(16))  # image tower's number format (fp32, bf16...)
+    model_revision: Mapped[str | None] = mapped_column(String(64))  # a hub model's resolved commit
     active: Mapped[bool] = mapped_column(Boolean, default=False, index=True)
     next_revision: Mapped[int] = mapped_column(Integer, default=1)
     created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     activated_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True))
 
     def matches(self, identity: dict) -> bool:
-        """True when this generation was made by the encoder with `identity`."""
-        return (self.model, self.adapter_hash, self.dim) == (
-            identity["model"], identity["adapter_hash"], identity["dim"])
+        """True when this generation was made by the encoder with `identity`, so that encoder may add to
+        it: same weights (model, hub revision, adapter), same vector size and the same number format
+        (bf16 vectors are not mixed into an fp32 index). Generations recorded before numerics and
+        revisions were (NULL) match any."""
+        return self.serves(identity) and _same_or_unrecorded(self.numerics, identity.get("numerics"))
+
+    def serves(self, identity: dict) -> bool:
+        """True when the encoder with `identity` embeds queries into this generation's space (the
+        number format of queries may differ from the index's, e.g. an int8 text tower)."""
+        return (self.model, self.adapter_hash, self.dim) == (identity["model"], identity["adapter_hash"],
+                                                              identity["dim"]) \
+            and _same_or_unrecorded(self.model_revision, identity.get("revision"))
+
+    def describe(self) -> str:
+        """The identity in words, for messages."""
+        adapter = self.adapter_hash[:12] if self.adapter_hash else "none"
+        revision = f"@{self.model_revision[:12]}" if self.model_revision else ""
+        return f"{self.model!r}{revision} (adapter {adapter}, {self.numerics or 'unrecorded numerics'})"
+
+
+def _same_or_unrecorded(stored: str | None, given: str | None) -> bool:
+    return stored is None or stored == given
 
 
 class EmbeddingRow(Base):
@@ -291,6 +315,24 @@ def writers_lock(session: Session):
 
 
 _WRITERS_LOCK = 0x5261644C  # "RadL"
+
+
+PUBLISHED_KEY = "published"
+
+
+def publish(session: Session) -> str:
+    """Mark the end of an index run (rows, metadata or files changed): servers drop their caches."""
+    import time
+
+    value = str(time.time_ns())
+    upsert(session, SettingRow, [dict(key=PUBLISHED_KEY, value=value)], keys=("key",))
+    return value
+
+
+def published_version(session: Session) -> str | None:
+    """The mark of the last finished index run (None before the first)."""
+    row = session.get(SettingRow, PUBLISHED_KEY)
+    return row.value if row is not None else None
 
 
 def active_generation(session: Session) -> Generation | None:

@@ -9,11 +9,9 @@ from __future__ import annotations
 import io
 import logging
 import threading
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import faiss
 import numpy as np
 from PIL import Image
 from sqlalchemy import select
@@ -28,11 +26,12 @@ from cxrmodel.report import Report, compose_report
 from cxrmodel.zeroshot import LabelScore, label_image
 
 from indexer.pipeline import DEFAULT_DATA_DIR
-from indexer.store import (DecisionRow, ImageRow, ScoreRow, active_generation, default_db_url, has_database,
-                           open_db)
-from indexer.vectors import IndexMeta, read_index
+from indexer.store import (DecisionRow, Generation, ImageRow, ScoreRow, active_generation, default_db_url,
+                           has_database, open_db)
 
 from .filters import Filters, matching_ids_query, parse_filters
+from .knn import Selection, candidate_rounds
+from .served import ServedState, StateLoader
 
 log = logging.getLogger(__name__)
 
@@ -75,32 +74,22 @@ class Hit:
                 "top_pathologies": [{"pathology": p, "probability": round(v, 4)} for p, v in self.top_pathologies()]}
 
 
-class _Served:
-    """The FAISS index of one generation, as loaded."""
-
-    def __init__(self, generation: int, index: faiss.Index, meta: IndexMeta, stamp: float):
-        self.generation, self.index, self.meta, self.stamp = generation, index, meta, stamp
-
-
 class Engine:
-    """Answers queries on one data dir; thread-safe."""
+    """Answers queries on one data dir; thread-safe. Every query runs on one `ServedState` snapshot."""
 
     def __init__(self, config: EngineConfig, encoder: Encoder, labels: LabelConfig, owns_encoder: bool = False):
         self.config = config
-        self.encoder = encoder
         self.labels = labels
         self._owns_encoder = owns_encoder  # loaded from the index's own record, so it may follow a rebuild
-        if encoder.cache_dir is None:
-            encoder.cache_dir = Path(config.data_dir) / "cache"
+        self._initial_encoder = encoder
+        self._set_cache_dir(encoder)
         self.db = open_db(config.url, create=False)
-        self._lock = threading.Lock()
-        self._served: _Served | None = None
-        self._checked_at = 0.0
-        self._refresh(force=True)
+        self._loader = StateLoader(self.db, Path(config.data_dir), config.reload_interval, self._encoder_for)
+        self._loader.current(force=True)
 
     @staticmethod
-    def check_openable(config: EngineConfig) -> tuple[str, str | None, str | None]:
-        """(model, adapter path, adapter hash) of the served index; a clear DataError when there is none."""
+    def check_openable(config: EngineConfig) -> Generation:
+        """The served generation (detached); a clear DataError when there is none."""
         if config.db_url is None and not has_database(config.data_dir):
             raise DataError(f"no RadLens index in {config.data_dir}: run `radlens index SRC --data-dir "
                             f"{config.data_dir}` first")
@@ -110,19 +99,20 @@ class Engine:
                 gen = active_generation(session)
                 if gen is None:
                     raise DataError(f"the index in {config.data_dir} is empty or unfinished: run `radlens index`")
-                return gen.model, gen.adapter_path, gen.adapter_hash
+                session.expunge(gen)
+                return gen
         finally:
             db.dispose()
 
     @classmethod
     def open(cls, config: EngineConfig, encoder: Encoder | None = None) -> "Engine":
         """Open a data dir, loading the encoder its index was built with (unless one is given)."""
-        model, adapter, adapter_hash = cls.check_openable(config)
+        gen = cls.check_openable(config)
         labels = load_label_config(config.labels_file)
         owns = encoder is None
         if encoder is None:
-            encoder = _encoder_for(config, model, adapter)
-        if config.model is None and encoder.adapter_hash != adapter_hash:
+            encoder = _encoder_for(config, gen)
+        if config.model is None and encoder.adapter_hash != gen.adapter_hash:
             raise ModelLoadError("the adapter on disk differs from the one the index was built with; "
                                  "re-index with `radlens index --rebuild`")
         return cls(config, encoder, labels, owns_encoder=owns and config.model is None)
@@ -131,55 +121,52 @@ class Engine:
         """Release the DB connection pool."""
         self.db.dispose()
 
-    # -- index management -------------------------------------------------------------------
-    def _refresh(self, force: bool = False) -> _Served:
-        now = time.monotonic()
-        served = self._served
-        if not force and served is not None and now - self._checked_at < self.config.reload_interval:
-            return served
-        with self._lock:
-            self._checked_at = now
-            with Session(self.db) as session:
-                gen = active_generation(session)
-            if gen is None:
-                raise DataError("the index has no active generation")
-            meta_path = Path(self.config.data_dir) / "index" / f"g{gen.id}.json"
-            try:
-                stamp = meta_path.stat().st_mtime_ns
-            except OSError:
-                stamp = -1
-            if served is None or served.generation != gen.id or served.stamp != stamp:
-                if not gen.matches(self.encoder.identity):
-                    if self._owns_encoder:
-                        log.info("index built with %s; loading that model", gen.model)
-                        self.encoder = _encoder_for(self.config, gen.model, gen.adapter_path)
-                        self.encoder.cache_dir = Path(self.config.data_dir) / "cache"
-                    elif served is not None:
-                        log.warning("generation %d was built by another model; keep serving the previous one",
-                                    gen.id)
-                        return served
-                    elif gen.dim != self.encoder.dim:
-                        raise DataError(f"the index holds {gen.dim}-d vectors but the model makes "
-                                        f"{self.encoder.dim}-d ones")
-                loaded = read_index(self.config.data_dir, gen.id, mmap=True)
-                if loaded is None:
-                    if served is not None:
-                        return served
-                    raise DataError(f"the FAISS index of generation {gen.id} is missing; run `radlens index`")
-                self._served = _Served(gen.id, loaded[0], loaded[1], stamp)
-                log.info("serving generation %d (%d vectors)", gen.id, loaded[0].ntotal)
-            return self._served
+    # -- the served state ------------------------------------------------------------------------
+    def state(self) -> ServedState:
+        """The snapshot (generation, encoder, index, caches) a query should use now."""
+        return self._loader.current()
+
+    @property
+    def encoder(self) -> Encoder:
+        """The encoder of the served generation."""
+        return self.state().encoder
+
+    def _set_cache_dir(self, encoder: Encoder) -> Encoder:
+        if encoder.cache_dir is None:
+            encoder.cache_dir = Path(self.config.data_dir) / "cache"
+        return encoder
+
+    def _encoder_for(self, gen: Generation) -> Encoder:
+        """The encoder that serves `gen`: the current one when it made it, a freshly loaded one when this
+        engine follows the index's model, else a DataError (the loader then keeps the old state)."""
+        state = self._loader.state
+        current = state.encoder if state is not None else self._initial_encoder
+        if gen.serves(current.identity):
+            return current
+        if self._owns_encoder:
+            log.info("generation %d was built with %s; loading that model", gen.id, gen.describe())
+            encoder = self._set_cache_dir(_encoder_for(self.config, gen))
+            if not gen.serves(encoder.identity):
+                raise DataError(f"generation {gen.id} was built with {gen.describe()}, which cannot be loaded "
+                                f"as it was (got {encoder.identity['model']!r})")
+            return encoder
+        if state is None and gen.dim == current.dim:
+            log.warning("serving generation %d (built with %s) with the model given: %s", gen.id, gen.describe(),
+                        current.model_name)
+            return current
+        raise DataError(f"the index (generation {gen.id}) holds {gen.dim}-d vectors built with {gen.describe()}, "
+                        f"but the model given makes {current.dim}-d ones ({current.model_name})")
 
     @property
     def generation(self) -> int:
-        return self._refresh().generation
+        return self.state().generation
 
     def stats(self) -> dict:
         """Size and identity of the served index."""
-        served = self._refresh()
-        return {"generation": served.generation, "vectors": int(served.index.ntotal),
-                "index_type": served.meta.factory, "model": self.encoder.model_name, "dim": self.encoder.dim,
-                "adapter": bool(self.encoder.adapter)}
+        state = self.state()
+        return {"generation": state.generation, "vectors": int(state.index.ntotal),
+                "index_type": state.meta.factory, "model": state.encoder.model_name, "dim": state.encoder.dim,
+                "adapter": bool(state.encoder.adapter)}
 
     # -- queries ---------------------------------------------------------------------------------
     def parse_filters(self, expressions: list[str] | None) -> Filters:
@@ -190,43 +177,48 @@ class Engine:
         """Images best matching a text query, best first."""
         if not query or not query.strip():
             raise DataError("empty query")
-        return self.search_vector(self.encoder.encode_texts([query.strip()])[0], k, filters)
+        state = self.state()
+        return self._search(state, state.encoder.encode_texts([query.strip()])[0], k, filters)
 
-    def embed(self, image: Image.Image | DecodedImage) -> np.ndarray:
+    def embed(self, image: Image.Image | DecodedImage, state: ServedState | None = None) -> np.ndarray:
         """One image's unit vector (compute it once when several queries need it)."""
-        return self.encoder.encode_images([_pil(image)])[0]
+        return (state or self.state()).encoder.encode_images([_pil(image)])[0]
 
     def image(self, image: Image.Image | DecodedImage, k: int = 10, filters: Filters | None = None) -> list[Hit]:
         """Indexed images most similar to `image`, best first."""
-        return self.search_vector(self.embed(image), k, filters)
+        state = self.state()
+        return self._search(state, self.embed(image, state), k, filters)
 
-    def search_vector(self, vector: np.ndarray, k: int = 10, filters: Filters | None = None) -> list[Hit]:
-        """Nearest indexed images to a unit vector; exact duplicates (same content hash) collapse."""
+    def search_vector(self, vector: np.ndarray, k: int = 10, filters: Filters | None = None,
+                      state: ServedState | None = None) -> list[Hit]:
+        """Nearest indexed images to a unit vector made by `state`'s encoder (default: the served one);
+        exact duplicates (same content hash) collapse. Returns min(k, distinct allowed images) hits."""
+        return self._search(state or self.state(), vector, k, filters)
+
+    def _search(self, state: ServedState, vector: np.ndarray, k: int, filters: Filters | None) -> list[Hit]:
         k = max(1, min(int(k), 1000))
-        served = self._refresh()
-        index = served.index
-        allowed = None
-        if filters:
+        vector = np.ascontiguousarray(vector, dtype=np.float32).ravel()
+        if vector.shape[0] != state.encoder.dim:
+            raise DataError(f"a {vector.shape[0]}-d query cannot search a {state.encoder.dim}-d index")
+        selection = self.selection(filters, state) if filters else None
+        if selection is not None and selection.count == 0:
+            return []
+        hits: list[Hit] = []
+        _, rounds = candidate_rounds(state.index, state.scorer, vector, k, selection)
+        for found in rounds:
+            hits = self._hits(found, state.generation, k)
+            if len(hits) >= k:
+                break
+        return hits
+
+    def selection(self, filters: Filters, state: ServedState | None = None) -> Selection:
+        """The ids `filters` allow in the served generation, fetched once per state and filter."""
+        state = state or self.state()
+
+        def fetch() -> np.ndarray:
             with Session(self.db) as session:
-                allowed = np.fromiter(session.scalars(matching_ids_query(filters, served.generation)),
-                                      dtype=np.int64)
-            if len(allowed) == 0:
-                return []
-        total = int(index.ntotal) if allowed is None else min(int(index.ntotal), len(allowed))
-        fetch = min(total, 2 * k)
-        inner = faiss.downcast_index(index.index)
-        nprobe = inner.nprobe if isinstance(inner, faiss.IndexIVF) else None
-        query = np.ascontiguousarray(vector, dtype=np.float32).reshape(1, -1)
-        while True:
-            scores, ids = index.search(query, max(fetch, 1), params=_search_params(allowed, nprobe))
-            found = [(int(i), float(s)) for i, s in zip(ids[0], scores[0]) if i >= 0]
-            hits = self._hits(found, served.generation, k)
-            exhausted = fetch >= total and (nprobe is None or nprobe >= inner.nlist)
-            if len(hits) >= k or exhausted:
-                return hits
-            if len(found) < fetch and nprobe is not None:
-                nprobe = min(inner.nlist, nprobe * 4)  # IVF found too few under the filter: probe more lists
-            fetch = min(total, fetch * 4)
+                return np.fromiter(session.scalars(matching_ids_query(filters, state.generation)), dtype=np.int64)
+        return state.selection(filters.cache_key(), fetch)
 
     def _hits(self, found: list[tuple[int, float]], generation: int, k: int) -> list[Hit]:
         if not found:
@@ -252,9 +244,11 @@ class Engine:
         return hits
 
     # -- images, labels, reports ---------------------------------------------------------------
-    def get(self, image_id: int) -> dict | None:
+    def get(self, image_id: int, state: ServedState | None = None) -> dict | None:
         """Metadata and stored pathology scores of one indexed image, or None."""
-        served = self._refresh()
+        state = state or self.state()
+        if not _valid_id(image_id):
+            return None
         with Session(self.db) as session:
             row = session.get(ImageRow, int(image_id))
             if row is None:
@@ -262,16 +256,18 @@ class Engine:
             out = row.to_dict()
             out["scores"] = {s.pathology: {"probability": s.probability, "uncertainty": s.uncertainty}
                              for s in session.scalars(select(ScoreRow).where(
-                                 ScoreRow.generation_id == served.generation, ScoreRow.image_id == row.id))}
-            decision = session.get(DecisionRow, (served.generation, row.id))
+                                 ScoreRow.generation_id == state.generation, ScoreRow.image_id == row.id))}
+            decision = session.get(DecisionRow, (state.generation, row.id))
             out["applicability"] = decision.to_dict() if decision else None
         return out
 
     def load(self, image_id: int) -> DecodedImage:
         """Decode an indexed image from its stored path (by DB id only)."""
-        with Session(self.db) as session:
-            row = session.get(ImageRow, int(image_id))
-            path = row.path if row is not None else None
+        path = None
+        if _valid_id(image_id):
+            with Session(self.db) as session:
+                row = session.get(ImageRow, int(image_id))
+                path = row.path if row is not None else None
         if path is None:
             raise DataError(f"no image with id {image_id}")
         return load_image(path, self.config.limits)
@@ -280,26 +276,29 @@ class Engine:
         """Decode uploaded bytes under this engine's limits."""
         return decode_bytes(data, name=name, limits=self.config.limits)
 
-    def label(self, image: Image.Image | DecodedImage) -> list[LabelScore]:
+    def label(self, image: Image.Image | DecodedImage, state: ServedState | None = None) -> list[LabelScore]:
         """Full-ensemble zero-shot scores of the 14 pathologies for one image (whether or not they apply)."""
-        return label_image(self.encoder, _pil(image), self.labels)
+        return label_image((state or self.state()).encoder, _pil(image), self.labels)
 
     def applicability(self, image: Image.Image | DecodedImage, metadata: dict | None = None,
-                      vector: np.ndarray | None = None) -> Decision:
+                      vector: np.ndarray | None = None, state: ServedState | None = None) -> Decision:
         """Do the 14 labels apply? From metadata when it settles it (no model call), else from the model
-        (using `vector` when the caller already embedded the image)."""
+        (using `vector` when the caller already embedded the image with `state`'s encoder)."""
         meta = {**(image.metadata if isinstance(image, DecodedImage) else {}), **(metadata or {})}
         decided = decide_from_metadata(meta)
         if decided is not None:
             return decided
-        vec = self.embed(image) if vector is None else vector
-        return decide_from_model(self.encoder, vec[None, :], self.labels.applicability)[0]
+        state = state or self.state()
+        vec = self.embed(image, state) if vector is None else vector
+        return decide_from_model(state.encoder, vec[None, :], self.labels.applicability)[0]
 
     def assess(self, image: Image.Image | DecodedImage, metadata: dict | None = None,
-               vector: np.ndarray | None = None) -> tuple[Decision, list[LabelScore]]:
+               vector: np.ndarray | None = None, state: ServedState | None = None
+               ) -> tuple[Decision, list[LabelScore]]:
         """The applicability decision and, only where the labels apply, their scores."""
-        decision = self.applicability(image, metadata, vector)
-        return decision, (self.label(image) if decision.applicable else [])
+        state = state or self.state()
+        decision = self.applicability(image, metadata, vector, state)
+        return decision, (self.label(image, state) if decision.applicable else [])
 
     def report(self, image: Image.Image | DecodedImage, metadata: dict | None = None,
                threshold: float | None = None, scores: list[LabelScore] | None = None,
@@ -314,27 +313,35 @@ class Engine:
 
     def report_for_id(self, image_id: int, threshold: float | None = None, lang: str = "en"
                       ) -> tuple[Report, list[LabelScore], Decision, dict]:
-        """Report, scores, applicability and metadata of an indexed image (DataError when unknown)."""
-        meta = self.get(image_id)
+        """Report, scores, applicability and metadata of an indexed image (DataError when unknown).
+
+        The full label ensemble runs once per image and served state; page, charts and downloads
+        then share it, whatever their threshold or language.
+        """
+        state = self.state()
+        meta = self.get(image_id, state)
         if meta is None:
             raise DataError(f"no image with id {image_id}")
-        image = self.load(image_id)
         stored = meta.get("applicability")
         if stored is not None:  # the decision made at index time, so page, filters and report agree
             decision = Decision(**stored)
-            scores = self.label(image) if decision.applicable else []
+            scores = state.labels_for(image_id, lambda: self.label(self.load(image_id), state)) \
+                if decision.applicable else []
         else:
-            decision, scores = self.assess(image, meta)
-        return self.report(image, meta, threshold, scores, decision, lang), scores, decision, meta
+            image = self.load(image_id)
+            decision, scores = self.assess(image, meta, state=state)
+        size = {"width": meta.get("width"), "height": meta.get("height")}
+        return compose_report(scores, {**size, **meta}, self.labels, threshold, decision=decision, lang=lang), \
+            scores, decision, meta
 
     def priors(self, image_id: int) -> dict:
         """The same patient's indexed studies in date order, with stored scores and the change per pathology.
 
         Studies are linked by the salted patient hash only; no key is ever returned.
         """
-        served = self._refresh()
+        state = self.state()
         with Session(self.db) as session:
-            row = session.get(ImageRow, int(image_id))
+            row = session.get(ImageRow, int(image_id)) if _valid_id(image_id) else None
             if row is None:
                 raise DataError(f"no image with id {image_id}")
             if row.patient_hash is None:
@@ -343,7 +350,7 @@ class Engine:
                                    .order_by(ImageRow.study_date.asc().nulls_last(), ImageRow.id)).all()
             ids = [r.id for r in rows]
             scores: dict[int, dict[str, float]] = {}
-            for s in session.scalars(select(ScoreRow).where(ScoreRow.generation_id == served.generation,
+            for s in session.scalars(select(ScoreRow).where(ScoreRow.generation_id == state.generation,
                                                             ScoreRow.image_id.in_(ids))):
                 scores.setdefault(s.image_id, {})[s.pathology] = round(s.probability, 4)
             studies = [{"id": r.id, "study_date": r.study_date, "file_name": Path(r.path).name,
@@ -375,26 +382,24 @@ class Engine:
         return buf.getvalue()
 
 
-def _encoder_for(config: EngineConfig, model: str, adapter: str | None) -> Encoder:
-    """Load the encoder an index generation was built with (or the configured override)."""
-    if adapter and not Path(adapter).exists():
-        raise ModelLoadError(f"the index was built with adapter {adapter}, which no longer exists")
-    return load_encoder(EncoderConfig(model=config.model or model, adapter=adapter, precision=config.precision,
-                                      device=config.device))
+def _encoder_for(config: EngineConfig, gen: Generation) -> Encoder:
+    """Load the encoder a generation was built with (or the configured override)."""
+    if gen.adapter_path and not Path(gen.adapter_path).exists():
+        raise ModelLoadError(f"the index was built with adapter {gen.adapter_path}, which no longer exists")
+    return load_encoder(EncoderConfig(model=config.model or gen.model, adapter=gen.adapter_path,
+                                      precision=config.precision, device=config.device,
+                                      revision=None if config.model else gen.model_revision))
 
 
-def _search_params(allowed: np.ndarray | None, nprobe: int | None):
-    if allowed is None and nprobe is None:
-        return None
-    sel = faiss.IDSelectorBatch(allowed) if allowed is not None else None
-    if nprobe is not None:
-        params = faiss.SearchParametersIVF(nprobe=nprobe)
-    else:
-        params = faiss.SearchParameters()
-    if sel is not None:
-        params.sel = sel
-    params._selector_ref = sel  # keep the selector alive as long as the params
-    return params
+MAX_ID = 2**63 - 1
+
+
+def _valid_id(image_id) -> bool:
+    """True for ids a database can hold (a larger one can name no image)."""
+    try:
+        return 0 <= int(image_id) <= MAX_ID
+    except (TypeError, ValueError):
+        return False
 
 
 def _pil(image: Image.Image | DecodedImage) -> Image.Image:

@@ -38,6 +38,11 @@ class Filters:
     def __bool__(self) -> bool:
         return bool(self.metadata or self.scores)
 
+    def cache_key(self) -> tuple:
+        """The same key for filters that select the same rows (metadata compares case-insensitively)."""
+        return (tuple(sorted((k, v.strip().lower()) for k, v in self.metadata)),
+                tuple(sorted((s.pathology, s.op, s.value) for s in self.scores)))
+
     def to_dict(self) -> dict:
         return {"metadata": dict(self.metadata),
                 "scores": [{"pathology": s.pathology, "op": s.op, "value": s.value} for s in self.scores]}
@@ -74,8 +79,8 @@ def parse_filters(expressions: list[str] | None, pathologies: list[str]) -> Filt
 def matching_ids_query(filters: Filters, generation: int) -> Select:
     """SELECT of the image ids that satisfy every condition (bound parameters only)."""
     query = select(ImageRow.id)
-    for key, value in filters.metadata:
-        query = query.where(func.lower(getattr(ImageRow, key)) == value.lower())
+    for key, value in filters.metadata:  # served by the lower(column) indexes (migration 0003)
+        query = query.where(func.lower(getattr(ImageRow, key)) == value.strip().lower())
     for bound in filters.scores:
         score = aliased(ScoreRow)
         query = query.join(score, and_(score.image_id == ImageRow.id, score.generation_id == generation,

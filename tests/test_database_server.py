@@ -9,12 +9,13 @@ import sys
 from pathlib import Path
 
 import pytest
-from sqlalchemy import create_engine, inspect
+from alembic import command
+from sqlalchemy import create_engine, inspect, text
 
 from cxrmodel.errors import DataError
 from indexer.check import check_data_dir
 from indexer.metadata import SALT_FILE, data_dir_salt
-from indexer.migrations import current_revision, head_revision
+from indexer.migrations import BASELINE, alembic_config, current_revision, head_revision
 from indexer.pipeline import IndexJob, run_index
 from indexer.store import Base, default_db_url, open_db
 from tests.databases import fetch
@@ -38,8 +39,13 @@ def test_migrations_create_exactly_the_models_schema(tmp_path):
 def test_a_database_from_before_migrations_is_upgraded_by_the_indexer_and_refused_by_readers(tmp_path, tiny_encoder):
     (tmp_path / "d").mkdir()
     url = default_db_url(tmp_path / "d")
-    old = create_engine(url)
-    Base.metadata.create_all(old, tables=[t for t in Base.metadata.sorted_tables if t.name != "settings"])
+    old = create_engine(url)  # the schema such a database has: the baseline's, with no alembic_version
+    with old.connect() as conn:
+        config = alembic_config()
+        config.attributes["connection"] = conn
+        command.upgrade(config, BASELINE)
+        conn.execute(text("DROP TABLE alembic_version"))
+        conn.commit()
     old.dispose()
     with pytest.raises(DataError, match="run `radlens index` once to upgrade"):
         open_db(url, create=False)
