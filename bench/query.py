@@ -1,6 +1,12 @@
 """Query latency at scale: text encode + search + DB fetch, exact vs approximate, 10k / 100k / 1M vectors.
 
     python -m bench.query [--sizes 10000,100000,1000000] [--queries 60] [--out bench-out/query]
+    python -m bench.query --filters [--sizes 1000000]
+
+`--filters`: one auto-sized IVF index per size, queried unfiltered and with filters matching 0.1%,
+10%, 50% and 100% of rows: end-to-end text query and search-only p50/p95 (filter selection cached,
+as a server has it after the first query), the first (cold) query that fetches the selection from
+the DB, the plan taken, and recall@10 against brute force over the allowed rows.
 
 Vectors are synthetic unit vectors drawn around 2,000 cluster centres (embeddings of real corpora are
 clustered; uniformly random vectors would make every approximate index look bad). Each size gets a real
@@ -61,13 +67,23 @@ def build(vectors: np.ndarray, factory: str) -> tuple[faiss.Index, float]:
     return index, time.perf_counter() - t0
 
 
+FILTER_CASES = [("none", [], 1.0), ("0.1%", ["body_part=knee"], 0.001), ("10%", ["view=LAT"], 0.1),
+                ("50%", ["modality=CT"], 0.5), ("100%", ["source=archive"], 1.0)]
+
+
+def _metadata(i: int) -> dict:
+    """Columns whose values split the rows 0.1% / 10% / 50% / 100% (see FILTER_CASES)."""
+    return {"modality": "CT" if i % 2 else "X-ray", "view": "LAT" if i % 10 == 3 else "PA",
+            "body_part": "knee" if i % 1000 == 7 else "chest", "source": "archive"}
+
+
 def make_data_dir(path: Path, n: int, index: faiss.Index, factory: str, nprobe: int | None) -> None:
     if path.exists():
         shutil.rmtree(path)
     path.mkdir(parents=True)
     db = open_db(default_db_url(path))
     rows = [{"id": i, "path": f"/archive/img{i:07d}.png", "content_hash": f"{i:064x}", "size_bytes": 1000,
-             "mtime_ns": 0, "width": 1024, "height": 1024, "format": "PNG", "modality": "X-ray"}
+             "mtime_ns": 0, "width": 1024, "height": 1024, "format": "PNG", **_metadata(i)}
             for i in range(1, n + 1)]
     with Session(db) as s, s.begin():
         for start in range(0, n, 50_000):
@@ -78,15 +94,56 @@ def make_data_dir(path: Path, n: int, index: faiss.Index, factory: str, nprobe: 
     write_index_atomic(path, index, IndexMeta(generation=1, revision=1, count=n, factory=factory, nprobe=nprobe))
 
 
-def latency(engine, queries: list[str]) -> tuple[float, float]:
+def latency(engine, queries: list, filters=None, search=None) -> tuple[float, float]:
+    """p50/p95 ms of `search(query)` (default: `engine.text`) over the queries."""
+    search = search or (lambda q: engine.text(q, k=10, filters=filters))
     times = []
     for q in queries:
         t0 = time.perf_counter()
-        hits = engine.text(q, k=10)
+        hits = search(q)
         times.append((time.perf_counter() - t0) * 1000)
         assert len(hits) == 10
     times.sort()
     return statistics.median(times), times[int(0.95 * (len(times) - 1))]
+
+
+def filter_rows(engine, encoder, n: int, vectors: np.ndarray, probe: np.ndarray, queries: list[str],
+                factory: str) -> list[list]:
+    """One row per FILTER_CASES entry: latencies, cold first query, plan and recall@10 (see --filters)."""
+    from search.knn import candidate_rounds
+
+    state = engine.state()
+    latency(engine, queries)  # warm-up: page cache, allocator, text tower
+    latency(engine, list(probe), search=lambda v: engine.search_vector(v, k=10))
+    rows, base = [], None
+    ids = np.arange(1, n + 1)
+    meta = {key: np.array([_metadata(i)[key] for i in ids]) for key in ("modality", "view", "body_part")}
+    for name, expressions, share in FILTER_CASES:
+        filters = engine.parse_filters(expressions) if expressions else None
+        t0 = time.perf_counter()
+        engine.search_vector(probe[0], k=10, filters=filters)  # the first query also fetches the selection
+        cold = (time.perf_counter() - t0) * 1000
+        text_p50, text_p95 = latency(engine, queries, filters)
+        search_p50, search_p95 = latency(engine, list(probe), search=lambda v: engine.search_vector(
+            v, k=10, filters=filters))
+        allowed = np.ones(n, dtype=bool)
+        for expr in expressions:
+            key, value = expr.split("=")
+            if key in meta:
+                allowed &= meta[key] == value
+        selection = engine.selection(filters) if filters else None
+        plan = candidate_rounds(state.index, state.scorer, probe[0], 10, selection)[0]
+        truth = [ids[allowed][np.argsort(-(vectors[allowed] @ q))[:10]] for q in probe[:20]]
+        found = [[h.id for h in engine.search_vector(q, k=10, filters=filters)] for q in probe[:20]]
+        recall = recall_at_k(np.array(found), np.array(truth), 10)
+        base = base or search_p50
+        rows.append([n, factory, name, int(allowed.sum()), plan, text_p50, text_p95, search_p50, search_p95,
+                     search_p50 / base, cold, recall])
+    return rows
+
+
+FILTER_HEADERS = ["vectors", "index", "filter", "allowed", "plan", "text p50", "text p95", "search p50",
+                  "search p95", "x unfiltered", "cold ms", "recall@10"]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -94,6 +151,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sizes", default="10000,100000,1000000")
     parser.add_argument("--queries", type=int, default=60)
     parser.add_argument("--out", type=Path, default=Path("bench-out/query"))
+    parser.add_argument("--filters", action="store_true", help="filtered queries on the approximate index")
     args = parser.parse_args(argv)
     from cxrmodel.encoder import EncoderConfig, load_encoder
     from search.engine import Engine, EngineConfig
@@ -106,11 +164,15 @@ def main(argv: list[str] | None = None) -> int:
     encode_ms = (time.perf_counter() - t0) * 1000 / len(QUERIES)
     print(f"text encode alone: {encode_ms:.1f} ms/query (ViT-B/32 text tower, {encoder.dtype})")
     rows = []
-    for n in [int(s) for s in args.sizes.split(",")]:
+    sizes = [int(s) for s in args.sizes.split(",")]
+    if args.filters:
+        sizes = [max(sizes)] if args.sizes != parser.get_default("sizes") else [1_000_000]
+    for n in sizes:
         everything = clustered_vectors(n + 200, seed=1)
         vectors, probe = everything[:n], everything[n:]  # probes: same distribution, not indexed
         results = {}
-        for label, factory in (("exact", "Flat"), ("approx", choose_factory(n, IndexConfig(index_type="IVF")))):
+        kinds = (("exact", "Flat"), ("approx", choose_factory(n, IndexConfig(index_type="IVF"))))
+        for label, factory in kinds[1:] if args.filters else kinds:
             index, build_s = build(vectors, factory)
             nprobe = None
             if factory.startswith("IVF"):  # as `radlens index` does: tune on a sample of stored vectors
@@ -122,7 +184,13 @@ def main(argv: list[str] | None = None) -> int:
             data = args.out / f"data-{n}-{label}"
             make_data_dir(data, n, index, factory.split()[0], nprobe)
             engine = Engine.open(EngineConfig(data_dir=data), encoder=encoder)
-            _, found = engine._refresh().index.search(probe, 10)
+            if args.filters:
+                rows += filter_rows(engine, encoder, n, vectors, probe[:args.queries], queries, factory)
+                print(table(FILTER_HEADERS, rows))
+                engine.close()
+                shutil.rmtree(data)
+                continue
+            _, found = engine.state().index.search(probe, 10)
             results[label] = found
             p50, p95 = latency(engine, queries)
             engine.close()
@@ -130,7 +198,10 @@ def main(argv: list[str] | None = None) -> int:
             recall = 1.0 if label == "exact" else recall_at_k(found, results["exact"], 10)
             rows.append([n, factory, p50, p95, recall, ram, build_s])
             shutil.rmtree(data)
-        print(table(["vectors", "index", "p50 ms", "p95 ms", "recall@10", "bytes/vector", "build s"], rows[-2:]))
+        if not args.filters:
+            print(table(["vectors", "index", "p50 ms", "p95 ms", "recall@10", "bytes/vector", "build s"], rows[-2:]))
+    if args.filters:
+        return 0
     print()
     print(table(["vectors", "index", "p50 ms", "p95 ms", "recall@10", "bytes/vector", "build s"], rows))
     for n in sorted({r[0] for r in rows}):

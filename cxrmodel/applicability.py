@@ -16,7 +16,7 @@ import numpy as np
 RADIOGRAPH_MODALITIES = {"X-RAY", "XRAY", "XR", "CR", "DX", "DR", "RADIOGRAPH", "RADIOGRAPHY", "RG"}
 OTHER_MODALITIES = {"CT": "CT", "MR": "MRI", "MRI": "MRI", "US": "ultrasound", "NM": "nuclear medicine",
                     "PT": "PET", "PET": "PET", "MG": "mammography", "XA": "angiography", "OT": "other", "SC": None}
-CHEST_PARTS = {"CHEST", "THORAX", "LUNG", "LUNGS", "CHEST_LAT", "CHEST PA", "CXR"}
+CHEST_PARTS = {"CHEST", "THORAX", "LUNG", "LUNGS", "CHEST LAT", "CHEST PA", "CXR"}  # as `_norm` writes them
 VIEW_ALIASES = {"PA": "PA", "AP": "AP", "AP SUPINE": "AP", "APSUPINE": "AP", "AP ERECT": "AP", "LL": "lateral",
                 "RL": "lateral", "LAT": "lateral", "LATERAL": "lateral", "LLD": "lateral", "RLD": "lateral"}
 _lock = threading.Lock()
@@ -56,7 +56,8 @@ class ApplicabilityConfig:
 
 
 def _norm(value) -> str:
-    return str(value or "").strip().upper().replace("-", " ").replace("_", " ")
+    """Upper case, '-' and '_' as spaces (DICOM's CHEST_LAT and a manifest's chest-lat are one value)."""
+    return " ".join(str(value or "").upper().replace("-", " ").replace("_", " ").split())
 
 
 def decide_from_metadata(metadata: dict) -> Decision | None:

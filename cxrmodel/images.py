@@ -47,6 +47,9 @@ class ImageLimits:
 
     max_pixels: int = field(default=100_000_000, metadata={"help": "Largest width*height*frames decoded."})
     max_bytes: int = field(default=512 * 1024 * 1024, metadata={"help": "Largest encoded file accepted."})
+    max_side: int | None = field(default=None, metadata={
+        "help": "Reduce larger images to about this many pixels on the long side as they are decoded (JPEG "
+                "decodes reduced); None keeps full resolution. Uploads use it: labels and search need 224 px."})
 
 
 @dataclass
@@ -112,8 +115,11 @@ def _decode_raster(data: bytes, name: str, limits: ImageLimits) -> DecodedImage:
             fmt = im.format or "unknown"
             _check_pixels(im.width * im.height * getattr(im, "n_frames", 1), name, limits)
             im.seek(0)
+            if limits.max_side and fmt == "JPEG":
+                im.draft(im.mode, (limits.max_side, limits.max_side))  # DCT scaling: decode 1/2 .. 1/8 size
             im.load()
-            im = ImageOps.exif_transpose(im)
+            ImageOps.exif_transpose(im, in_place=True)  # a returned copy would double a large image's memory
+            im = reduce_to(im, limits.max_side)
     except ImageDecodeError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
@@ -123,6 +129,13 @@ def _decode_raster(data: bytes, name: str, limits: ImageLimits) -> DecodedImage:
     except (OSError, SyntaxError, ValueError, TypeError, EOFError, struct.error) as exc:
         raise ImageDecodeError(f"{name}: corrupt or truncated image ({exc})") from None
     return DecodedImage(image=_to_display_mode(im), format=fmt)
+
+
+def reduce_to(im: Image.Image, max_side: int | None) -> Image.Image:
+    """`im` shrunk by a whole factor (box filter) while its long side stays at least `max_side`."""
+    if not max_side or max(im.size) < 2 * max_side:
+        return im
+    return im.reduce(max(im.size) // max_side)
 
 
 def _check_pixels(count: int, name: str, limits: ImageLimits) -> None:
@@ -189,7 +202,8 @@ def _read_dicom(data: bytes, name: str, limits: ImageLimits) -> DecodedImage:
     if pixels.ndim not in (2, 3) or 0 in pixels.shape:
         raise ImageDecodeError(f"{name}: DICOM pixel data has an unusable shape {pixels.shape}")
     mode = "RGB" if pixels.ndim == 3 else "L"
-    return DecodedImage(image=Image.fromarray(pixels, mode=mode), format="DICOM", metadata=dicom_metadata(ds))
+    image = reduce_to(Image.fromarray(pixels, mode=mode), limits.max_side)
+    return DecodedImage(image=image, format="DICOM", metadata=dicom_metadata(ds))
 
 
 def _dicom_display_pixels(ds, frames: int) -> np.ndarray:

@@ -170,9 +170,14 @@ def image_variants(image: Image.Image, names) -> dict[str, Image.Image]:
 
 
 def label_image(encoder, image: Image.Image, config: LabelConfig) -> list[LabelScore]:
-    """Full ensemble (preprocessing variants x prompt sets) labels for one image."""
+    """Full ensemble (preprocessing variants x prompt sets) labels for one image.
+
+    The variants are made from the image as the model sees it (resized and cropped to its input size),
+    so a 9000 x 9000 upload costs four small images, not four full-resolution copies.
+    """
     bank = prompt_bank(encoder, config)
-    variants = image_variants(image, [v for v, w in config.variants.items() if w > 0])
+    model_view = encoder.preprocess.resize(image)
+    variants = image_variants(model_view, [v for v, w in config.variants.items() if w > 0])
     vectors = encoder.encode_images(list(variants.values()))
     probs = member_probabilities(vectors, bank)  # (variants, sets, P)
     names = [f"{v}/{s}" for v in variants for s in bank.set_names]

@@ -9,7 +9,7 @@ from __future__ import annotations
 import io
 import logging
 import threading
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -48,6 +48,8 @@ class EngineConfig:
     labels_file: str | None = field(default=None, metadata={"help": "JSON overriding prompts/thresholds."})
     reload_interval: float = field(default=1.0, metadata={"help": "Seconds between checks for a new index."})
     limits: ImageLimits = field(default_factory=ImageLimits)
+    upload_side: int | None = field(default=2048, metadata={
+        "help": "Uploads are reduced to about this many pixels on the long side as they are decoded."})
 
     @property
     def url(self) -> str:
@@ -63,12 +65,13 @@ class Hit:
     image: dict
     pathologies: dict[str, float] = field(default_factory=dict)
     applicability: dict | None = None
+    generation: int | None = None  # the index generation that answered (its model made the score)
 
     def top_pathologies(self, n: int = 3) -> list[tuple[str, float]]:
         return sorted(self.pathologies.items(), key=lambda kv: -kv[1])[:n]
 
     def to_dict(self) -> dict:
-        return {"id": self.id, "score": round(self.score, 6), "image": self.image,
+        return {"id": self.id, "score": round(self.score, 6), "generation": self.generation, "image": self.image,
                 "applicability": self.applicability,
                 "pathologies": {k: round(v, 4) for k, v in self.pathologies.items()},
                 "top_pathologies": [{"pathology": p, "probability": round(v, 4)} for p, v in self.top_pathologies()]}
@@ -238,7 +241,8 @@ class Engine:
                 if row is None or row.content_hash in seen:
                     continue
                 seen.add(row.content_hash)
-                hits.append(Hit(image_id, score, row.to_dict(), scores.get(image_id, {}), decisions.get(image_id)))
+                hits.append(Hit(image_id, score, row.to_dict(), scores.get(image_id, {}), decisions.get(image_id),
+                                generation))
                 if len(hits) == k:
                     break
         return hits
@@ -273,8 +277,8 @@ class Engine:
         return load_image(path, self.config.limits)
 
     def decode_upload(self, data: bytes, name: str = "upload") -> DecodedImage:
-        """Decode uploaded bytes under this engine's limits."""
-        return decode_bytes(data, name=name, limits=self.config.limits)
+        """Decode uploaded bytes under this engine's limits, reduced to a working size (`upload_side`)."""
+        return decode_bytes(data, name=name, limits=replace(self.config.limits, max_side=self.config.upload_side))
 
     def label(self, image: Image.Image | DecodedImage, state: ServedState | None = None) -> list[LabelScore]:
         """Full-ensemble zero-shot scores of the 14 pathologies for one image (whether or not they apply)."""

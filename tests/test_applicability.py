@@ -43,6 +43,9 @@ def arranged_config(encoder, image, chest: bool) -> ApplicabilityConfig:
     ({"modality": "CR", "body_part": "CHEST", "view": "PA"}, True, "PA"),
     ({"modality": "X-ray", "body_part": "chest", "view": "AP supine"}, True, "AP"),
     ({"modality": "DX", "body_part": "CHEST", "view": "LL"}, True, "lateral"),
+    ({"modality": "DX", "body_part": "CHEST_LAT", "view": "LATERAL"}, True, "lateral"),  # DICOM's spelling
+    ({"modality": "CR", "body_part": "chest-lat"}, True, None),
+    ({"modality": "CR", "body_part": "  Chest  PA "}, True, None),
 ])
 def test_metadata_decides_when_it_can(meta, applicable, view):
     decision = decide_from_metadata(meta)

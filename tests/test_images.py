@@ -136,3 +136,16 @@ def test_corrupt_dicom_gives_clear_error(tmp_path):
         decode_bytes(data[:400], name="x.dcm")
     with pytest.raises(ImageDecodeError):
         decode_bytes(b"\0" * 128 + b"DICM" + b"garbage" * 10, name="y.dcm")
+
+
+@pytest.mark.parametrize("fmt", ["PNG", "JPEG"])
+def test_max_side_reduces_large_images_as_they_are_decoded(fmt):
+    """Uploads are reduced to a working size (the model needs 224 px); small images are left alone."""
+    big = Image.fromarray(np.tile(np.arange(256, dtype=np.uint8), (1500, 20))[:, :5000], "L")  # 5000 x 1500
+    buf = io.BytesIO()
+    big.save(buf, format=fmt)
+    reduced = decode_bytes(buf.getvalue(), "big", ImageLimits(max_side=1000)).image
+    assert 1000 <= max(reduced.size) < 2000 and reduced.width / reduced.height == pytest.approx(5000 / 1500, rel=0.02)
+    assert decode_bytes(buf.getvalue(), "big").image.size == (5000, 1500)  # indexing keeps full resolution
+    small = decode_bytes(png_bytes(gray_image(1)), "small", ImageLimits(max_side=1000)).image
+    assert small.size == gray_image(1).size

@@ -131,7 +131,9 @@ def test_downloads(client, some_id):
 
 
 @pytest.mark.parametrize("path", ["/api/images/999999", "/api/images/999999/thumbnail", "/api/images/999999/full",
-                                  "/api/images/999999/report", "/api/images/0/labels", "/image/999999"])
+                                  "/api/images/999999/report", "/api/images/0/labels", "/image/999999",
+                                  f"/api/images/{2**63}", f"/api/images/{2**63 - 1}", f"/api/images/{2**64}/priors",
+                                  f"/image/{2**63}", f"/api/images/{10**30}/report"])
 def test_unknown_ids_are_404(client, path):
     r = client.get(path)
     assert r.status_code == 404
@@ -151,7 +153,7 @@ def test_openapi_lists_every_api_route(client, app):
     documented = {p.replace("{", "<").replace("}", ">") for p in doc["paths"]}
     for rule in app.url_map.iter_rules():
         if rule.rule.startswith("/api/"):
-            normalised = rule.rule.replace("<int:image_id>", "<image_id>")
+            normalised = rule.rule.replace("<image_id:image_id>", "<image_id>")
             assert normalised in documented, rule.rule
 
 
@@ -200,3 +202,50 @@ def test_token_enforcement(engine, some_id):
     # a browser logs in once with ?token= and then keeps a cookie
     assert c.get("/?token=s3cret").status_code == 200
     assert c.get(f"/image/{some_id}").status_code == 200
+
+
+def test_the_label_ensemble_runs_once_per_image_for_page_charts_and_downloads(engine, app, some_id, monkeypatch):
+    import search.engine
+
+    calls = []
+    real = search.engine.label_image
+    monkeypatch.setattr(search.engine, "label_image", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    engine._loader.current(force=True).labels._items.clear()  # start cold
+    client = app.test_client()
+    for path in (f"/image/{some_id}", f"/api/images/{some_id}/chart.png", f"/api/images/{some_id}/heatmap.svg",
+                 f"/api/images/{some_id}/summary.png", f"/api/images/{some_id}/report?format=md&threshold=0.2",
+                 f"/api/images/{some_id}/findings.csv?threshold=0.9", f"/image/{some_id}?lang=de&threshold=0.3",
+                 f"/api/images/{some_id}/labels"):
+        assert client.get(path).status_code == 200, path
+    assert len(calls) == 1
+    thresholds = {s["threshold"] for s in client.get(f"/api/images/{some_id}/labels").json["labels"]}
+    assert 0.9 not in thresholds and 0.3 not in thresholds  # a request's threshold never leaks into the cache
+
+
+def test_label_variants_are_made_at_the_model_input_size(engine, monkeypatch):
+    import cxrmodel.zeroshot
+
+    sizes = []
+    real = cxrmodel.zeroshot.image_variants
+    monkeypatch.setattr(cxrmodel.zeroshot, "image_variants",
+                        lambda image, names: sizes.append(image.size) or real(image, names))
+    engine.label(Image.new("L", (3000, 2000), 128))
+    assert sizes == [engine.encoder.preprocess.output_size[::-1]]
+
+
+def test_heavy_requests_beyond_the_limit_get_503_with_retry_after(engine, some_id):
+    from web.limits import SLOTS_KEY
+
+    app = create_app(ServeConfig(api_token=None, heavy_requests=1, heavy_wait_seconds=0.05), engine=engine)
+    client = app.test_client()
+    slots = app.extensions[SLOTS_KEY]
+    assert slots.acquire(timeout=1)  # another request is decoding a large image
+    try:
+        for r in (client.post("/api/label", data=_upload(png_bytes(shape_image("circle", "red"))),
+                              content_type="multipart/form-data"),
+                  client.get(f"/api/images/{some_id}/full"), client.get(f"/image/{some_id}")):
+            assert r.status_code == 503 and int(r.headers["Retry-After"]) > 0
+        assert client.get("/api/search", query_string={"q": "a red circle"}).status_code == 200  # not heavy
+    finally:
+        slots.release()
+    assert client.get(f"/api/images/{some_id}/full").status_code == 200

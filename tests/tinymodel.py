@@ -39,7 +39,8 @@ def build_tokenizer(max_length: int = 32):
                                    unk_token=EOS, model_max_length=max_length)
 
 
-def tiny_clip_config(vocab_size: int, eos_id: int, bos_id: int, image_size: int = 32, max_text: int = 32):
+def tiny_clip_config(vocab_size: int, eos_id: int, bos_id: int, image_size: int = 32, max_text: int = 32,
+                     projection_dim: int = 16):
     """A CLIPConfig with two small layers per tower."""
     from transformers import CLIPConfig
 
@@ -49,18 +50,19 @@ def tiny_clip_config(vocab_size: int, eos_id: int, bos_id: int, image_size: int 
                          bos_token_id=bos_id, pad_token_id=eos_id),
         vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
                            image_size=image_size, patch_size=8),
-        projection_dim=16,
+        projection_dim=projection_dim,
     )
 
 
-def save_tiny_clip(directory: Path, seed: int = 0, image_size: int = 32) -> Path:
+def save_tiny_clip(directory: Path, seed: int = 0, image_size: int = 32, projection_dim: int = 16) -> Path:
     """Write a loadable tiny CLIP checkpoint (model, tokenizer, preprocessor) to `directory`."""
     from transformers import CLIPModel
 
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     tokenizer = build_tokenizer()
-    config = tiny_clip_config(len(tokenizer), tokenizer.eos_token_id, tokenizer.bos_token_id, image_size)
+    config = tiny_clip_config(len(tokenizer), tokenizer.eos_token_id, tokenizer.bos_token_id, image_size,
+                              projection_dim=projection_dim)
     torch.manual_seed(seed)
     model = CLIPModel(config)
     model.save_pretrained(directory)

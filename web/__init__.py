@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 
 from flask import Flask, jsonify, render_template, request
 from werkzeug.exceptions import HTTPException
+from werkzeug.routing import IntegerConverter
 
 from cxrmodel.errors import ImageDecodeError, RadLensError
 
@@ -32,16 +33,27 @@ class ServeConfig:
     api_token: str | None = field(default_factory=lambda: os.environ.get(TOKEN_ENV) or None,
                                   metadata={"help": "When set, every route but health requires it."})
     thumbnail_size: int = 256
+    heavy_requests: int = field(default=2, metadata={
+        "help": "Requests that decode or label a whole image at once (per process); more wait, then get 503."})
+    heavy_wait_seconds: float = field(default=30.0, metadata={"help": "How long a heavy request waits for a slot."})
+    retry_after_seconds: int = 5
     default_k: int = 12
     max_k: int = 100
+
+
+class ImageIdConverter(IntegerConverter):
+    """`<image_id:...>`: a non-negative 64-bit id; a larger number matches no route (404), never a 500."""
+
+    def __init__(self, url_map):
+        super().__init__(url_map, max=2**63 - 1)
 
 
 class HTTPError(Exception):
     """An error with an HTTP status and a message for the user."""
 
-    def __init__(self, status: int, message: str):
+    def __init__(self, status: int, message: str, headers: dict | None = None):
         super().__init__(message)
-        self.status, self.message = status, message
+        self.status, self.message, self.headers = status, message, headers or {}
 
 
 def status_for(exc: RadLensError) -> int:
@@ -54,6 +66,7 @@ def status_for(exc: RadLensError) -> int:
 
 def create_app(config: ServeConfig | None = None, engine=None) -> Flask:
     """Build the Flask app around an opened `search.Engine`."""
+    from . import limits
     from .api import api
     from .pages import pages
 
@@ -62,6 +75,8 @@ def create_app(config: ServeConfig | None = None, engine=None) -> Flask:
     app.config["MAX_CONTENT_LENGTH"] = config.max_upload_bytes
     app.extensions["radlens"] = engine
     app.extensions["radlens_config"] = config
+    app.url_map.converters["image_id"] = ImageIdConverter
+    limits.install(app, config.heavy_requests)
     app.register_blueprint(api)
     app.register_blueprint(pages)
 
@@ -84,7 +99,8 @@ def create_app(config: ServeConfig | None = None, engine=None) -> Flask:
 
     @app.errorhandler(HTTPError)
     def on_http_error(exc: HTTPError):
-        return _error(exc.status, exc.message)
+        body, status = _error(exc.status, exc.message)
+        return body, status, exc.headers
 
     @app.errorhandler(RadLensError)
     def on_user_error(exc: RadLensError):

@@ -12,6 +12,7 @@ from cxrmodel.report import findings_csv, to_markdown, to_pdf
 
 from .context import (config, engine, id_labels, k_param, label_payload, lang_param, read_upload, threshold_param,
                       upload_labels)
+from .limits import heavy
 from .openapi import openapi_document
 
 api = Blueprint("api", __name__, url_prefix="/api")
@@ -47,6 +48,7 @@ def search():
 
 
 @api.post("/similar")
+@heavy
 def similar():
     k = k_param(request.form.get("k"))
     filters = _filters()
@@ -56,6 +58,7 @@ def similar():
 
 
 @api.post("/label")
+@heavy
 def label():
     threshold = threshold_param(request.form.get("threshold"))
     lang = lang_param(request.form.get("lang") or request.args.get("lang"))
@@ -63,7 +66,7 @@ def label():
     return jsonify(label_payload(*upload_labels(image, threshold, lang)))
 
 
-@api.get("/images/<int:image_id>")
+@api.get("/images/<image_id:image_id>")
 def image_metadata(image_id: int):
     meta = engine().get(image_id)
     if meta is None:
@@ -71,19 +74,21 @@ def image_metadata(image_id: int):
     return jsonify(meta)
 
 
-@api.get("/images/<int:image_id>/labels")
+@api.get("/images/<image_id:image_id>/labels")
+@heavy
 def image_labels(image_id: int):
     _, scores, report, decision = id_labels(image_id, threshold_param(request.args.get("threshold")),
                                             lang_param(request.args.get("lang")))
     return jsonify(label_payload(scores, report, decision))
 
 
-@api.get("/images/<int:image_id>/priors")
+@api.get("/images/<image_id:image_id>/priors")
 def image_priors(image_id: int):
     return jsonify(engine().priors(image_id))
 
 
-@api.get("/images/<int:image_id>/report")
+@api.get("/images/<image_id:image_id>/report")
+@heavy
 def image_report(image_id: int):
     fmt = request.args.get("format", "json")
     _, _, report, _ = id_labels(image_id, threshold_param(request.args.get("threshold")),
@@ -97,7 +102,8 @@ def image_report(image_id: int):
     return jsonify({"error": "format must be json, md or pdf", "status": 400}), 400
 
 
-@api.get("/images/<int:image_id>/findings.<fmt>")
+@api.get("/images/<image_id:image_id>/findings.<fmt>")
+@heavy
 def image_findings(image_id: int, fmt: str):
     threshold = threshold_param(request.args.get("threshold"))
     _, scores, _, _ = id_labels(image_id, threshold)
@@ -110,6 +116,7 @@ def image_findings(image_id: int, fmt: str):
     return jsonify({"error": "format must be csv or json", "status": 400}), 400
 
 
+@heavy
 def _figure(image_id: int, fmt: str, kind: str):
     if fmt not in ("png", "svg"):
         return jsonify({"error": "format must be png or svg", "status": 400}), 400
@@ -127,28 +134,30 @@ def _figure(image_id: int, fmt: str, kind: str):
     return _download(draw(), mime, f"{kind}-{image_id}.{fmt}", inline=True)
 
 
-@api.get("/images/<int:image_id>/chart.<fmt>")
+@api.get("/images/<image_id:image_id>/chart.<fmt>")
 def image_chart(image_id: int, fmt: str):
     return _figure(image_id, fmt, "chart")
 
 
-@api.get("/images/<int:image_id>/heatmap.<fmt>")
+@api.get("/images/<image_id:image_id>/heatmap.<fmt>")
 def image_heatmap(image_id: int, fmt: str):
     return _figure(image_id, fmt, "heatmap")
 
 
-@api.get("/images/<int:image_id>/summary.<fmt>")
+@api.get("/images/<image_id:image_id>/summary.<fmt>")
 def image_summary(image_id: int, fmt: str):
     return _figure(image_id, fmt, "summary")
 
 
-@api.get("/images/<int:image_id>/thumbnail")
+@api.get("/images/<image_id:image_id>/thumbnail")
+@heavy
 def thumbnail(image_id: int):
     data = engine().thumbnail(image_id, config().thumbnail_size)
     return Response(data, mimetype="image/png", headers={"Cache-Control": "private, max-age=86400"})
 
 
-@api.get("/images/<int:image_id>/full")
+@api.get("/images/<image_id:image_id>/full")
+@heavy
 def full_image(image_id: int):
     import io
 

@@ -72,10 +72,11 @@ def id_labels(image_id: int, threshold: float | None, lang: str = "en"):
     return meta, scores, report, decision
 
 
-def upload_labels(image, threshold: float | None, lang: str = "en", vector=None):
-    """(scores, report, decision) of an uploaded image (`vector`: its embedding, if already computed)."""
+def upload_labels(image, threshold: float | None, lang: str = "en", vector=None, state=None):
+    """(scores, report, decision) of an uploaded image (`vector`: its embedding by `state`'s encoder, if
+    already computed)."""
     eng = engine()
-    decision, scores = eng.assess(image, vector=vector)
+    decision, scores = eng.assess(image, vector=vector, state=state)
     return scores, eng.report(image, {}, threshold, scores, decision, lang), decision
 
 

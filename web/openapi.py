@@ -10,7 +10,8 @@ def _param(name, where="query", schema=None, required=False, description=""):
             "description": description}
 
 
-_ID = _param("image_id", "path", {"type": "integer", "minimum": 1}, True, "database id of an indexed image")
+_ID = _param("image_id", "path", {"type": "integer", "minimum": 0, "maximum": 2**63 - 1}, True,
+             "database id of an indexed image")
 _K = _param("k", schema={"type": "integer", "minimum": 1, "maximum": 100}, description="number of results")
 _FILTER = {**_param("filter", schema={"type": "array", "items": {"type": "string"}},
                     description="repeatable: modality=CT, view=PA, effusion>=0.6 ..."),

@@ -6,11 +6,13 @@ import base64
 import io
 
 from flask import Blueprint, render_template, request
+from PIL import Image
 
 from cxrmodel.errors import RadLensError
 from cxrmodel.report import languages, sections
 
 from . import HTTPError, status_for
+from .limits import heavy
 from .context import engine, id_labels, k_param, lang_param, read_upload, threshold_param, upload_labels
 
 pages = Blueprint("pages", __name__)
@@ -34,6 +36,11 @@ def index():
 def upload():
     if request.method == "GET":
         return render_template("upload.html", result=None, error=None)
+    return _labelled_upload()
+
+
+@heavy
+def _labelled_upload():
     try:
         image = read_upload()
         k = k_param(request.form.get("k"))
@@ -43,11 +50,11 @@ def upload():
         return render_template("upload.html", result=None, error=exc.message), exc.status
     except RadLensError as exc:
         return render_template("upload.html", result=None, error=str(exc)), status_for(exc)
-    vector = engine().embed(image)  # one forward pass serves the search and the applicability check
-    hits = engine().search_vector(vector, k=k)
-    scores, report, decision = upload_labels(image, threshold, lang, vector)
-    preview = image.image.copy()
-    preview.thumbnail((384, 384))
+    state = engine().state()  # one model and index for the whole answer
+    vector = engine().embed(image, state)  # one forward pass serves the search and the applicability check
+    hits = engine().search_vector(vector, k=k, state=state)
+    scores, report, decision = upload_labels(image, threshold, lang, vector, state)
+    preview = _preview(image.image, 384)
     buf = io.BytesIO()
     preview.save(buf, format="PNG")
     result = {"hits": hits, "scores": scores, "report": report, "sections": sections(report),
@@ -55,7 +62,8 @@ def upload():
     return render_template("upload.html", result=result, error=None, languages=languages(), lang=lang)
 
 
-@pages.get("/image/<int:image_id>")
+@pages.get("/image/<image_id:image_id>")
+@heavy
 def image_page(image_id: int):
     threshold = threshold_param(request.args.get("threshold"))
     lang = lang_param(request.args.get("lang"))
@@ -63,3 +71,11 @@ def image_page(image_id: int):
     return render_template("image.html", meta=meta, scores=scores, report=report, sections=sections(report),
                            decision=decision, threshold=threshold, lang=lang, languages=languages(),
                            priors=engine().priors(image_id))
+
+
+def _preview(image: Image.Image, box: int) -> Image.Image:
+    """A copy at most `box` pixels on its long side, resized straight from the original (a full-size
+    copy of a 9000 x 9000 upload would cost another 80-250 MB per request)."""
+    scale = min(1.0, box / max(image.size))
+    size = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
+    return image.resize(size, Image.Resampling.BICUBIC, reducing_gap=2.0)

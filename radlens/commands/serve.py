@@ -25,6 +25,9 @@ def register(sub) -> None:
     p.add_argument("--model", default=None, help="override the model the index was built with")
     p.add_argument("--labels", default=None, help="JSON file overriding prompts, weights and thresholds")
     p.add_argument("--max-upload-mb", type=float, default=32.0, help="largest accepted upload")
+    p.add_argument("--heavy-requests", type=positive_int, default=None,
+                   help="requests that decode or label a whole image at once, per process (default 2); more "
+                        "wait, then get 503 + Retry-After")
     p.set_defaults(run=run)
 
 
@@ -32,10 +35,13 @@ def build_app(args):
     """Open the engine and wrap it in the Flask app (once per server process)."""
     from search.engine import Engine, EngineConfig
     from web import ServeConfig, create_app
+    from web.limits import return_large_buffers_to_the_os
 
+    return_large_buffers_to_the_os()
     engine = Engine.open(EngineConfig(data_dir=args.data_dir, db_url=args.db_url, model=args.model,
                                       labels_file=args.labels))
-    return create_app(ServeConfig(max_upload_bytes=int(args.max_upload_mb * 1024 * 1024)), engine=engine)
+    limits = {"heavy_requests": args.heavy_requests} if args.heavy_requests else {}
+    return create_app(ServeConfig(max_upload_bytes=int(args.max_upload_mb * 1024 * 1024), **limits), engine=engine)
 
 
 def run(args) -> int:
