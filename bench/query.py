@@ -133,7 +133,9 @@ def filter_rows(engine, encoder, n: int, vectors: np.ndarray, probe: np.ndarray,
                 allowed &= meta[key] == value
         selection = engine.selection(filters) if filters else None
         plan = candidate_rounds(state.index, state.scorer, probe[0], 10, selection)[0]
-        truth = [ids[allowed][np.argsort(-(vectors[allowed] @ q))[:10]] for q in probe[:20]]
+        allowed_ids, allowed_vectors = ids[allowed], vectors[allowed]
+        truth = [allowed_ids[np.argsort(-(allowed_vectors @ q))[:10]] for q in probe[:20]]
+        del allowed_vectors
         found = [[h.id for h in engine.search_vector(q, k=10, filters=filters)] for q in probe[:20]]
         recall = recall_at_k(np.array(found), np.array(truth), 10)
         base = base or search_p50

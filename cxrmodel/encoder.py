@@ -130,9 +130,8 @@ def _model_class(model_type: str):
 
 
 def load_pretrained_parts(name: str, dtype: torch.dtype = torch.float32, revision: str | None = None):
-    """Load (model, tokenizer, preprocess) from a hub id or local directory; raises ModelLoadError.
-
-    A hub model's resolved commit is on `model.config._commit_hash` (None for local directories)."""
+    """Load (model, tokenizer, preprocess) from a hub id (at `revision`) or a local directory; raises
+    ModelLoadError."""
     from transformers import AutoConfig, AutoTokenizer
 
     from .bundled import resolve_alias
@@ -347,7 +346,6 @@ def load_encoder(config: EncoderConfig) -> Encoder:
     device = choose_device(config.device)
     dtype = choose_dtype(config.precision, device)
     model, tokenizer, preprocess = load_pretrained_parts(config.model, dtype=torch.float32, revision=config.revision)
-    revision = getattr(model.config, "_commit_hash", None)
     int8_text = config.precision == "auto" and device.type == "cpu" and dtype == torch.bfloat16
     if config.adapter:
         model = attach_adapter(model, config.adapter, merge=config.merge or int8_text)
@@ -368,5 +366,17 @@ def load_encoder(config: EncoderConfig) -> Encoder:
     encoder = Encoder(model, tokenizer, preprocess, model_name=name, adapter=adapter,
                       device=device, dtype=dtype, batch_size=config.batch_size)
     encoder.config = config  # so that other processes (e.g. Ray actors) can load the same encoder
-    encoder.revision = revision if not local.is_dir() else None
+    encoder.revision = None if local.is_dir() else hub_commit(config.model, config.revision)
     return encoder
+
+
+def hub_commit(name: str, revision: str | None = None) -> str | None:
+    """The commit a hub model id (at `revision`, default the latest) resolved to in the local hub cache,
+    read from the snapshot folder its config was loaded from; None when it cannot be told."""
+    from huggingface_hub import try_to_load_from_cache
+
+    path = try_to_load_from_cache(name, "config.json", revision=revision)
+    if not isinstance(path, str):
+        return None
+    snapshot = Path(path).parent
+    return snapshot.name if snapshot.parent.name == "snapshots" else None

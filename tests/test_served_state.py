@@ -113,3 +113,34 @@ def test_an_index_is_not_extended_with_other_numerics_or_another_hub_revision(tm
     (src / "new.png").write_bytes((src / next(p.name for p in src.iterdir())).read_bytes())
     with pytest.raises(DataError, match="fp32.*bf16|--rebuild"):
         run_index(IndexJob(sources=[str(src)], data_dir=data, workers=0, progress=False), Bf16Encoder(tiny_encoder))
+
+
+def test_a_hub_model_records_the_commit_it_loaded(tmp_path, tiny_model_dir, monkeypatch):
+    """A hub id is resolved (here from an offline hub cache) and its commit becomes part of the index's
+    identity; asking for another revision of the same id is refused as another model."""
+    import shutil
+
+    from cxrmodel.encoder import EncoderConfig, load_encoder
+
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repo = tmp_path / "hub" / "models--radlens-test--tiny-clip"
+    shutil.copytree(tiny_model_dir, repo / "snapshots" / commit)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    encoder = load_encoder(EncoderConfig(model="radlens-test/tiny-clip", precision="fp32"))
+    assert encoder.revision == commit and encoder.identity["revision"] == commit
+    src, data = gray_folder(tmp_path / "src", 2), tmp_path / "data"
+    run_index(IndexJob(sources=[str(src)], data_dir=data, workers=0, progress=False), encoder)
+    db = open_db(default_db_url(data))
+    with Session(db) as s:
+        gen = s.scalars(select(Generation)).one()
+        assert gen.model == "radlens-test/tiny-clip" and gen.model_revision == commit
+    db.dispose()
+    local = load_encoder(EncoderConfig(model=str(tiny_model_dir), precision="fp32"))
+    assert local.revision is None  # a local directory has no hub commit

@@ -19,12 +19,16 @@ _FILTER = {**_param("filter", schema={"type": "array", "items": {"type": "string
 _LANG = _param("lang", schema={"enum": ["en", "de"]}, description="report language (default en)")
 _THRESHOLD = _param("threshold", schema={"type": "number", "minimum": 0, "maximum": 1},
                     description="one threshold for all pathologies")
+_FMT_IMAGE = _param("fmt", "path", {"enum": ["png", "svg"]}, True)
 _ERROR = {"description": "error", "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}}
 _JSON = {"description": "OK", "content": {"application/json": {"schema": {"type": "object"}}}}
 _UPLOAD = {"required": True, "content": {"multipart/form-data": {"schema": {
     "type": "object", "required": ["image"],
     "properties": {"image": {"type": "string", "format": "binary"}, "k": {"type": "integer"},
                    "threshold": {"type": "number"}, "filter": {"type": "array", "items": {"type": "string"}}}}}}}
+
+
+HEAVY = (400, 401, 404, 503)  # decodes or labels a whole image: 503 + Retry-After when the server is saturated
 
 
 def _get(summary, params=(), ok=None, errors=(400, 401, 404)):
@@ -54,28 +58,32 @@ def openapi_document() -> dict:
             "/api/health": _get("liveness and index size", errors=()),
             "/api/search": _get("text-to-image search", [_param("q", required=True), _K, _FILTER]),
             "/api/similar": {"post": {"summary": "image-to-image search (multipart upload)", "requestBody": _UPLOAD,
-                                      "responses": {"200": _JSON, **{str(c): _ERROR for c in (400, 401, 413, 415)}}}},
+                                      "responses": {"200": _JSON,
+                                                    **{str(c): _ERROR for c in (400, 401, 413, 415, 503)}}}},
             "/api/label": {"post": {"summary": "zero-shot labels and report of an uploaded image",
                                     "requestBody": _UPLOAD,
-                                    "responses": {"200": _JSON, **{str(c): _ERROR for c in (400, 401, 413, 415)}}}},
+                                    "responses": {"200": _JSON,
+                                                  **{str(c): _ERROR for c in (400, 401, 413, 415, 503)}}}},
             "/api/images/{image_id}": _get("metadata and stored scores of an indexed image", [_ID]),
             "/api/images/{image_id}/labels": _get("applicability, full-ensemble labels and report",
-                                                  [_ID, _THRESHOLD, _LANG]),
+                                                  [_ID, _THRESHOLD, _LANG], errors=HEAVY),
             "/api/images/{image_id}/report": _get(
                 "report as JSON, Markdown or PDF",
-                [_ID, _THRESHOLD, _LANG, _param("format", schema={"enum": ["json", "md", "pdf"]})]),
+                [_ID, _THRESHOLD, _LANG, _param("format", schema={"enum": ["json", "md", "pdf"]})], errors=HEAVY),
             "/api/images/{image_id}/priors": _get("the same patient's studies in date order with score changes",
                                                   [_ID]),
             "/api/images/{image_id}/heatmap.{fmt}": _get(
-                "category x ensemble-member heatmap", [_ID, _param("fmt", "path", {"enum": ["png", "svg"]}, True)]),
+                "category x ensemble-member heatmap", [_ID, _FMT_IMAGE], errors=HEAVY),
             "/api/images/{image_id}/summary.{fmt}": _get(
-                "top-findings summary card", [_ID, _param("fmt", "path", {"enum": ["png", "svg"]}, True)]),
+                "top-findings summary card", [_ID, _FMT_IMAGE], errors=HEAVY),
             "/api/images/{image_id}/findings.{fmt}": _get(
-                "findings table", [_ID, _THRESHOLD, _param("fmt", "path", {"enum": ["csv", "json"]}, True)]),
+                "findings table", [_ID, _THRESHOLD, _param("fmt", "path", {"enum": ["csv", "json"]}, True)],
+                errors=HEAVY),
             "/api/images/{image_id}/chart.{fmt}": _get(
-                "probability bar chart", [_ID, _THRESHOLD, _param("fmt", "path", {"enum": ["png", "svg"]}, True)]),
-            "/api/images/{image_id}/thumbnail": _get("PNG thumbnail (cached)", [_ID], _binary("image/png")),
-            "/api/images/{image_id}/full": _get("full image as PNG", [_ID], _binary("image/png")),
+                "probability bar chart", [_ID, _THRESHOLD, _FMT_IMAGE],
+                errors=HEAVY),
+            "/api/images/{image_id}/thumbnail": _get("PNG thumbnail (cached)", [_ID], _binary("image/png"), HEAVY),
+            "/api/images/{image_id}/full": _get("full image as PNG", [_ID], _binary("image/png"), HEAVY),
             "/api/openapi.json": _get("this document", errors=(401,)),
         },
     }
