@@ -35,7 +35,7 @@ from .sources import ManifestProblem, SourceRecord, collect
 from .store import (DecisionRow, EmbeddingRow, Generation, ImageRow, ScoreRow, SkippedRow, active_generation,
                     default_db_url, next_revision, open_db, publish, remember_db_url, upsert, utcnow,
                     vector_to_bytes, writers_lock)
-from .vectors import IndexConfig, remove_generation_files, sync_generation
+from .vectors import INDEX_DIR, IndexConfig, remove_generation_files, sync_generation
 
 if TYPE_CHECKING:
     from .ray_engine import RayConfig
@@ -151,16 +151,43 @@ def exclusive_run(data_dir: Path):
     """One `radlens index` per data dir at a time; a second one fails at once with a clear message."""
     import fcntl
 
-    data_dir.mkdir(parents=True, exist_ok=True)
-    with open(data_dir / LOCK_FILE, "w") as lock:
+    if data_dir.exists() and not data_dir.is_dir():
+        raise DataError(f"--data-dir {data_dir} is a file, not a directory; choose a directory (it is created "
+                        "when missing)")
+    try:
+        data_dir.mkdir(parents=True, exist_ok=True)
+        lock = open(data_dir / LOCK_FILE, "w")
+    except OSError as exc:
+        raise DataError(f"cannot write to the data dir {data_dir} ({exc.strerror or exc}); `radlens index` needs "
+                        "a writable directory (search and serve can read a read-only one)") from None
+    with lock:
         try:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             raise DataError(f"another `radlens index` is running on {data_dir}; wait for it to finish") from None
         try:
+            remove_temporary_files(data_dir)  # left by a run that was killed or ran out of disk
             yield
         finally:
             fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def remove_temporary_files(data_dir: Path) -> list[Path]:
+    """Delete the `*.tmp<pid>` files an interrupted run left beside the DB and the index files (only ever
+    called under the run lock, and only index runs write there, so no live writer owns one; servers'
+    cache and thumbnail folders are left alone); returns what was removed."""
+    import re
+
+    pattern = re.compile(r"\.tmp\d+$")
+    removed = []
+    for folder in (data_dir, data_dir / INDEX_DIR):
+        if not folder.is_dir():
+            continue
+        for path in folder.iterdir():
+            if path.is_file() and pattern.search(path.name):
+                path.unlink(missing_ok=True)
+                removed.append(path)
+    return removed
 
 
 def run_index(job: IndexJob, encoder) -> IndexSummary:

@@ -14,9 +14,17 @@ from .commands import check, demo, index, query, serve, train
 COMMANDS = (index, query, train, serve, check, demo)
 
 
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse, but a bad argument is one line, `radlens: error: ...`, exit 1, like every other error."""
+
+    def error(self, message: str):
+        where = self.prog.removeprefix("radlens").strip()
+        self.exit(1, f"radlens: error: {where + ': ' if where else ''}{message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The full argument parser with every subcommand."""
-    parser = argparse.ArgumentParser(prog="radlens", description="Semantic search for medical images.")
+    parser = ArgumentParser(prog="radlens", description="Semantic search for medical images.")
     parser.add_argument("--version", action="version", version=f"radlens {__version__}")
     parser.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-vv for debug)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)

@@ -84,3 +84,25 @@ def test_the_embedded_default_imports_no_scale_out_part(tmp_path, tiny_model_dir
                          env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip().splitlines()[-1] == "[]"
+
+
+@pytest.mark.parametrize("argv,words", [
+    (["search", "lung", "-k", "0"], "-k: 0 must be 1 or more"),
+    (["search", "lung", "-k", "ten"], "'ten' is not an integer"),
+    (["serve", "--port", "99999"], "99999 is not a TCP port"),
+    (["serve", "--max-upload-mb", "-1"], "-1 must be more than 0"),
+    (["serve", "--heavy-requests", "0"], "0 must be 1 or more"),
+    (["label", "x.png", "--threshold", "2"], "2 must lie in [0, 1]"),
+    (["label", "x.png", "--threshold", "-1"], "-1 must lie in [0, 1]"),
+    (["label", "x.png", "--threshold", "nan"], "'nan' is not a finite number"),
+    (["index", "src", "--batch-size", "0"], "--batch-size: 0 must be 1 or more"),
+    (["index", "src", "--workers", "-2"], "-2 must be 0 or more"),
+    (["nonsense"], "invalid choice"),
+])
+def test_bad_arguments_are_one_line_errors_with_exit_1(argv, words, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 1
+    err = capsys.readouterr().err
+    assert err.startswith("radlens: error:") and words in err and len(err.strip().splitlines()) == 1
+    assert "usage:" not in err

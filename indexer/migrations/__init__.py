@@ -56,7 +56,8 @@ def ensure_schema(engine: Engine, upgrade: bool = True) -> None:
         if populated:
             raise DataError(f"this database's schema is at revision {current or 'pre-' + BASELINE}, this RadLens "
                             f"needs {head}: run `radlens index` once to upgrade it")
-        return
+        raise DataError("this database holds no RadLens index yet (a first `radlens index` may have been "
+                        "interrupted): run `radlens index` to build it")
     with _schema_lock(engine) as conn:
         if current_revision(conn) is None and inspect(conn).has_table("images"):
             _run(conn, command.stamp, BASELINE)  # made by create_all before migrations existed

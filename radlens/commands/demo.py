@@ -8,6 +8,8 @@ from pathlib import Path
 
 from cxrmodel.errors import DataError
 
+from .common import tcp_port
+
 DEMO_QUERY = "lateral chest radiograph"
 SAMPLES = Path(__file__).resolve().parents[2] / "examples" / "sample"
 
@@ -20,7 +22,7 @@ def register(sub) -> None:
     p.add_argument("--samples", type=Path, default=SAMPLES, help="sample folder with manifest.csv")
     p.add_argument("--model", default="radlens-mini", help="model to demo (default: the bundled radlens-mini)")
     p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--port", type=tcp_port, default=8000)
     p.add_argument("--no-serve", action="store_true", help="print the answers and exit")
     p.set_defaults(run=run)
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .common import add_data_dir, add_model, encoder_config, positive_int
+from .common import add_data_dir, add_model, encoder_config, non_negative_int, positive_int, probability
 
 
 def register(sub) -> None:
@@ -16,7 +16,7 @@ def register(sub) -> None:
     p.add_argument("--rebuild", action="store_true",
                    help="re-embed everything into a new index, swapped in when complete (needed after a model change)")
     p.add_argument("--prune", action="store_true", help="remove rows and vectors of files that no longer exist")
-    p.add_argument("--workers", type=int, default=None,
+    p.add_argument("--workers", type=non_negative_int, default=None,
                    help="decode processes (default: 0 for a CPU model, which then decodes in turns with the "
                         "model on every core; cores - 1 for a GPU model)")
     p.add_argument("--chunk-size", type=positive_int, default=256, help="images committed per transaction")
@@ -32,7 +32,7 @@ def register(sub) -> None:
                    help="IVF/IVFPQ: lists probed per query (default: tuned to --target-recall)")
     p.add_argument("--rerank-depth", type=positive_int, default=None,
                    help="IVFPQ: candidates re-scored exactly per query (default: tuned)")
-    p.add_argument("--target-recall", type=float, default=0.95, help="recall@10 the tuning aims for")
+    p.add_argument("--target-recall", type=probability, default=0.95, help="recall@10 the tuning aims for")
     p.add_argument("--shards", type=positive_int, default=2, help="IVFPQ: shards filled in parallel processes")
     p.add_argument("--labels", default=None, help="JSON file overriding prompts, weights and thresholds")
     p.add_argument("--engine", choices=("local", "ray"), default="local",

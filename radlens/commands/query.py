@@ -10,7 +10,7 @@ from pathlib import Path
 
 from cxrmodel.errors import DataError
 
-from .common import add_data_dir, positive_int, print_json
+from .common import add_data_dir, positive_int, print_json, probability
 
 
 def _engine_flags(p) -> None:
@@ -43,7 +43,7 @@ def register(sub) -> None:
     p.add_argument("image", help="an image or DICOM file")
     p.add_argument("--report", choices=("md", "json", "pdf"), default=None, help="also write a report")
     p.add_argument("--out", default=None, help="report file (default: stdout for md/json, IMAGE.pdf for pdf)")
-    p.add_argument("--threshold", type=float, default=None, help="one threshold for all pathologies")
+    p.add_argument("--threshold", type=probability, default=None, help="one threshold for all pathologies, in [0, 1]")
     p.add_argument("--lang", default="en", help="report language: en or de")
     _engine_flags(p)
     p.set_defaults(run=run_label)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from cxrmodel.errors import DataError
 
-from .common import add_data_dir, positive_int
+from .common import add_data_dir, positive_float, positive_int, tcp_port
 
 
 def register(sub) -> None:
@@ -18,13 +18,13 @@ def register(sub) -> None:
                        description="Serve search pages and the JSON API (waitress; gunicorn with --workers N).")
     add_data_dir(p)
     p.add_argument("--host", default="127.0.0.1", help="interface to listen on (default 127.0.0.1)")
-    p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
-    p.add_argument("--threads", type=int, default=8, help="threads per process")
+    p.add_argument("--port", type=tcp_port, default=8000, help="port (default 8000)")
+    p.add_argument("--threads", type=positive_int, default=8, help="threads per process")
     p.add_argument("--workers", type=positive_int, default=1,
                    help="server processes (more than 1 needs gunicorn: pip install 'radlens[serve]')")
     p.add_argument("--model", default=None, help="override the model the index was built with")
     p.add_argument("--labels", default=None, help="JSON file overriding prompts, weights and thresholds")
-    p.add_argument("--max-upload-mb", type=float, default=32.0, help="largest accepted upload")
+    p.add_argument("--max-upload-mb", type=positive_float, default=32.0, help="largest accepted upload")
     p.add_argument("--heavy-requests", type=positive_int, default=None,
                    help="requests that decode or label a whole image at once, per process (default 2); more "
                         "wait, then get 503 + Retry-After")
