@@ -7,6 +7,7 @@ generation and switches to a newer one (after `radlens index` finishes) without 
 from __future__ import annotations
 
 import io
+import itertools
 import logging
 import threading
 from dataclasses import dataclass, field, replace
@@ -24,10 +25,17 @@ from cxrmodel.images import DecodedImage, ImageLimits, decode_bytes, load_image
 from cxrmodel.prompts import LabelConfig, load_label_config
 from cxrmodel.report import Report, compose_report
 from cxrmodel.zeroshot import LabelScore, label_image
-
 from indexer.pipeline import DEFAULT_DATA_DIR
-from indexer.store import (DecisionRow, Generation, ImageRow, ScoreRow, active_generation, default_db_url,
-                           has_database, open_db)
+from indexer.store import (
+    DecisionRow,
+    Generation,
+    ImageRow,
+    ScoreRow,
+    active_generation,
+    default_db_url,
+    has_database,
+    open_db,
+)
 
 from .filters import Filters, matching_ids_query, parse_filters
 from .knn import Selection, candidate_rounds
@@ -108,7 +116,7 @@ class Engine:
             db.dispose()
 
     @classmethod
-    def open(cls, config: EngineConfig, encoder: Encoder | None = None) -> "Engine":
+    def open(cls, config: EngineConfig, encoder: Encoder | None = None) -> Engine:
         """Open a data dir, loading the encoder its index was built with (unless one is given)."""
         gen = cls.check_openable(config)
         labels = load_label_config(config.labels_file)
@@ -159,6 +167,13 @@ class Engine:
             return current
         raise DataError(f"the index (generation {gen.id}) holds {gen.dim}-d vectors built with {gen.describe()}, "
                         f"but the model given makes {current.dim}-d ones ({current.model_name})")
+
+    def _valid_id(self, image_id) -> bool:
+        """True for ids this database can hold (a larger one can name no image, and must not reach SQL)."""
+        try:
+            return 0 <= int(image_id) <= MAX_ID.get(self.db.dialect.name, 2**63 - 1)
+        except (TypeError, ValueError):
+            return False
 
     @property
     def generation(self) -> int:
@@ -251,7 +266,7 @@ class Engine:
     def get(self, image_id: int, state: ServedState | None = None) -> dict | None:
         """Metadata and stored pathology scores of one indexed image, or None."""
         state = state or self.state()
-        if not _valid_id(image_id):
+        if not self._valid_id(image_id):
             return None
         with Session(self.db) as session:
             row = session.get(ImageRow, int(image_id))
@@ -268,7 +283,7 @@ class Engine:
     def load(self, image_id: int) -> DecodedImage:
         """Decode an indexed image from its stored path (by DB id only)."""
         path = None
-        if _valid_id(image_id):
+        if self._valid_id(image_id):
             with Session(self.db) as session:
                 row = session.get(ImageRow, int(image_id))
                 path = row.path if row is not None else None
@@ -345,7 +360,7 @@ class Engine:
         """
         state = self.state()
         with Session(self.db) as session:
-            row = session.get(ImageRow, int(image_id)) if _valid_id(image_id) else None
+            row = session.get(ImageRow, int(image_id)) if self._valid_id(image_id) else None
             if row is None:
                 raise DataError(f"no image with id {image_id}")
             if row.patient_hash is None:
@@ -361,7 +376,7 @@ class Engine:
                         "modality": r.modality, "view": r.view, "current": r.id == row.id,
                         "scores": scores.get(r.id, {})} for r in rows]
         changes = []
-        for before, after in zip(studies, studies[1:]):
+        for before, after in itertools.pairwise(studies):
             common = set(before["scores"]) & set(after["scores"])
             changes.append({"from": before["id"], "to": after["id"],
                             "delta": {p: round(after["scores"][p] - before["scores"][p], 4) for p in sorted(common)}})
@@ -395,15 +410,7 @@ def _encoder_for(config: EngineConfig, gen: Generation) -> Encoder:
                                       revision=None if config.model else gen.model_revision))
 
 
-MAX_ID = 2**63 - 1
-
-
-def _valid_id(image_id) -> bool:
-    """True for ids a database can hold (a larger one can name no image)."""
-    try:
-        return 0 <= int(image_id) <= MAX_ID
-    except (TypeError, ValueError):
-        return False
+MAX_ID = {"postgresql": 2**31 - 1}  # images.id is INTEGER: 32-bit there, 64-bit on SQLite
 
 
 def _pil(image: Image.Image | DecodedImage) -> Image.Image:

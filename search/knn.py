@@ -10,7 +10,7 @@ Two plans, chosen per query from the allowed count (`choose_plan`):
 - **exact**: score every allowed vector (reconstructed from the index, or re-read from the fp16 rows
   of a compressed index) and rank them. Cost grows with the allowed count, not the index size, and
   the answer is the brute-force one on every index type.
-- **ann**: search the index with the filter as an id selector (a bitmap: O(1) per candidate),
+- **index**: search the index with the filter as an id selector (a bitmap: O(1) per candidate),
   probing more lists and fetching more candidates only when a round comes back short. Approximate
   where the index is (IVF at the tuned nprobe), exact on a Flat index.
 """
@@ -19,8 +19,8 @@ from __future__ import annotations
 
 import math
 import threading
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Iterator
 
 import faiss
 import numpy as np
@@ -42,7 +42,7 @@ class Selection:
     bitmap: np.ndarray  # uint8, little bit order: bit (id & 7) of byte (id >> 3)
 
     @classmethod
-    def from_ids(cls, ids: np.ndarray) -> "Selection":
+    def from_ids(cls, ids: np.ndarray) -> Selection:
         """A selection of `ids` (any order, no duplicates expected)."""
         ids = np.unique(np.asarray(ids, dtype=np.int64))
         ids = ids[ids >= 0]
@@ -75,7 +75,7 @@ def ivf_of(index) -> faiss.IndexIVF | None:
 
 def choose_plan(allowed: int, total: int, k: int, nlist: int | None, nprobe: int | None,
                 can_score_exactly: bool) -> str:
-    """'exact' or 'ann' for a filter allowing `allowed` of `total` vectors.
+    """'exact' or 'index' for a filter allowing `allowed` of `total` vectors.
 
     Exact costs about `allowed` vector reads. An IVF search must probe enough lists to meet `2k`
     allowed candidates, about max(nprobe, 2k * nlist / allowed) lists of total / nlist vectors each;
@@ -83,14 +83,14 @@ def choose_plan(allowed: int, total: int, k: int, nlist: int | None, nprobe: int
     while that reads fewer vectors than a full scan.
     """
     if not can_score_exactly or allowed > EXACT_AT_MOST:
-        return "ann"
+        return "index"
     if allowed <= EXACT_ALWAYS_BELOW:
         return "exact"
     if not nlist:
-        return "exact" if allowed < total else "ann"
+        return "exact" if allowed < total else "index"
     lists = max(nprobe or 1, math.ceil(2 * k * nlist / max(1, allowed)))
     scanned = min(nlist, lists) * total / nlist
-    return "exact" if allowed <= scanned else "ann"
+    return "exact" if allowed <= scanned else "index"
 
 
 class ExactScorer:
@@ -163,7 +163,7 @@ def exact_rounds(scorer: ExactScorer, query: np.ndarray, ids: np.ndarray, k: int
         fetch = min(len(order), fetch * 4)
 
 
-def ann_rounds(index, query: np.ndarray, k: int, total: int, selection: Selection | None) -> Iterator[Candidates]:
+def index_rounds(index, query: np.ndarray, k: int, total: int, selection: Selection | None) -> Iterator[Candidates]:
     """Index plan: search with the filter as a selector, growing the candidates fetched and the lists
     probed each round until both are exhausted (then the last round is an exhaustive scan)."""
     ivf = ivf_of(index)
@@ -215,4 +215,4 @@ def candidate_rounds(index, scorer: ExactScorer, query: np.ndarray, k: int,
         if plan == "exact":
             return plan, exact_rounds(scorer, np.asarray(query, dtype=np.float32).ravel(), selection.ids, k)
         total = min(total, selection.count)
-    return "ann", ann_rounds(index, query, k, total, selection)
+    return "index", index_rounds(index, query, k, total, selection)

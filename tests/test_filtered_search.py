@@ -15,8 +15,16 @@ import numpy as np
 import pytest
 from sqlalchemy.orm import Session
 
-from indexer.store import (EmbeddingRow, Generation, ImageRow, ScoreRow, open_db, publish, remember_db_url,
-                           vector_to_bytes)
+from indexer.store import (
+    EmbeddingRow,
+    Generation,
+    ImageRow,
+    ScoreRow,
+    open_db,
+    publish,
+    remember_db_url,
+    vector_to_bytes,
+)
 from indexer.vectors import IndexConfig, sync_generation
 from search import knn
 
@@ -207,7 +215,7 @@ def test_the_index_plan_ends_and_returns_every_distinct_allowed_image(typed_engi
     for k in (K, 50):
         result: dict = {}
 
-        def query():
+        def query(k=k, result=result):
             result["hits"] = _run(eng, "vector", _queries(tiny_encoder)["in-group"][1], k, filters)
 
         worker = threading.Thread(target=query, daemon=True)
@@ -225,12 +233,12 @@ def test_the_index_plan_ends_and_returns_every_distinct_allowed_image(typed_engi
 
 def test_plan_choice():
     assert knn.choose_plan(10, 1_000_000, 10, 2048, 1, True) == "exact"
-    assert knn.choose_plan(500_000, 1_000_000, 10, 2048, 1, True) == "ann"  # half the index: probe
-    assert knn.choose_plan(100_000, 1_000_000, 10, 2048, 1, False) == "ann"  # cannot score exactly
+    assert knn.choose_plan(500_000, 1_000_000, 10, 2048, 1, True) == "index"  # half the index: probe
+    assert knn.choose_plan(100_000, 1_000_000, 10, 2048, 1, False) == "index"  # cannot score exactly
     assert knn.choose_plan(4000, 1_000_000, 10, 2048, 1, True) == "exact"  # few: probing would scan more
-    assert knn.choose_plan(20_000, 1_000_000, 10, 4096, 2, True) == "ann"
-    assert knn.choose_plan(300_000, 1_000_000, 10, None, None, True) == "ann"  # over the exact budget
-    assert knn.choose_plan(90_000, 90_000, 10, None, None, True) == "ann"  # Flat: everything is a full scan
+    assert knn.choose_plan(20_000, 1_000_000, 10, 4096, 2, True) == "index"
+    assert knn.choose_plan(300_000, 1_000_000, 10, None, None, True) == "index"  # over the exact budget
+    assert knn.choose_plan(90_000, 90_000, 10, None, None, True) == "index"  # Flat: everything is a full scan
 
 
 def test_selections_are_cached_per_state_and_dropped_when_an_index_run_publishes(typed_engine):

@@ -133,7 +133,8 @@ def test_downloads(client, some_id):
 @pytest.mark.parametrize("path", ["/api/images/999999", "/api/images/999999/thumbnail", "/api/images/999999/full",
                                   "/api/images/999999/report", "/api/images/0/labels", "/image/999999",
                                   f"/api/images/{2**63}", f"/api/images/{2**63 - 1}", f"/api/images/{2**64}/priors",
-                                  f"/image/{2**63}", f"/api/images/{10**30}/report"])
+                                  f"/image/{2**63}", f"/api/images/{10**30}/report", f"/api/images/{2**31}",
+                                  f"/api/images/{2**31}/labels", f"/image/{2**40}"])
 def test_unknown_ids_are_404(client, path):
     r = client.get(path)
     assert r.status_code == 404
