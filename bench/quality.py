@@ -76,7 +76,7 @@ def evaluate(encoder: Encoder, rows: list[dict], corpus: Path, labels: LabelConf
     queries = list(STRUCTURED_QUERIES)
     relevant = np.array([[STRUCTURED_QUERIES[q](r) for r in rows] for q in queries])
     qr = query_retrieval(encoder.encode_texts(queries), vecs, relevant)
-    per_query = {q: m for q, m in zip(queries, qr["per_query"])}
+    per_query = {q: m for q, m in zip(queries, qr["per_query"], strict=True)}
     classes = [f"{r['modality']}/{r['view'] or 'unstated'}" for r in rows]
     nih = [i for i, r in enumerate(rows) if r["id"].startswith("nih_")]
     nih_pairs = [Pair(Path(rows[i]["file"]), "", tuple(rows[i]["labels"].split(";"))) for i in nih]
@@ -139,7 +139,8 @@ def main(argv: list[str] | None = None) -> int:
     corpus = require(args.corpus, "shared corpus")
     started = time.perf_counter()
     torch.set_num_threads(max(1, torch.get_num_threads()))
-    rows = list(csv.DictReader(open(corpus / "manifest.csv", encoding="utf-8")))
+    with open(corpus / "manifest.csv", encoding="utf-8") as f:
+        rows = list(csv.DictReader(f))
     train_rows, held_rows = split_by_patient(rows, args.heldout, args.seed)
     args.out.mkdir(parents=True, exist_ok=True)
     train_csv = write_rows(train_rows, args.out / "train.csv", corpus)

@@ -118,14 +118,14 @@ def filter_rows(engine, encoder, n: int, vectors: np.ndarray, probe: np.ndarray,
     rows, base = [], None
     ids = np.arange(1, n + 1)
     meta = {key: np.array([_metadata(i)[key] for i in ids]) for key in ("modality", "view", "body_part")}
-    for name, expressions, share in FILTER_CASES:
+    for name, expressions, _share in FILTER_CASES:
         filters = engine.parse_filters(expressions) if expressions else None
         t0 = time.perf_counter()
         engine.search_vector(probe[0], k=10, filters=filters)  # the first query also fetches the selection
         cold = (time.perf_counter() - t0) * 1000
         text_p50, text_p95 = latency(engine, queries, filters)
-        search_p50, search_p95 = latency(engine, list(probe), search=lambda v: engine.search_vector(
-            v, k=10, filters=filters))
+        search_p50, search_p95 = latency(engine, list(probe), search=lambda v, f=filters: engine.search_vector(
+            v, k=10, filters=f))
         allowed = np.ones(n, dtype=bool)
         for expr in expressions:
             key, value = expr.split("=")

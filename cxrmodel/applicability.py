@@ -121,6 +121,6 @@ def decide(encoder, image_vectors: np.ndarray, metadatas: list[dict], config: Ap
     decisions: list[Decision | None] = [decide_from_metadata(m) for m in metadatas]
     undecided = [i for i, d in enumerate(decisions) if d is None]
     if undecided:
-        for i, d in zip(undecided, decide_from_model(encoder, image_vectors[undecided], config)):
+        for i, d in zip(undecided, decide_from_model(encoder, image_vectors[undecided], config), strict=True):
             decisions[i] = d
     return decisions  # type: ignore[return-value]

@@ -42,7 +42,7 @@ def probability_chart(scores: list[LabelScore], fmt: str = "png", threshold: flo
     ordered = sorted(scores, key=lambda s: s.probability)
     probs = [s.probability for s in ordered]
     limits = [threshold if threshold is not None else s.threshold for s in ordered]
-    colours = ["#c0392b" if p >= t else "#2c7fb8" for p, t in zip(probs, limits)]
+    colours = ["#c0392b" if p >= t else "#2c7fb8" for p, t in zip(probs, limits, strict=True)]
     ax.barh([s.pathology.replace("_", " ") for s in ordered], probs,
             xerr=[s.uncertainty / 2 for s in ordered], color=colours, ecolor="#555", capsize=2)
     for y, t in enumerate(limits):

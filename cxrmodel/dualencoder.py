@@ -70,8 +70,14 @@ def _text_source(spec: ScratchSpec) -> tuple[Path, dict]:
 
 def build_scratch_model(spec: ScratchSpec):
     """(model, tokenizer, preprocess, text_source): random ViT + pretrained text tower."""
-    from transformers import (AutoModel, AutoTokenizer, CLIPVisionConfig, CLIPVisionModel,
-                              VisionTextDualEncoderConfig, VisionTextDualEncoderModel)
+    from transformers import (
+        AutoModel,
+        AutoTokenizer,
+        CLIPVisionConfig,
+        CLIPVisionModel,
+        VisionTextDualEncoderConfig,
+        VisionTextDualEncoderModel,
+    )
 
     text_dir, source = _text_source(spec)
     vision_config = CLIPVisionConfig(image_size=spec.image_size, patch_size=spec.patch_size,

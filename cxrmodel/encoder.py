@@ -10,9 +10,9 @@ import hashlib
 import logging
 import os
 import threading
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Sequence
 
 import numpy as np
 import torch
@@ -156,7 +156,7 @@ def load_pretrained_parts(name: str, dtype: torch.dtype = torch.float32, revisio
         preprocess = _load_preprocess(source, **pinned)
     except ModelLoadError:
         raise
-    except (OSError, ValueError, KeyError, EnvironmentError) as exc:
+    except (OSError, ValueError, KeyError) as exc:
         first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ModelLoadError(f"cannot load model {name!r}: {first_line}. " + _hub_hint(name)) from None
     model.eval()

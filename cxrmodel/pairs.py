@@ -9,9 +9,9 @@ from __future__ import annotations
 import random
 import re
 import string
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 from .errors import DataError
 from .tables import ERROR_KEY, find_column, read_rows
@@ -71,6 +71,57 @@ def compose_caption(template: str, row: dict) -> str:
     return text.strip()
 
 
+@dataclass(frozen=True)
+class _Columns:
+    """Which column of a pairs file holds what (found on its first good row)."""
+
+    image: str
+    caption: str | None
+    labels: str | None
+    group: str | None
+
+    @classmethod
+    def find(cls, path: Path, row: dict, caption_template: str | None) -> _Columns:
+        image, caption = find_column(row, IMAGE_COLUMNS), find_column(row, CAPTION_COLUMNS)
+        if image is None or (caption is None and caption_template is None):
+            raise DataError(f"{path}: needs an image column ({', '.join(IMAGE_COLUMNS)}) and a caption "
+                            f"column ({', '.join(CAPTION_COLUMNS)}); found {', '.join(sorted(row)) or 'none'}")
+        return cls(image, caption, find_column(row, LABEL_COLUMNS), find_column(row, GROUP_COLUMNS))
+
+
+def _check_pairs_source(path: Path, images: str | Path | None) -> Path:
+    """The folder image paths resolve against; DataError for a missing or unsupported file."""
+    if not path.is_file():
+        raise DataError(f"pairs file {path} does not exist")
+    if path.suffix.lower() not in (".csv", ".jsonl", ".ndjson", ".json"):
+        raise DataError(f"pairs file {path}: expected .csv or .jsonl")
+    base = Path(images) if images else path.parent
+    if images and not base.is_dir():
+        raise DataError(f"--images {base} is not a folder")
+    return base
+
+
+def _row_pairs(row: dict, line: int, cols: _Columns, base: Path, caption_template: str | None
+               ) -> tuple[list[Pair], str | None]:
+    """The pairs of one row (composed caption first), or ([], the reason it is skipped)."""
+    value = str(row.get(cols.image, "")).strip()
+    caption = str(row.get(cols.caption, "")).strip() if cols.caption else ""
+    composed = compose_caption(caption_template, row) if caption_template else ""
+    if not value:
+        return [], f"empty {cols.image!r}"
+    if not caption and not composed:
+        return [], "empty caption"
+    image = Path(value) if Path(value).is_absolute() else base / value
+    if not image.is_file():
+        return [], f"image not found: {value}"
+    labels = row.get(cols.labels, "") if cols.labels else ""
+    labels = labels if isinstance(labels, list) else str(labels).replace("|", ";").split(";")
+    group = str(row.get(cols.group, "")).strip() or None if cols.group else None
+    labels = tuple(str(s).strip() for s in labels if str(s).strip())
+    pairs = [Pair(image, composed, labels, group, line, composed=True)] if composed else []
+    return pairs + ([Pair(image, caption, labels, group, line)] if caption else []), None
+
+
 def load_pairs(path: str | Path, images: str | Path | None = None,
                log: Callable[[str], None] | None = None, max_report: int = 20,
                caption_template: str | None = None) -> PairsFile:
@@ -80,48 +131,18 @@ def load_pairs(path: str | Path, images: str | Path | None = None,
     structured columns (`Pair.composed`); rows with a written caption keep that pair too.
     """
     path = Path(path)
-    if not path.is_file():
-        raise DataError(f"pairs file {path} does not exist")
-    if path.suffix.lower() not in (".csv", ".jsonl", ".ndjson", ".json"):
-        raise DataError(f"pairs file {path}: expected .csv or .jsonl")
-    base = Path(images) if images else path.parent
-    if images and not base.is_dir():
-        raise DataError(f"--images {base} is not a folder")
+    base = _check_pairs_source(path, images)
     rows, skipped = [], []
-    image_col = caption_col = label_col = group_col = None
+    cols = None
     for line, row in read_rows(path):
         if ERROR_KEY in row:
             skipped.append({"line": line, "reason": row[ERROR_KEY]})
             continue
-        if image_col is None:
-            image_col = find_column(row, IMAGE_COLUMNS)
-            caption_col = find_column(row, CAPTION_COLUMNS)
-            label_col = find_column(row, LABEL_COLUMNS)
-            group_col = find_column(row, GROUP_COLUMNS)
-            if image_col is None or (caption_col is None and caption_template is None):
-                raise DataError(f"{path}: needs an image column ({', '.join(IMAGE_COLUMNS)}) and a caption "
-                                f"column ({', '.join(CAPTION_COLUMNS)}); found {', '.join(sorted(row)) or 'none'}")
-        value = str(row.get(image_col, "")).strip()
-        caption = str(row.get(caption_col, "")).strip() if caption_col else ""
-        composed = compose_caption(caption_template, row) if caption_template else ""
-        if not value:
-            skipped.append({"line": line, "reason": f"empty {image_col!r}"})
-            continue
-        if not caption and not composed:
-            skipped.append({"line": line, "reason": "empty caption"})
-            continue
-        image = Path(value) if Path(value).is_absolute() else base / value
-        if not image.is_file():
-            skipped.append({"line": line, "reason": f"image not found: {value}"})
-            continue
-        labels = row.get(label_col, "") if label_col else ""
-        labels = labels if isinstance(labels, list) else str(labels).replace("|", ";").split(";")
-        group = str(row.get(group_col, "")).strip() or None if group_col else None
-        labels = tuple(str(s).strip() for s in labels if str(s).strip())
-        if composed:
-            rows.append(Pair(image, composed, labels, group, line, composed=True))
-        if caption:
-            rows.append(Pair(image, caption, labels, group, line))
+        cols = cols or _Columns.find(path, row, caption_template)
+        pairs, reason = _row_pairs(row, line, cols, base, caption_template)
+        if reason:
+            skipped.append({"line": line, "reason": reason})
+        rows += pairs
     if log:
         for problem in skipped[:max_report]:
             log(f"{path.name}:{problem['line']}: skipped ({problem['reason']})")

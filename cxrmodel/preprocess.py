@@ -32,7 +32,7 @@ class ImagePreprocess:
     resample: int = Image.Resampling.BICUBIC
 
     @classmethod
-    def from_dict(cls, cfg: dict) -> "ImagePreprocess":
+    def from_dict(cls, cfg: dict) -> ImagePreprocess:
         """Build from the keys of a Hugging Face ``preprocessor_config.json``."""
         size = cfg.get("size", 224)
         shortest, exact = None, None
@@ -56,7 +56,7 @@ class ImagePreprocess:
         )
 
     @classmethod
-    def from_pretrained(cls, directory: str | Path) -> "ImagePreprocess":
+    def from_pretrained(cls, directory: str | Path) -> ImagePreprocess:
         """Read ``preprocessor_config.json`` from a checkpoint directory."""
         with open(Path(directory) / PREPROCESSOR_FILE, encoding="utf-8") as f:
             return cls.from_dict(json.load(f))

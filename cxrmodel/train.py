@@ -14,9 +14,9 @@ import math
 import os
 import random
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
@@ -170,14 +170,50 @@ def _lr_lambda(total_steps: int, warmup_steps: int):
     return schedule
 
 
-def train(cfg: TrainConfig, log: Callable[[str], None] = log_.info) -> TrainResult:
-    """Run LoRA training as configured; returns metrics and the trained encoder."""
-    from peft import PeftModel
-    from tqdm import tqdm
+@dataclass
+class TrainData:
+    """The pairs a run trains and evaluates on."""
 
-    if cfg.epochs < 1 or cfg.accumulate < 1:
-        raise DataError("--epochs and --accumulate must be >= 1")
-    _seed_everything(cfg.seed)
+    train: list[Pair]
+    val: list[Pair]
+    skipped_rows: int
+
+
+@dataclass
+class TrainModel:
+    """The model being trained, its parts, and the checkpoint state it resumes from (if any)."""
+
+    model: torch.nn.Module
+    tokenizer: object
+    preprocess: ImagePreprocess
+    lora: LoraSettings
+    scratch: bool
+    source: object = None  # --init scratch: where the text tower came from
+    state: dict | None = None  # trainer state of the checkpoint resumed from
+
+    @property
+    def base(self):
+        """The unwrapped model (its logit_scale, its towers)."""
+        return unwrap(self.model)
+
+
+@dataclass
+class TrainLoop:
+    """Data loader, optimiser, schedule and the history they write."""
+
+    dataset: PairImages
+    loader: torch.utils.data.DataLoader
+    generator: torch.Generator
+    trainable: list
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    history: dict
+    start_epoch: int
+    augment: bool
+
+
+def build_data(cfg: TrainConfig, log: Callable[[str], None] = log_.info) -> TrainData:
+    """Load the pairs file(s) and split off the validation pairs (seeded)."""
     pairs = load_pairs(cfg.pairs, cfg.images, log=log, caption_template=cfg.caption_template)
     if cfg.val_pairs:
         train_pairs = pairs.rows
@@ -186,10 +222,14 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = log_.info) -> TrainResu
         train_pairs, val_pairs = split_pairs(pairs.rows, cfg.val_fraction, cfg.seed)
     if len(train_pairs) < 2:
         raise DataError(f"only {len(train_pairs)} training pairs; contrastive training needs at least 2")
-    out = Path(cfg.out)
-    ckpt = out / CHECKPOINT_DIR
-    device = choose_device(cfg.encoder.device)
-    autocast_dtype = choose_dtype(cfg.encoder.precision, device)
+    return TrainData(train_pairs, val_pairs, len(pairs.skipped))
+
+
+def build_model(cfg: TrainConfig, device: torch.device, log: Callable[[str], None] = log_.info) -> TrainModel:
+    """The model to train: the base checkpoint (or a new vision tower) with LoRA, resumed from the last
+    checkpoint under `cfg.out` when `cfg.resume`, on `device` with the exact fast paths."""
+    from peft import PeftModel
+
     if cfg.init not in ("pretrained", "scratch"):
         raise DataError("--init must be pretrained or scratch")
     scratch = cfg.init == "scratch"
@@ -200,6 +240,7 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = log_.info) -> TrainResu
     else:
         model, tokenizer, preprocess = load_pretrained_parts(cfg.encoder.model, dtype=torch.float32)
     state = None
+    ckpt = Path(cfg.out) / CHECKPOINT_DIR
     resume_from = latest_checkpoint(ckpt) if cfg.resume else None
     if resume_from is not None:
         model = PeftModel.from_pretrained(model, str(resume_from), is_trainable=True)
@@ -222,29 +263,28 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = log_.info) -> TrainResu
         base.logit_scale.requires_grad_(True)
         if state is not None and "logit_scale" in state:
             base.logit_scale.data.fill_(state["logit_scale"])
-    params = count_parameters(model)
-    log(f"trainable parameters: {params['trainable']:,} of {params['total']:,} ({params['trainable_percent']:.3f}%)")
+    return TrainModel(model, tokenizer, preprocess, lora, scratch, source, state)
 
-    encoder = Encoder(model, tokenizer, preprocess, model_name=str(out) if scratch else cfg.encoder.model,
-                      device=device, batch_size=cfg.encoder.batch_size)
-    model.eval()
-    before = state["before"] if state else _evaluate(encoder, val_pairs or train_pairs)
 
+def build_loop(cfg: TrainConfig, built: TrainModel, data: TrainData, encoder: Encoder) -> TrainLoop:
+    """Loader (seeded shuffle, decode workers), AdamW and the warm-up + cosine schedule, restored from
+    the checkpoint state when resuming."""
     workers = cfg.workers if cfg.workers is not None else min(4, max(0, (os.cpu_count() or 2) - 1))
-    augment = cfg.augment if cfg.augment is not None else scratch
-    dataset = PairImages(train_pairs, preprocess, augment=augment, seed=cfg.seed)
+    augment = cfg.augment if cfg.augment is not None else built.scratch
+    dataset = PairImages(data.train, built.preprocess, augment=augment, seed=cfg.seed)
     generator = torch.Generator().manual_seed(cfg.seed)
     loader = torch.utils.data.DataLoader(
         dataset, batch_size=cfg.encoder.batch_size, shuffle=True, generator=generator,
-        drop_last=len(train_pairs) >= 2 * cfg.encoder.batch_size, num_workers=workers,
-        collate_fn=Collate(preprocess, encoder.tokenize), persistent_workers=workers > 0 and not augment)
-    trainable = [p for p in model.parameters() if p.requires_grad]
+        drop_last=len(data.train) >= 2 * cfg.encoder.batch_size, num_workers=workers,
+        collate_fn=Collate(built.preprocess, encoder.tokenize), persistent_workers=workers > 0 and not augment)
+    trainable = [p for p in built.model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay)
     steps_per_epoch = max(1, math.ceil(len(loader) / cfg.accumulate))
     total_steps = steps_per_epoch * cfg.epochs
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(total_steps, int(cfg.warmup * total_steps)))
     history = {"loss_per_epoch": [], "step_losses": [], "images_per_second": []}
     start_epoch = 0
+    state = built.state
     if state is not None:
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
@@ -252,70 +292,107 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = log_.info) -> TrainResu
         start_epoch = state["epoch"]
         generator.set_state(state["generator"])
         torch.set_rng_state(state["torch_rng"])
+    return TrainLoop(dataset, loader, generator, trainable, optimizer, scheduler, history, start_epoch, augment)
 
-    use_autocast = autocast_dtype != torch.float32
+
+def train_one_epoch(cfg: TrainConfig, built: TrainModel, loop: TrainLoop, epoch: int, device: torch.device,
+                    autocast_dtype: torch.dtype) -> tuple[list[float], int, float]:
+    """One pass over the loader with gradient accumulation; (losses per micro-batch, images, seconds)."""
+    from tqdm import tqdm
+
+    model, base, optimizer = built.model, built.base, loop.optimizer
+    loop.dataset.epoch = epoch
+    model.train()
+    losses, seen, t0 = [], 0, time.perf_counter()
+    bar = tqdm(loop.loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="batch", disable=not cfg.progress,
+               dynamic_ncols=True)
+    optimizer.zero_grad(set_to_none=True)
+    for step, batch in enumerate(bar):
+        if batch is None:
+            continue
+        pixels = batch["pixel_values"].to(device)
+        text = {k: v.to(device) for k, v in batch["text"].items()}
+        with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype != torch.float32):
+            img = features(model.get_image_features(pixel_values=pixels))
+            txt = features(model.get_text_features(**text))
+        loss = contrastive_loss(img, txt, base.logit_scale, batch["caption_ids"].to(device))
+        (loss / cfg.accumulate).backward()
+        if (step + 1) % cfg.accumulate == 0 or step + 1 == len(loop.loader):
+            torch.nn.utils.clip_grad_norm_(loop.trainable, cfg.max_grad_norm)
+            optimizer.step()
+            loop.scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            with torch.no_grad():
+                base.logit_scale.clamp_(0, MAX_LOGIT_SCALE)
+        losses.append(float(loss.detach()))
+        seen += len(pixels)
+        bar.set_postfix(loss=f"{losses[-1]:.3f}", img_s=f"{seen / (time.perf_counter() - t0):.1f}")
+    bar.close()
+    if not losses:
+        raise DataError("no readable training images")
+    return losses, seen, time.perf_counter() - t0
+
+
+def save_outputs(cfg: TrainConfig, built: TrainModel, metrics: dict, history: dict) -> None:
+    """The adapter (or the whole scratch model directory), metrics.json and loss_curve.png in `cfg.out`."""
+    out = Path(cfg.out)
+    if built.scratch:
+        save_model_dir(built.model, built.tokenizer, built.preprocess, built.source, out, cfg.scratch)
+    else:
+        built.model.save_pretrained(str(out))
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    plot_losses(history, out / "loss_curve.png")
+
+
+def train(cfg: TrainConfig, log: Callable[[str], None] = log_.info) -> TrainResult:
+    """Run LoRA training as configured: data, model, loop, one epoch at a time (each checkpointed),
+    evaluation before and after, outputs. Returns metrics and the trained encoder."""
+    if cfg.epochs < 1 or cfg.accumulate < 1:
+        raise DataError("--epochs and --accumulate must be >= 1")
+    _seed_everything(cfg.seed)
+    data = build_data(cfg, log)
+    out = Path(cfg.out)
+    device = choose_device(cfg.encoder.device)
+    autocast_dtype = choose_dtype(cfg.encoder.precision, device)
+    built = build_model(cfg, device, log)
+    params = count_parameters(built.model)
+    log(f"trainable parameters: {params['trainable']:,} of {params['total']:,} ({params['trainable_percent']:.3f}%)")
+    encoder = Encoder(built.model, built.tokenizer, built.preprocess,
+                      model_name=str(out) if built.scratch else cfg.encoder.model, device=device,
+                      batch_size=cfg.encoder.batch_size)
+    built.model.eval()
+    evaluated = data.val or data.train
+    before = built.state["before"] if built.state else _evaluate(encoder, evaluated)
+    loop = build_loop(cfg, built, data, encoder)
+    history, base = loop.history, built.base
     started = time.perf_counter()
-    for epoch in range(start_epoch, cfg.epochs):
-        dataset.epoch = epoch
-        model.train()
-        losses, seen, t0 = [], 0, time.perf_counter()
-        bar = tqdm(loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="batch", disable=not cfg.progress,
-                   dynamic_ncols=True)
-        optimizer.zero_grad(set_to_none=True)
-        for step, batch in enumerate(bar):
-            if batch is None:
-                continue
-            pixels = batch["pixel_values"].to(device)
-            text = {k: v.to(device) for k, v in batch["text"].items()}
-            with torch.autocast(device.type, dtype=autocast_dtype, enabled=use_autocast):
-                img = features(model.get_image_features(pixel_values=pixels))
-                txt = features(model.get_text_features(**text))
-            loss = contrastive_loss(img, txt, base.logit_scale, batch["caption_ids"].to(device))
-            (loss / cfg.accumulate).backward()
-            if (step + 1) % cfg.accumulate == 0 or step + 1 == len(loader):
-                torch.nn.utils.clip_grad_norm_(trainable, cfg.max_grad_norm)
-                optimizer.step()
-                scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
-                with torch.no_grad():
-                    base.logit_scale.clamp_(0, MAX_LOGIT_SCALE)
-            losses.append(float(loss.detach()))
-            seen += len(pixels)
-            bar.set_postfix(loss=f"{losses[-1]:.3f}", img_s=f"{seen / (time.perf_counter() - t0):.1f}")
-        bar.close()
-        if not losses:
-            raise DataError("no readable training images")
+    for epoch in range(loop.start_epoch, cfg.epochs):
+        losses, seen, seconds = train_one_epoch(cfg, built, loop, epoch, device, autocast_dtype)
         history["loss_per_epoch"].append(float(np.mean(losses)))
         history["step_losses"].extend(losses)
-        history["images_per_second"].append(seen / (time.perf_counter() - t0))
+        history["images_per_second"].append(seen / seconds)
         log(f"epoch {epoch + 1}: loss {history['loss_per_epoch'][-1]:.4f}, "
             f"{history['images_per_second'][-1]:.1f} img/s")
-        _save_checkpoint(model, ckpt, {"epoch": epoch + 1, "optimizer": optimizer.state_dict(),
-                                       "scheduler": scheduler.state_dict(), "history": history, "before": before,
-                                       "generator": generator.get_state(), "torch_rng": torch.get_rng_state(),
-                                       "logit_scale": float(base.logit_scale.detach()),
-                                       "own_parameters": own_parameters(model) if scratch else None})
-
-    model.eval()
-    after = _evaluate(encoder, val_pairs or train_pairs)
-    if scratch:
-        save_model_dir(model, tokenizer, preprocess, source, out, cfg.scratch)
-    else:
-        model.save_pretrained(str(out))
+        _save_checkpoint(built.model, out / CHECKPOINT_DIR, {
+            "epoch": epoch + 1, "optimizer": loop.optimizer.state_dict(), "scheduler": loop.scheduler.state_dict(),
+            "history": history, "before": before, "generator": loop.generator.get_state(),
+            "torch_rng": torch.get_rng_state(), "logit_scale": float(base.logit_scale.detach()),
+            "own_parameters": own_parameters(built.model) if built.scratch else None})
+    built.model.eval()
+    after = _evaluate(encoder, evaluated)
     metrics = {
-        "init": cfg.init, "base_model": "scratch" if scratch else cfg.encoder.model,
-        "scratch": asdict(cfg.scratch) if scratch else None, "caption_template": cfg.caption_template,
-        "augment": augment, "parameters": params, "lora": asdict(lora),
+        "init": cfg.init, "base_model": "scratch" if built.scratch else cfg.encoder.model,
+        "scratch": asdict(cfg.scratch) if built.scratch else None, "caption_template": cfg.caption_template,
+        "augment": loop.augment, "parameters": params, "lora": asdict(built.lora),
         "epochs": cfg.epochs, "batch_size": cfg.encoder.batch_size, "accumulate": cfg.accumulate, "lr": cfg.lr,
         "seed": cfg.seed, "precision": str(autocast_dtype).replace("torch.", ""),
-        "train_pairs": len(train_pairs), "val_pairs": len(val_pairs), "skipped_rows": len(pairs.skipped),
-        "evaluated_on": "validation" if val_pairs else "training (no validation split)",
+        "train_pairs": len(data.train), "val_pairs": len(data.val), "skipped_rows": data.skipped_rows,
+        "evaluated_on": "validation" if data.val else "training (no validation split)",
         "loss_per_epoch": history["loss_per_epoch"], "images_per_second": history["images_per_second"],
         "learned_logit_scale": float(base.logit_scale.detach().exp()),
         "before": before, "after": after, "train_seconds": time.perf_counter() - started,
     }
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
-    plot_losses(history, out / "loss_curve.png")
+    save_outputs(cfg, built, metrics, history)
     return TrainResult(metrics, out, encoder)
 
 

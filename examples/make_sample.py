@@ -54,7 +54,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--corpus", type=Path, default=HERE.parents[1] / "shared" / "corpus")
     args = parser.parse_args()
-    rows = list(csv.DictReader(open(args.corpus / "manifest.csv", encoding="utf-8")))
+    with open(args.corpus / "manifest.csv", encoding="utf-8") as f:
+        rows = list(csv.DictReader(f))
     groups = defaultdict(list)
     for row in rows:
         groups[(row["modality"], row["view"])].append(row)

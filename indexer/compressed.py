@@ -21,11 +21,11 @@ from __future__ import annotations
 import math
 import os
 import sys
-from contextlib import contextmanager
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ProcessPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable, Iterator
 
 import faiss
 import numpy as np
@@ -219,7 +219,7 @@ class RerankedIndex:
 
     @classmethod
     def open(cls, faiss_path: Path, stem: Path, nprobe: int, depth: int, delta_path: Path | None = None,
-             removed_path: Path | None = None) -> "RerankedIndex":
+             removed_path: Path | None = None) -> RerankedIndex:
         """Memory-map an index written by `build` (its files may have moved together), with its changes."""
         try:  # the lists file where the build wrote it ...
             ivf = faiss.read_index(str(faiss_path), faiss.IO_FLAG_READ_ONLY)
@@ -334,7 +334,7 @@ def exact_neighbours(stem: Path, queries: np.ndarray, k: int) -> np.ndarray:
 
 def recall_at_k(found: np.ndarray, truth: np.ndarray, k: int) -> float:
     """Mean fraction of each query's true top-k found in its returned top-k."""
-    return float(np.mean([len(set(f[:k]) & set(t[:k])) / k for f, t in zip(found, truth)]))
+    return float(np.mean([len(set(f[:k]) & set(t[:k])) / k for f, t in zip(found, truth, strict=True)]))
 
 
 def tune(index: RerankedIndex, queries: np.ndarray, truth: np.ndarray, target: float, k: int = 10,

@@ -7,6 +7,7 @@ be listed together without the key being recoverable from the data dir's DB alon
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import re
@@ -26,10 +27,8 @@ def data_dir_salt(data_dir: str | Path) -> bytes:
     if not path.exists():
         tmp = path.with_suffix(f".tmp{os.getpid()}")
         write_private_file(tmp, secrets.token_hex(32))
-        try:
+        with contextlib.suppress(FileExistsError):
             os.link(tmp, path)  # first writer wins; others keep its salt
-        except FileExistsError:
-            pass
         tmp.unlink()
     return bytes.fromhex(path.read_text().strip())
 

@@ -23,18 +23,33 @@ import numpy as np
 from sqlalchemy import delete, select, update
 from sqlalchemy.orm import Session
 
+from cxrmodel.applicability import class_bank, decide
 from cxrmodel.errors import DataError
 from cxrmodel.images import ImageLimits
 from cxrmodel.prompts import LabelConfig
-from cxrmodel.applicability import class_bank, decide
 from cxrmodel.zeroshot import prompt_bank, score_vectors
 
 from .metadata import check_salt, data_dir_salt, row_fields
 from .prepare import Prepared, PrepareTask, prepare_all
 from .sources import ManifestProblem, SourceRecord, collect
-from .store import (DecisionRow, EmbeddingRow, Generation, ImageRow, ScoreRow, SkippedRow, active_generation,
-                    default_db_url, next_revision, open_db, publish, remember_db_url, upsert, utcnow,
-                    vector_to_bytes, writers_lock)
+from .store import (
+    DecisionRow,
+    EmbeddingRow,
+    Generation,
+    ImageRow,
+    ScoreRow,
+    SkippedRow,
+    active_generation,
+    default_db_url,
+    next_revision,
+    open_db,
+    publish,
+    remember_db_url,
+    upsert,
+    utcnow,
+    vector_to_bytes,
+    writers_lock,
+)
 from .vectors import INDEX_DIR, IndexConfig, remove_generation_files, sync_generation
 
 if TYPE_CHECKING:
@@ -77,7 +92,7 @@ class IndexJob:
     labels: LabelConfig = field(default_factory=LabelConfig)
     progress: bool = True
     engine: str = "local"  # or "ray": decode and embed on a Ray cluster (indexer/ray_engine.py)
-    ray: "RayConfig | None" = None
+    ray: RayConfig | None = None
 
     @property
     def url(self) -> str:
@@ -156,11 +171,11 @@ def exclusive_run(data_dir: Path):
                         "when missing)")
     try:
         data_dir.mkdir(parents=True, exist_ok=True)
-        lock = open(data_dir / LOCK_FILE, "w")
+        (data_dir / LOCK_FILE).touch()
     except OSError as exc:
         raise DataError(f"cannot write to the data dir {data_dir} ({exc.strerror or exc}); `radlens index` needs "
                         "a writable directory (search and serve can read a read-only one)") from None
-    with lock:
+    with open(data_dir / LOCK_FILE, "w") as lock:
         try:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -230,7 +245,7 @@ def _run_index(job: IndexJob, encoder) -> IndexSummary:
     return summary
 
 
-def _embed(job: IndexJob, encoder, writer: "ChunkWriter", tasks: list[PrepareTask], summary: IndexSummary) -> None:
+def _embed(job: IndexJob, encoder, writer: ChunkWriter, tasks: list[PrepareTask], summary: IndexSummary) -> None:
     from tqdm import tqdm
 
     bar = tqdm(total=len(tasks), unit="img", desc="indexing", disable=not job.progress or not tasks,
@@ -382,17 +397,19 @@ class ChunkWriter:
             ids = self._upsert_images(session, fresh, now, summary)
             keys = [dict(generation_id=self.generation, image_id=ids[item.path]) for item in fresh]
             upsert(session, EmbeddingRow, [dict(**k, revision=revision, vector=vector_to_bytes(v))
-                                           for k, v in zip(keys, vectors)], keys=("generation_id", "image_id"))
+                                           for k, v in zip(keys, vectors, strict=True)],
+                   keys=("generation_id", "image_id"))
             upsert(session, DecisionRow, [dict(**k, applicable=d.applicable, source=d.source, confidence=d.confidence,
                                                reason=d.reason, view=d.view, kind=d.kind)
-                                          for k, d in zip(keys, decisions)], keys=("generation_id", "image_id"))
+                                          for k, d in zip(keys, decisions, strict=True)],
+                   keys=("generation_id", "image_id"))
             # images the 14 labels do not apply to get no scores at all
             upsert(session, ScoreRow, [dict(**keys[i], pathology=p, probability=float(probs[i, j]),
                                             uncertainty=float(spread[i, j]))
                                        for i, d in enumerate(decisions) if d.applicable
                                        for j, p in enumerate(pathologies)],
                    keys=("generation_id", "image_id", "pathology"))
-            unscored = [k["image_id"] for k, d in zip(keys, decisions) if not d.applicable]
+            unscored = [k["image_id"] for k, d in zip(keys, decisions, strict=True) if not d.applicable]
             if unscored:
                 session.execute(delete(ScoreRow).where(ScoreRow.generation_id == self.generation,
                                                        ScoreRow.image_id.in_(unscored)))

@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
-from typing import Iterator
 
 import numpy as np
 
@@ -59,7 +59,7 @@ def decode_batch(batch: dict, preprocess: ImagePreprocess, limits: ImageLimits) 
     """Ray task body: `prepare` each file of a batch; columns out, pixels zero-filled where absent."""
     h, w = preprocess.output_size
     items = [prepare(PrepareTask(str(p), str(k) or None), preprocess, limits)
-             for p, k in zip(batch["path"], batch["known_hash"])]
+             for p, k in zip(batch["path"], batch["known_hash"], strict=True)]
     out = {name: np.array([getattr(it, name) if getattr(it, name) is not None else "" for it in items])
            for name in _SCALARS}
     out["has_pixels"] = np.array([it.pixels is not None for it in items])

@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Iterator
 
 from cxrmodel.errors import DataError
 from cxrmodel.images import DICOM_MAGIC_OFFSET, is_image_path
@@ -118,8 +118,6 @@ def collect(sources: Iterable[str | Path], problems: list[ManifestProblem] | Non
         for record in records:
             if exclude is not None and record.path.is_relative_to(exclude):
                 continue
-            if record.path not in seen:
-                seen[record.path] = record
-            elif record.metadata and not seen[record.path].metadata:
+            if record.path not in seen or record.metadata and not seen[record.path].metadata:
                 seen[record.path] = record
     return list(seen.values())

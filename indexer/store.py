@@ -9,13 +9,29 @@ Image rows (paths, hashes, metadata) are shared by all generations.
 from __future__ import annotations
 
 import datetime as dt
-from contextlib import contextmanager
 import os
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
-from sqlalchemy import (BigInteger, Boolean, DateTime, Float, ForeignKey, Index, Integer, LargeBinary, String,
-                        Text, create_engine, event, func, select, text, update)
+from sqlalchemy import (
+    BigInteger,
+    Boolean,
+    DateTime,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    LargeBinary,
+    String,
+    Text,
+    create_engine,
+    event,
+    func,
+    select,
+    text,
+    update,
+)
 from sqlalchemy.engine import Engine, make_url
 from sqlalchemy.exc import ArgumentError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
@@ -28,7 +44,7 @@ DB_URL_FILE = "database.url"  # a data dir that lives on a database server remem
 
 def utcnow() -> dt.datetime:
     """Timezone-aware current time, stored in every timestamp column."""
-    return dt.datetime.now(dt.timezone.utc)
+    return dt.datetime.now(dt.UTC)
 
 
 class Base(DeclarativeBase):

@@ -25,8 +25,15 @@ from sqlalchemy.orm import Session
 
 from cxrmodel.errors import DataError
 
-from .compressed import (CompressedParams, RerankedIndex, exact_neighbours, factory_string, sample_rows, tune,
-                         write_vectors)
+from .compressed import (
+    CompressedParams,
+    RerankedIndex,
+    exact_neighbours,
+    factory_string,
+    sample_rows,
+    tune,
+    write_vectors,
+)
 from .compressed import build as build_compressed
 from .store import EmbeddingRow, Generation, vectors_from_bytes
 
@@ -97,12 +104,12 @@ def tune_nprobe(index: faiss.Index, queries: np.ndarray, target: float = 0.95, k
         return ids
     truth = search(inner.nlist)
     qids = truth[:, 0]
-    truth_sets = [set(row[row != q][:k]) for row, q in zip(truth, qids)]
+    truth_sets = [set(row[row != q][:k]) for row, q in zip(truth, qids, strict=True)]
     nprobe, recall = 1, 0.0
     while True:
         found = search(nprobe)
         recall = float(np.mean([len(set(row[row != q][:k]) & t) / max(1, len(t))
-                                for row, q, t in zip(found, qids, truth_sets)]))
+                                for row, q, t in zip(found, qids, truth_sets, strict=True)]))
         if recall >= target or nprobe >= inner.nlist:
             return nprobe, recall
         nprobe = min(inner.nlist, nprobe * 2)

@@ -16,9 +16,9 @@ import logging
 import threading
 import time
 from collections import OrderedDict
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Callable, Hashable
 
 from sqlalchemy.engine import Engine as DB
 from sqlalchemy.orm import Session
@@ -80,7 +80,7 @@ class ServedState:
         self.selections = LRU(64, max_bytes=256 << 20, size=lambda s: s.nbytes)
         self.labels = LRU(256)
 
-    def with_new_caches(self, key: tuple) -> "ServedState":
+    def with_new_caches(self, key: tuple) -> ServedState:
         """The same index and encoder under a new key, with empty caches (metadata changed)."""
         return ServedState(self.generation, self.encoder, self.index, self.meta, key)
 

@@ -50,8 +50,8 @@ def test_tuned_recall_and_exact_rescoring(built):
     assert recall >= 0.95 and (nprobe, depth) != (1, 10)
     scores, found = index.search(queries[100:], 10)
     assert C.recall_at_k(found, truth[100:], 10) >= 0.93  # held out from tuning
-    by_id = dict(zip(ids.tolist(), range(len(ids))))
-    exact = np.array([[vectors[by_id[i]] @ q for i in row] for row, q in zip(found, queries[100:])])
+    by_id = dict(zip(ids.tolist(), range(len(ids)), strict=True))
+    exact = np.array([[vectors[by_id[i]] @ q for i in row] for row, q in zip(found, queries[100:], strict=True)])
     np.testing.assert_allclose(scores, exact, atol=2e-3)  # fp16 rows: re-scored, not PQ-approximated
 
 

@@ -28,7 +28,7 @@ def shapes_manifest(tmp_path_factory):
     """Structured columns only (no caption column): captions must be composed by a template."""
     root = tmp_path_factory.mktemp("shapes-manifest")
     rows, i = ["file,colour,shape,patient_id"], 0
-    for rep in range(10):
+    for _ in range(10):
         for shape in SHAPES:
             for colour in COLOURS:
                 shape_image(shape, colour, seed=500 + i, jitter=6).save(root / f"{i}.png")
@@ -103,8 +103,14 @@ def test_index_and_search_with_a_scratch_model(scratch_model, shapes_manifest, t
 
 def test_plain_vision_text_dual_encoder_checkpoint_loads(tiny_bert_dir, tmp_path):
     """A VisionTextDualEncoderModel saved the Hugging Face way (no RadLens files) works too."""
-    from transformers import AutoModel, CLIPVisionConfig, CLIPVisionModel, VisionTextDualEncoderConfig
-    from transformers import VisionTextDualEncoderModel, AutoTokenizer
+    from transformers import (
+        AutoModel,
+        AutoTokenizer,
+        CLIPVisionConfig,
+        CLIPVisionModel,
+        VisionTextDualEncoderConfig,
+        VisionTextDualEncoderModel,
+    )
 
     from cxrmodel.preprocess import PREPROCESSOR_FILE, ImagePreprocess
 

@@ -40,7 +40,7 @@ def test_text_search_equals_brute_force(engine, indexed_dir, tiny_encoder, query
             expected.append(int(ids[i]))
     hits = engine.text(query, k=5)
     assert [h.id for h in hits] == expected[:5]
-    by_id = dict(zip(ids.tolist(), sims))
+    by_id = dict(zip(ids.tolist(), sims, strict=True))
     np.testing.assert_allclose([h.score for h in hits], [by_id[i] for i in expected[:5]], atol=1e-5)
 
 
@@ -114,7 +114,7 @@ def test_report_impression_lists_exactly_the_findings_above_threshold(engine):
     above = sorted((s for s in scores if s.probability >= threshold), key=lambda s: -s.probability)
     assert len(report.impression) == len(above) > 0
     names = text_for("en")["pathologies"]
-    for line, s in zip(report.impression, above):
+    for line, s in zip(report.impression, above, strict=True):
         assert line.startswith(names[s.pathology])
     assert report.technique.startswith("XR") and "PA" in report.technique
     md = to_markdown(report)

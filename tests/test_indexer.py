@@ -166,7 +166,7 @@ def test_approximate_index_above_threshold_keeps_recall(corpus, tmp_path, tiny_e
     ids = np.array([i for i, _ in _snapshot(data).values()])
     exact = ids[np.argsort(-(vecs[:20] @ vecs.T), axis=1)[:, :10]]
     _, approx = index.search(vecs[:20], 10)
-    recall = np.mean([len(set(a) & set(e)) / 10 for a, e in zip(approx, exact)])
+    recall = np.mean([len(set(a) & set(e)) / 10 for a, e in zip(approx, exact, strict=True)])
     assert recall >= 0.9, recall
     # servers map the file instead of reading it: the same index, the same answers
     mapped, mapped_meta = read_index(data, 1, mmap=True)
@@ -280,9 +280,9 @@ def test_a_second_concurrent_run_is_refused_clearly(tmp_path, tiny_encoder):
     src.mkdir()
     gray_image(1).save(src / "g.png")
     data = tmp_path / "data"
-    with exclusive_run(data):  # as if another process were indexing
-        with pytest.raises(DataError, match="another `radlens index` is running"):
-            run_index(_job(src, data), tiny_encoder)
+    # as if another process were indexing
+    with exclusive_run(data), pytest.raises(DataError, match="another `radlens index` is running"):
+        run_index(_job(src, data), tiny_encoder)
     assert run_index(_job(src, data), tiny_encoder).added == 1
 
 

@@ -16,8 +16,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from sqlalchemy.orm import Session
 from sqlalchemy import select
+from sqlalchemy.orm import Session
 
 pytest.importorskip("ray.data")
 

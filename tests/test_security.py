@@ -24,6 +24,7 @@ from indexer.store import default_db_url
 from tests.databases import dump_database, fetch
 from tests.imagegen import gray_folder, gray_image, png_bytes, shape_image, write_dicom
 
+
 def fuzz(examples: int):
     """Hypothesis settings for a fuzz test: deterministic, no deadline, `examples` inputs."""
     return settings(max_examples=examples, deadline=None, derandomize=True, database=None,

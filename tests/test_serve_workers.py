@@ -36,7 +36,7 @@ def test_workers_share_the_mapped_index_and_pick_up_a_new_one(tmp_path, tiny_enc
     data = tmp_path / "data"
     run_index(IndexJob(sources=[str(src)], data_dir=data, workers=0, progress=False), tiny_encoder)
     port = free_port()
-    log = open(tmp_path / "serve.log", "w")
+    log = open(tmp_path / "serve.log", "w")  # noqa: SIM115 -- the server writes it until the test ends
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
     server = subprocess.Popen([sys.executable, "-m", "radlens", "serve", "--data-dir", str(data), "--workers", "2",
                                "--threads", "2", "--port", str(port)],

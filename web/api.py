@@ -10,8 +10,17 @@ from flask import Blueprint, Response, jsonify, request
 from cxrmodel.charts import category_heatmap, probability_chart, summary_card
 from cxrmodel.report import findings_csv, to_markdown, to_pdf
 
-from .context import (config, engine, id_labels, k_param, label_payload, lang_param, read_upload, threshold_param,
-                      upload_labels)
+from .context import (
+    config,
+    engine,
+    id_labels,
+    k_param,
+    label_payload,
+    lang_param,
+    read_upload,
+    threshold_param,
+    upload_labels,
+)
 from .limits import heavy
 from .openapi import openapi_document
 

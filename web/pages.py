@@ -12,8 +12,8 @@ from cxrmodel.errors import RadLensError
 from cxrmodel.report import languages, sections
 
 from . import HTTPError, status_for
-from .limits import heavy
 from .context import engine, id_labels, k_param, lang_param, read_upload, threshold_param, upload_labels
+from .limits import heavy
 
 pages = Blueprint("pages", __name__)
 

@@ -95,9 +95,7 @@ def run_similar(args) -> int:
 
 
 def run_label(args) -> int:
-    from cxrmodel.report import to_json, to_markdown, to_pdf
-
-    from cxrmodel.report import text_for
+    from cxrmodel.report import text_for, to_json, to_markdown, to_pdf
 
     text_for(args.lang)  # an unknown language fails before the model loads
     engine = open_engine(args)
