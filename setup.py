@@ -1,10 +1,14 @@
+import re
 from pathlib import Path
 
 from setuptools import find_packages, setup
 
+VERSION = re.search(r'^VERSION = "([^"]+)"', Path(__file__).with_name("cxrmodel").joinpath("constants.py")
+                    .read_text(encoding="utf-8"), re.M).group(1)  # the one version source
+
 setup(
     name="radlens",
-    version="0.1.0",
+    version=VERSION,
     description="Semantic search for medical images: CLIP + LoRA embeddings, FAISS, zero-shot labels and reports",
     long_description=Path(__file__).with_name("README.md").read_text(encoding="utf-8"),
     long_description_content_type="text/markdown",

@@ -12,12 +12,32 @@
 
 from __future__ import annotations
 
+import logging
 import types
 
 import torch
 from torch.nn import functional as F
 
+log = logging.getLogger(__name__)
+
 CLIP_VISION_CLASSES = ("CLIPVisionModel", "CLIPVisionTransformer")
+# `_class_token_layer` re-implements CLIPEncoderLayer.forward: it is applied only to the transformers
+# releases it was checked against (tests/test_fastpath.py pins its equality on the installed one)
+CHECKED_TRANSFORMERS = ((5, 0), (6, 0))  # [from, to)
+
+
+def transformers_checked(version: str | None = None) -> bool:
+    """True when the installed (or given) transformers version is one the class-token patch was checked on."""
+    import re
+
+    import transformers
+
+    version = version or transformers.__version__
+    match = re.match(r"(\d+)\.(\d+)", version)
+    if not match:
+        return False
+    release = (int(match.group(1)), int(match.group(2)))
+    return CHECKED_TRANSFORMERS[0] <= release < CHECKED_TRANSFORMERS[1]
 
 
 def _class_token_layer(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None,
@@ -54,6 +74,13 @@ def pool_only_last_layer(model) -> bool:
         return False
     layers = getattr(getattr(vision, "encoder", None), "layers", None)
     if not layers or type(layers[-1]).__name__ != "CLIPEncoderLayer":
+        return False
+    if not transformers_checked():
+        import transformers
+
+        log.warning("transformers %s is outside the releases the class-token shortcut was checked on (%d.%d to "
+                    "before %d.%d): running CLIP's own last layer (exact, ~7%% slower)", transformers.__version__,
+                    *CHECKED_TRANSFORMERS[0], *CHECKED_TRANSFORMERS[1])
         return False
     layers[-1].forward = types.MethodType(_class_token_layer, layers[-1])
     return True

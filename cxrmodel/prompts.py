@@ -15,12 +15,8 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from .applicability import ApplicabilityConfig
+from .constants import PATHOLOGIES
 from .errors import DataError
-
-PATHOLOGIES: tuple[str, ...] = (
-    "Atelectasis", "Cardiomegaly", "Effusion", "Infiltration", "Mass", "Nodule", "Pneumonia",
-    "Pneumothorax", "Consolidation", "Edema", "Emphysema", "Fibrosis", "Pleural_Thickening", "Hernia",
-)
 
 REGIONS: tuple[str, ...] = ("lungs", "pleura", "heart and mediastinum", "diaphragm")
 

@@ -24,6 +24,7 @@ from sqlalchemy import delete, select, update
 from sqlalchemy.orm import Session
 
 from cxrmodel.applicability import class_bank, decide
+from cxrmodel.constants import DEFAULT_DATA_DIR
 from cxrmodel.errors import DataError
 from cxrmodel.images import ImageLimits
 from cxrmodel.prompts import LabelConfig
@@ -57,7 +58,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-DEFAULT_DATA_DIR = "radlens-data"
 META_COLUMNS = (*ImageRow.METADATA_FIELDS, "patient_hash")
 
 

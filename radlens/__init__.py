@@ -1,3 +1,3 @@
 """RadLens: semantic search for medical images (command-line entry point lives in `radlens.cli`)."""
 
-__version__ = "0.1.0"
+from cxrmodel.constants import VERSION as __version__  # noqa: F401 -- the one version source

@@ -19,13 +19,13 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from cxrmodel.applicability import Decision, decide_from_metadata, decide_from_model
+from cxrmodel.constants import DEFAULT_DATA_DIR
 from cxrmodel.encoder import Encoder, EncoderConfig, load_encoder
 from cxrmodel.errors import DataError, ModelLoadError
 from cxrmodel.images import DecodedImage, ImageLimits, decode_bytes, load_image
 from cxrmodel.prompts import LabelConfig, load_label_config
 from cxrmodel.report import Report, compose_report
 from cxrmodel.zeroshot import LabelScore, label_image
-from indexer.pipeline import DEFAULT_DATA_DIR
 from indexer.store import (
     DecisionRow,
     Generation,

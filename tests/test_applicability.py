@@ -8,7 +8,8 @@ from PIL import Image
 
 from cxrmodel.applicability import ApplicabilityConfig, decide_from_metadata, decide_from_model
 from cxrmodel.charts import category_heatmap, category_matrix, summary_card
-from cxrmodel.prompts import CATEGORIES, PATHOLOGIES, LabelConfig
+from cxrmodel.constants import PATHOLOGIES
+from cxrmodel.prompts import CATEGORIES, LabelConfig
 from cxrmodel.report import compose_report, templates, to_markdown
 from cxrmodel.zeroshot import LabelScore
 from indexer.store import default_db_url

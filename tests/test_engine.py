@@ -9,8 +9,8 @@ import pytest
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from cxrmodel.constants import PATHOLOGIES
 from cxrmodel.errors import DataError
-from cxrmodel.prompts import PATHOLOGIES
 from cxrmodel.report import text_for, to_json, to_markdown, to_pdf
 from indexer.store import EmbeddingRow, ImageRow, ScoreRow, default_db_url, open_db
 from tests.imagegen import shape_image

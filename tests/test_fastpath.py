@@ -116,3 +116,18 @@ def test_an_mlp_with_an_unmerged_adapter_is_not_folded(tiny_clip):
     expected = _image_features(wrapped, pixels)
     assert fold_quick_gelu(wrapped) == 0
     torch.testing.assert_close(_image_features(wrapped, pixels), expected)
+
+
+def test_the_class_token_patch_applies_only_to_checked_transformers_releases(tiny_clip, monkeypatch, caplog):
+    import transformers
+
+    from cxrmodel.fastpath import pool_only_last_layer, transformers_checked
+
+    assert transformers_checked()  # the installed release is one the equality tests above pin
+    assert transformers_checked("5.24.0") and not transformers_checked("6.0.0") and not transformers_checked("4.57.1")
+    monkeypatch.setattr(transformers, "__version__", "6.1.0")
+    last = tiny_clip.vision_model.encoder.layers[-1]
+    before = last.forward
+    with caplog.at_level("WARNING", logger="cxrmodel.fastpath"):
+        assert pool_only_last_layer(tiny_clip) is False
+    assert last.forward == before and "outside the releases" in caplog.text

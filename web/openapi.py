@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from radlens import __version__
+from cxrmodel.constants import VERSION
 
 
 def _param(name, where="query", schema=None, required=False, description=""):
@@ -44,7 +44,7 @@ def openapi_document() -> dict:
     """The API contract as a dict."""
     return {
         "openapi": "3.1.0",
-        "info": {"title": "RadLens API", "version": __version__,
+        "info": {"title": "RadLens API", "version": VERSION,
                  "description": "Semantic search, zero-shot labels and reports for medical images. "
                                 "Not for clinical use."},
         "components": {

@@ -6,8 +6,8 @@ import argparse
 import json
 from pathlib import Path
 
+from cxrmodel.constants import DEFAULT_DATA_DIR
 from cxrmodel.encoder import PRECISIONS, EncoderConfig, resolve_model_name
-from indexer.pipeline import DEFAULT_DATA_DIR
 
 
 def add_data_dir(p: argparse.ArgumentParser) -> None:
