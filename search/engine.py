@@ -7,7 +7,6 @@ generation and switches to a newer one (after `radlens index` finishes) without 
 from __future__ import annotations
 
 import io
-import itertools
 import logging
 import threading
 from dataclasses import dataclass, field, replace
@@ -15,31 +14,25 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image
-from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from cxrmodel.applicability import Decision, decide_from_metadata, decide_from_model
+from cxrmodel.applicability import Decision
 from cxrmodel.constants import DEFAULT_DATA_DIR
 from cxrmodel.encoder import Encoder, EncoderConfig, load_encoder
 from cxrmodel.errors import DataError, ModelLoadError
 from cxrmodel.images import DecodedImage, ImageLimits, decode_bytes, load_image
 from cxrmodel.prompts import LabelConfig, load_label_config
-from cxrmodel.report import Report, compose_report
-from cxrmodel.zeroshot import LabelScore, label_image
-from indexer.store import (
-    DecisionRow,
-    Generation,
-    ImageRow,
-    ScoreRow,
-    active_generation,
-    default_db_url,
-    has_database,
-    open_db,
-)
+from cxrmodel.report import Report
+from cxrmodel.zeroshot import LabelScore
+from indexer.store import Generation, active_generation, default_db_url, has_database, open_db
 
+from .catalog import Catalog, Hit
 from .filters import Filters, matching_ids_query, parse_filters
 from .knn import Selection, candidate_rounds
+from .labelling import Labeller, pil
 from .served import ServedState, StateLoader
+
+__all__ = ["Engine", "EngineConfig", "Hit"]
 
 log = logging.getLogger(__name__)
 
@@ -64,27 +57,6 @@ class EngineConfig:
         return self.db_url or default_db_url(self.data_dir)
 
 
-@dataclass
-class Hit:
-    """One search result."""
-
-    id: int
-    score: float
-    image: dict
-    pathologies: dict[str, float] = field(default_factory=dict)
-    applicability: dict | None = None
-    generation: int | None = None  # the index generation that answered (its model made the score)
-
-    def top_pathologies(self, n: int = 3) -> list[tuple[str, float]]:
-        return sorted(self.pathologies.items(), key=lambda kv: -kv[1])[:n]
-
-    def to_dict(self) -> dict:
-        return {"id": self.id, "score": round(self.score, 6), "generation": self.generation, "image": self.image,
-                "applicability": self.applicability,
-                "pathologies": {k: round(v, 4) for k, v in self.pathologies.items()},
-                "top_pathologies": [{"pathology": p, "probability": round(v, 4)} for p, v in self.top_pathologies()]}
-
-
 class Engine:
     """Answers queries on one data dir; thread-safe. Every query runs on one `ServedState` snapshot."""
 
@@ -95,6 +67,8 @@ class Engine:
         self._initial_encoder = encoder
         self._set_cache_dir(encoder)
         self.db = open_db(config.url, create=False)
+        self.catalog = Catalog(self.db)
+        self.labeller = Labeller(labels)
         self._loader = StateLoader(self.db, Path(config.data_dir), config.reload_interval, self._encoder_for)
         self._loader.current(force=True)
 
@@ -168,13 +142,6 @@ class Engine:
         raise DataError(f"the index (generation {gen.id}) holds {gen.dim}-d vectors built with {gen.describe()}, "
                         f"but the model given makes {current.dim}-d ones ({current.model_name})")
 
-    def _valid_id(self, image_id) -> bool:
-        """True for ids this database can hold (a larger one can name no image, and must not reach SQL)."""
-        try:
-            return 0 <= int(image_id) <= MAX_ID.get(self.db.dialect.name, 2**63 - 1)
-        except (TypeError, ValueError):
-            return False
-
     @property
     def generation(self) -> int:
         return self.state().generation
@@ -200,7 +167,7 @@ class Engine:
 
     def embed(self, image: Image.Image | DecodedImage, state: ServedState | None = None) -> np.ndarray:
         """One image's unit vector (compute it once when several queries need it)."""
-        return (state or self.state()).encoder.encode_images([_pil(image)])[0]
+        return (state or self.state()).encoder.encode_images([pil(image)])[0]
 
     def image(self, image: Image.Image | DecodedImage, k: int = 10, filters: Filters | None = None) -> list[Hit]:
         """Indexed images most similar to `image`, best first."""
@@ -224,7 +191,7 @@ class Engine:
         hits: list[Hit] = []
         _, rounds = candidate_rounds(state.index, state.scorer, vector, k, selection)
         for found in rounds:
-            hits = self._hits(found, state.generation, k)
+            hits = self.catalog.hits(found, state.generation, k)
             if len(hits) >= k:
                 break
         return hits
@@ -238,58 +205,14 @@ class Engine:
                 return np.fromiter(session.scalars(matching_ids_query(filters, state.generation)), dtype=np.int64)
         return state.selection(filters.cache_key(), fetch)
 
-    def _hits(self, found: list[tuple[int, float]], generation: int, k: int) -> list[Hit]:
-        if not found:
-            return []
-        ids = [i for i, _ in found]
-        with Session(self.db) as session:
-            rows = {r.id: r for r in session.scalars(select(ImageRow).where(ImageRow.id.in_(ids)))}
-            scores: dict[int, dict[str, float]] = {}
-            for s in session.scalars(select(ScoreRow).where(ScoreRow.generation_id == generation,
-                                                            ScoreRow.image_id.in_(ids))):
-                scores.setdefault(s.image_id, {})[s.pathology] = s.probability
-            decisions = {d.image_id: d.to_dict() for d in session.scalars(select(DecisionRow).where(
-                DecisionRow.generation_id == generation, DecisionRow.image_id.in_(ids)))}
-            hits, seen = [], set()
-            for image_id, score in found:
-                row = rows.get(image_id)
-                if row is None or row.content_hash in seen:
-                    continue
-                seen.add(row.content_hash)
-                hits.append(Hit(image_id, score, row.to_dict(), scores.get(image_id, {}), decisions.get(image_id),
-                                generation))
-                if len(hits) == k:
-                    break
-        return hits
-
     # -- images, labels, reports ---------------------------------------------------------------
     def get(self, image_id: int, state: ServedState | None = None) -> dict | None:
         """Metadata and stored pathology scores of one indexed image, or None."""
-        state = state or self.state()
-        if not self._valid_id(image_id):
-            return None
-        with Session(self.db) as session:
-            row = session.get(ImageRow, int(image_id))
-            if row is None:
-                return None
-            out = row.to_dict()
-            out["scores"] = {s.pathology: {"probability": s.probability, "uncertainty": s.uncertainty}
-                             for s in session.scalars(select(ScoreRow).where(
-                                 ScoreRow.generation_id == state.generation, ScoreRow.image_id == row.id))}
-            decision = session.get(DecisionRow, (state.generation, row.id))
-            out["applicability"] = decision.to_dict() if decision else None
-        return out
+        return self.catalog.record(image_id, (state or self.state()).generation)
 
     def load(self, image_id: int) -> DecodedImage:
         """Decode an indexed image from its stored path (by DB id only)."""
-        path = None
-        if self._valid_id(image_id):
-            with Session(self.db) as session:
-                row = session.get(ImageRow, int(image_id))
-                path = row.path if row is not None else None
-        if path is None:
-            raise DataError(f"no image with id {image_id}")
-        return load_image(path, self.config.limits)
+        return load_image(self.catalog.path(image_id), self.config.limits)
 
     def decode_upload(self, data: bytes, name: str = "upload") -> DecodedImage:
         """Decode uploaded bytes under this engine's limits, reduced to a working size (`upload_side`)."""
@@ -297,27 +220,19 @@ class Engine:
 
     def label(self, image: Image.Image | DecodedImage, state: ServedState | None = None) -> list[LabelScore]:
         """Full-ensemble zero-shot scores of the 14 pathologies for one image (whether or not they apply)."""
-        return label_image((state or self.state()).encoder, _pil(image), self.labels)
+        return self.labeller.label((state or self.state()).encoder, image)
 
     def applicability(self, image: Image.Image | DecodedImage, metadata: dict | None = None,
                       vector: np.ndarray | None = None, state: ServedState | None = None) -> Decision:
         """Do the 14 labels apply? From metadata when it settles it (no model call), else from the model
         (using `vector` when the caller already embedded the image with `state`'s encoder)."""
-        meta = {**(image.metadata if isinstance(image, DecodedImage) else {}), **(metadata or {})}
-        decided = decide_from_metadata(meta)
-        if decided is not None:
-            return decided
-        state = state or self.state()
-        vec = self.embed(image, state) if vector is None else vector
-        return decide_from_model(state.encoder, vec[None, :], self.labels.applicability)[0]
+        return self.labeller.applicability((state or self.state()).encoder, image, metadata, vector)
 
     def assess(self, image: Image.Image | DecodedImage, metadata: dict | None = None,
                vector: np.ndarray | None = None, state: ServedState | None = None
                ) -> tuple[Decision, list[LabelScore]]:
         """The applicability decision and, only where the labels apply, their scores."""
-        state = state or self.state()
-        decision = self.applicability(image, metadata, vector, state)
-        return decision, (self.label(image, state) if decision.applicable else [])
+        return self.labeller.assess((state or self.state()).encoder, image, metadata, vector)
 
     def report(self, image: Image.Image | DecodedImage, metadata: dict | None = None,
                threshold: float | None = None, scores: list[LabelScore] | None = None,
@@ -328,7 +243,7 @@ class Engine:
             meta = {**image.metadata, "width": image.width, "height": image.height, **meta}
         if scores is None:
             decision, scores = self.assess(image, meta)
-        return compose_report(scores, meta, self.labels, threshold, decision=decision, lang=lang)
+        return self.labeller.report(scores, decision, meta, threshold, lang)
 
     def report_for_id(self, image_id: int, threshold: float | None = None, lang: str = "en"
                       ) -> tuple[Report, list[LabelScore], Decision, dict]:
@@ -347,40 +262,12 @@ class Engine:
             scores = state.labels_for(image_id, lambda: self.label(self.load(image_id), state)) \
                 if decision.applicable else []
         else:
-            image = self.load(image_id)
-            decision, scores = self.assess(image, meta, state=state)
-        size = {"width": meta.get("width"), "height": meta.get("height")}
-        return compose_report(scores, {**size, **meta}, self.labels, threshold, decision=decision, lang=lang), \
-            scores, decision, meta
+            decision, scores = self.assess(self.load(image_id), meta, state=state)
+        return self.labeller.report(scores, decision, meta, threshold, lang), scores, decision, meta
 
     def priors(self, image_id: int) -> dict:
-        """The same patient's indexed studies in date order, with stored scores and the change per pathology.
-
-        Studies are linked by the salted patient hash only; no key is ever returned.
-        """
-        state = self.state()
-        with Session(self.db) as session:
-            row = session.get(ImageRow, int(image_id)) if self._valid_id(image_id) else None
-            if row is None:
-                raise DataError(f"no image with id {image_id}")
-            if row.patient_hash is None:
-                return {"studies": [], "changes": [], "reason": "the metadata carries no patient key"}
-            rows = session.scalars(select(ImageRow).where(ImageRow.patient_hash == row.patient_hash)
-                                   .order_by(ImageRow.study_date.asc().nulls_last(), ImageRow.id)).all()
-            ids = [r.id for r in rows]
-            scores: dict[int, dict[str, float]] = {}
-            for s in session.scalars(select(ScoreRow).where(ScoreRow.generation_id == state.generation,
-                                                            ScoreRow.image_id.in_(ids))):
-                scores.setdefault(s.image_id, {})[s.pathology] = round(s.probability, 4)
-            studies = [{"id": r.id, "study_date": r.study_date, "file_name": Path(r.path).name,
-                        "modality": r.modality, "view": r.view, "current": r.id == row.id,
-                        "scores": scores.get(r.id, {})} for r in rows]
-        changes = []
-        for before, after in itertools.pairwise(studies):
-            common = set(before["scores"]) & set(after["scores"])
-            changes.append({"from": before["id"], "to": after["id"],
-                            "delta": {p: round(after["scores"][p] - before["scores"][p], 4) for p in sorted(common)}})
-        return {"studies": studies, "changes": changes}
+        """The same patient's indexed studies in date order, with stored scores and the change per pathology."""
+        return self.catalog.priors(image_id, self.state().generation)
 
     def thumbnail(self, image_id: int, size: int = 256) -> bytes:
         """PNG thumbnail of an indexed image, generated once and cached under the data dir."""
@@ -390,15 +277,21 @@ class Engine:
         cache = Path(self.config.data_dir) / "thumbs" / f"{meta['content_hash']}-{int(size)}.png"
         if cache.exists():
             return cache.read_bytes()
-        image = self.load(image_id).image.copy()
-        image.thumbnail((size, size))
+        image = self.load(image_id).image
+        small = image.resize(_fit(image.size, size), Image.Resampling.BICUBIC, reducing_gap=2.0)
         buf = io.BytesIO()
-        image.save(buf, format="PNG", optimize=True)
+        small.save(buf, format="PNG", optimize=True)
         cache.parent.mkdir(parents=True, exist_ok=True)
         tmp = cache.with_suffix(f".tmp{threading.get_ident()}")
         tmp.write_bytes(buf.getvalue())
         tmp.replace(cache)
         return buf.getvalue()
+
+
+def _fit(size: tuple[int, int], box: int) -> tuple[int, int]:
+    """`size` scaled down (never up) to fit a `box` x `box` square, aspect kept."""
+    scale = min(1.0, box / max(size))
+    return max(1, round(size[0] * scale)), max(1, round(size[1] * scale))
 
 
 def _encoder_for(config: EngineConfig, gen: Generation) -> Encoder:
@@ -408,11 +301,3 @@ def _encoder_for(config: EngineConfig, gen: Generation) -> Encoder:
     return load_encoder(EncoderConfig(model=config.model or gen.model, adapter=gen.adapter_path,
                                       precision=config.precision, device=config.device,
                                       revision=None if config.model else gen.model_revision))
-
-
-MAX_ID = {"postgresql": 2**31 - 1}  # images.id is INTEGER: 32-bit there, 64-bit on SQLite
-
-
-def _pil(image: Image.Image | DecodedImage) -> Image.Image:
-    """The PIL image of a decoded upload (or the image itself)."""
-    return image.image if isinstance(image, DecodedImage) else image

@@ -206,11 +206,11 @@ def test_token_enforcement(engine, some_id):
 
 
 def test_the_label_ensemble_runs_once_per_image_for_page_charts_and_downloads(engine, app, some_id, monkeypatch):
-    import search.engine
+    import search.labelling
 
     calls = []
-    real = search.engine.label_image
-    monkeypatch.setattr(search.engine, "label_image", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    real = search.labelling.label_image
+    monkeypatch.setattr(search.labelling, "label_image", lambda *a, **kw: calls.append(1) or real(*a, **kw))
     engine._loader.current(force=True).labels._items.clear()  # start cold
     client = app.test_client()
     for path in (f"/image/{some_id}", f"/api/images/{some_id}/chart.png", f"/api/images/{some_id}/heatmap.svg",
