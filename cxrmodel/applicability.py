@@ -94,10 +94,8 @@ def class_bank(encoder, config: ApplicabilityConfig):
 
 def decide_from_model(encoder, image_vectors: np.ndarray, config: ApplicabilityConfig) -> list[Decision]:
     """Zero-shot decisions for embedded images (softmax over the classes at the model's temperature)."""
-    from .zeroshot import logit_scale_of
-
     names, bank = class_bank(encoder, config)
-    logits = logit_scale_of(encoder) * (np.asarray(image_vectors) @ bank.T)
+    logits = encoder.logit_scale * (np.asarray(image_vectors) @ bank.T)
     logits -= logits.max(axis=1, keepdims=True)
     probs = np.exp(logits)
     probs /= probs.sum(axis=1, keepdims=True)

@@ -232,6 +232,12 @@ class Encoder:
         return {"model": self.model_name, "adapter": self.adapter, "adapter_hash": self.adapter_hash,
                 "dim": self.dim, "numerics": NUMERICS.get(self.dtype, str(self.dtype)), "revision": self.revision}
 
+    @property
+    def logit_scale(self) -> float:
+        """The model's learned softmax temperature (CLIP: 100), capped like CLIP does."""
+        scale = getattr(unwrap(self.model), "logit_scale", None)
+        return float(min(scale.detach().float().exp().item(), 100.0)) if scale is not None else 100.0
+
     def _base_config(self):
         model = self.model
         return unwrap(model).config

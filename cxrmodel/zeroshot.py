@@ -16,7 +16,6 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps
 
-from .lora import unwrap
 from .prompts import LabelConfig
 
 _bank_lock = threading.Lock()
@@ -58,12 +57,6 @@ def _mean_direction(vectors: np.ndarray) -> np.ndarray:
     return mean / max(float(np.linalg.norm(mean)), 1e-12)
 
 
-def logit_scale_of(encoder) -> float:
-    """The model's learned softmax temperature (CLIP: 100), capped like CLIP does."""
-    scale = getattr(unwrap(encoder.model), "logit_scale", None)
-    return float(min(scale.detach().float().exp().item(), 100.0)) if scale is not None else 100.0
-
-
 def prompt_bank(encoder, config: LabelConfig) -> PromptBank:
     """The `PromptBank` of `encoder` for `config`'s prompts: computed once per model and prompt set,
     kept in memory and, when the encoder has a `cache_dir`, on disk for the next process."""
@@ -87,7 +80,7 @@ def _load_or_build_bank(encoder, config: LabelConfig) -> PromptBank:
     try:
         with np.load(path) as data:
             return PromptBank(list(data["set_names"]), list(data["pathologies"]), data["positive"],
-                              data["negative"], logit_scale_of(encoder))
+                              data["negative"], encoder.logit_scale)
     except (OSError, KeyError, ValueError):
         pass
     bank = _build_bank(encoder, config)
@@ -118,7 +111,7 @@ def _build_bank(encoder, config: LabelConfig) -> PromptBank:
         s, p = divmod(i, len(pathologies))
         positive[s, p] = _mean_direction(emb[start : start + npos])
         negative[s, p] = _mean_direction(emb[start + npos : start + npos + nneg])
-    return PromptBank(set_names, pathologies, positive, negative, logit_scale_of(encoder))
+    return PromptBank(set_names, pathologies, positive, negative, encoder.logit_scale)
 
 
 def member_probabilities(image_vectors: np.ndarray, bank: PromptBank) -> np.ndarray:
