@@ -18,7 +18,8 @@ setup(
     include_package_data=True,
     package_data={"web": ["templates/*.html", "static/*"],
                   "indexer": ["migrations/script.py.mako", "migrations/versions/*.py"],
-                  "cxrmodel": ["assets/radlens-mini/*", "assets/radlens-mini/adapter/*"]},
+                  "cxrmodel": ["assets/radlens-mini/*", "assets/radlens-mini/adapter/*",
+                               "reporting/report_templates.json"]},
     install_requires=[
         "torch>=2.2,<2.14",
         "transformers>=5.0,<6",

@@ -80,7 +80,7 @@ def radlens_embed(model_dir: Path, paths: list[Path], data_dir: Path, workers: i
     from sqlalchemy import select
     from sqlalchemy.orm import Session
 
-    from cxrmodel.encoder import EncoderConfig, load_encoder
+    from cxrmodel.model.encoder import EncoderConfig, load_encoder
     from indexer.pipeline import IndexJob, run_index
     from indexer.store import EmbeddingRow, ImageRow, default_db_url, open_db
 

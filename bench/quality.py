@@ -25,13 +25,13 @@ import numpy as np
 import torch
 
 from bench.common import CORPUS, require, table
-from cxrmodel.dualencoder import ScratchSpec, build_scratch_model
-from cxrmodel.encoder import Encoder, EncoderConfig, load_encoder
-from cxrmodel.evaluate import neighbour_precision, query_retrieval, zero_shot_auroc
-from cxrmodel.images import load_image
-from cxrmodel.pairs import Pair
-from cxrmodel.prompts import LabelConfig
-from cxrmodel.train import TrainConfig, train
+from cxrmodel.imaging.decode import load_image
+from cxrmodel.labels.prompts import LabelConfig
+from cxrmodel.model.dualencoder import ScratchSpec, build_scratch_model
+from cxrmodel.model.encoder import Encoder, EncoderConfig, load_encoder
+from cxrmodel.training.evaluate import neighbour_precision, query_retrieval, zero_shot_auroc
+from cxrmodel.training.pairs import Pair
+from cxrmodel.training.train import TrainConfig, train
 
 CAPTION_TEMPLATE = "{view} {modality} of the {anatomy}: {labels}"
 

@@ -155,7 +155,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=Path("bench-out/query"))
     parser.add_argument("--filters", action="store_true", help="filtered queries on the approximate index")
     args = parser.parse_args(argv)
-    from cxrmodel.encoder import EncoderConfig, load_encoder
+    from cxrmodel.model.encoder import EncoderConfig, load_encoder
     from search.engine import Engine, EngineConfig
 
     encoder = load_encoder(EncoderConfig(model=str(vit_b32_dir(args.out.parent / "indexing" / "vit-b32"))))

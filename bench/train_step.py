@@ -4,8 +4,8 @@
 
 Both train the same peft LoRA (q_proj, v_proj, r=8) with the same symmetric InfoNCE loss on the same
 pre-decoded batch, so only the step itself is compared: forward, backward, optimiser.
-Naive: fp32 everything, transformers' defaults. RadLens: `cxrmodel.train`'s step -- bf16 autocast where
-the CPU has it, and the exact shortcuts of `cxrmodel.fastpath` (class-token-only last image layer,
+Naive: fp32 everything, transformers' defaults. RadLens: `cxrmodel.training.train`'s step -- bf16 autocast where
+the CPU has it, and the exact shortcuts of `cxrmodel.model.fastpath` (class-token-only last image layer,
 the faster attention kernel for the device).
 """
 
@@ -22,10 +22,10 @@ import torch
 
 from bench.common import table
 from bench.models import vit_b32_dir
-from cxrmodel.encoder import choose_dtype, features
-from cxrmodel.fastpath import apply_fastpaths
-from cxrmodel.lora import LoraSettings, apply_lora
-from cxrmodel.train import contrastive_loss
+from cxrmodel.model.encoder import choose_dtype, features
+from cxrmodel.model.fastpath import apply_fastpaths
+from cxrmodel.model.lora import LoraSettings, apply_lora
+from cxrmodel.training.train import contrastive_loss
 
 CAPTIONS = ["PA chest radiograph with cardiomegaly", "lateral chest x-ray", "axial CT of the chest",
             "MRI of the brain with a tumour"]

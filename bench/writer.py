@@ -25,8 +25,8 @@ def measure(url: str | None, images: int, chunk: int, data_dir: Path, encoder) -
     """Images per second written through ChunkWriter on `url` (None: SQLite in data_dir)."""
     from sqlalchemy.orm import Session
 
-    from cxrmodel.prompts import LabelConfig
-    from cxrmodel.zeroshot import prompt_bank
+    from cxrmodel.labels.prompts import LabelConfig
+    from cxrmodel.labels.zeroshot import prompt_bank
     from indexer.metadata import data_dir_salt
     from indexer.pipeline import ChunkWriter, IndexSummary, target_generation
     from indexer.prepare import Prepared
@@ -59,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--images", type=int, default=5120)
     p.add_argument("--chunk", type=int, default=256)
     args = p.parse_args(argv)
-    from cxrmodel.encoder import EncoderConfig, load_encoder
+    from cxrmodel.model.encoder import EncoderConfig, load_encoder
 
     encoder = load_encoder(EncoderConfig(model="radlens-mini"))
     rows = []

@@ -7,7 +7,7 @@ import json
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
-from .errors import DataError
+from cxrmodel.errors import DataError
 
 ERROR_KEY = "__error__"
 

@@ -14,7 +14,7 @@ import re
 import secrets
 from pathlib import Path
 
-from cxrmodel.report import age_band
+from cxrmodel.reporting.report import age_band
 
 from .store import ImageRow, write_private_file
 

@@ -23,12 +23,12 @@ import numpy as np
 from sqlalchemy import delete, select, update
 from sqlalchemy.orm import Session
 
-from cxrmodel.applicability import class_bank, decide
 from cxrmodel.constants import DEFAULT_DATA_DIR
 from cxrmodel.errors import DataError
-from cxrmodel.images import ImageLimits
-from cxrmodel.prompts import LabelConfig
-from cxrmodel.zeroshot import prompt_bank, score_vectors
+from cxrmodel.imaging.decode import ImageLimits
+from cxrmodel.labels.applicability import class_bank, decide
+from cxrmodel.labels.prompts import LabelConfig
+from cxrmodel.labels.zeroshot import prompt_bank, score_vectors
 
 from .metadata import check_salt, data_dir_salt, row_fields
 from .prepare import Prepared, PrepareTask, prepare_all

@@ -16,8 +16,8 @@ from pathlib import Path
 import numpy as np
 
 from cxrmodel.errors import ImageDecodeError
-from cxrmodel.images import ImageLimits, decode_bytes
-from cxrmodel.preprocess import ImagePreprocess
+from cxrmodel.imaging.decode import ImageLimits, decode_bytes
+from cxrmodel.imaging.preprocess import ImagePreprocess
 
 
 @dataclass

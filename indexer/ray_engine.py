@@ -19,8 +19,8 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 
 from cxrmodel.errors import DataError
-from cxrmodel.images import ImageLimits
-from cxrmodel.preprocess import ImagePreprocess
+from cxrmodel.imaging.decode import ImageLimits
+from cxrmodel.imaging.preprocess import ImagePreprocess
 
 from .prepare import Prepared, PrepareTask, prepare
 
@@ -79,7 +79,7 @@ class EmbedActor:
     """One model per actor; embeds the decoded images of a batch (others get a zero vector)."""
 
     def __init__(self, encoder_config):
-        from cxrmodel.encoder import load_encoder
+        from cxrmodel.model.encoder import load_encoder
 
         self.encoder = load_encoder(encoder_config)
 

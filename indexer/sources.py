@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from cxrmodel.errors import DataError
-from cxrmodel.images import DICOM_MAGIC_OFFSET, is_image_path
+from cxrmodel.imaging.decode import DICOM_MAGIC_OFFSET, is_image_path
 from cxrmodel.tables import ERROR_KEY, find_column, read_rows
 
 log = logging.getLogger(__name__)

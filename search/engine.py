@@ -16,14 +16,14 @@ import numpy as np
 from PIL import Image
 from sqlalchemy.orm import Session
 
-from cxrmodel.applicability import Decision
 from cxrmodel.constants import DEFAULT_DATA_DIR
-from cxrmodel.encoder import Encoder, EncoderConfig, load_encoder
 from cxrmodel.errors import DataError, ModelLoadError
-from cxrmodel.images import DecodedImage, ImageLimits, decode_bytes, load_image
-from cxrmodel.prompts import LabelConfig, load_label_config
-from cxrmodel.report import Report
-from cxrmodel.zeroshot import LabelScore
+from cxrmodel.imaging.decode import DecodedImage, ImageLimits, decode_bytes, load_image
+from cxrmodel.labels.applicability import Decision
+from cxrmodel.labels.prompts import LabelConfig, load_label_config
+from cxrmodel.labels.zeroshot import LabelScore
+from cxrmodel.model.encoder import Encoder, EncoderConfig, load_encoder
+from cxrmodel.reporting.report import Report
 from indexer.store import Generation, active_generation, default_db_url, has_database, open_db
 
 from .catalog import Catalog, Hit

@@ -7,11 +7,11 @@ from __future__ import annotations
 import numpy as np
 from PIL import Image
 
-from cxrmodel.applicability import Decision, decide_from_metadata, decide_from_model
-from cxrmodel.images import DecodedImage
-from cxrmodel.prompts import LabelConfig
-from cxrmodel.report import Report, compose_report
-from cxrmodel.zeroshot import LabelScore, label_image
+from cxrmodel.imaging.decode import DecodedImage
+from cxrmodel.labels.applicability import Decision, decide_from_metadata, decide_from_model
+from cxrmodel.labels.prompts import LabelConfig
+from cxrmodel.labels.zeroshot import LabelScore, label_image
+from cxrmodel.reporting.report import Report, compose_report
 
 
 def pil(image: Image.Image | DecodedImage) -> Image.Image:

@@ -67,7 +67,7 @@ class ServedState:
     """Everything one query needs, from one generation. Never mutated after it is served."""
 
     generation: int
-    encoder: object  # cxrmodel.encoder.Encoder
+    encoder: object  # cxrmodel.model.encoder.Encoder
     index: object  # faiss index or indexer.compressed.RerankedIndex
     meta: IndexMeta
     key: tuple  # (generation, index file stamp, published version): a change means a new state

@@ -22,7 +22,7 @@ def tiny_model_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_encoder(tiny_model_dir):
-    from cxrmodel.encoder import EncoderConfig, load_encoder
+    from cxrmodel.model.encoder import EncoderConfig, load_encoder
 
     return load_encoder(EncoderConfig(model=str(tiny_model_dir), precision="fp32", batch_size=16))
 

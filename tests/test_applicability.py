@@ -6,12 +6,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from cxrmodel.applicability import ApplicabilityConfig, decide_from_metadata, decide_from_model
-from cxrmodel.charts import category_heatmap, category_matrix, summary_card
 from cxrmodel.constants import PATHOLOGIES
-from cxrmodel.prompts import CATEGORIES, LabelConfig
-from cxrmodel.report import compose_report, templates, to_markdown
-from cxrmodel.zeroshot import LabelScore
+from cxrmodel.labels.applicability import ApplicabilityConfig, decide_from_metadata, decide_from_model
+from cxrmodel.labels.prompts import CATEGORIES, LabelConfig
+from cxrmodel.labels.zeroshot import LabelScore
+from cxrmodel.reporting.charts import category_heatmap, category_matrix, summary_card
+from cxrmodel.reporting.report import compose_report, templates, to_markdown
 from indexer.store import default_db_url
 from tests.databases import dump_database, fetch
 from tests.imagegen import gray_image, shape_image, write_dicom

@@ -9,8 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from cxrmodel.bundled import bundled_model_dir
-from cxrmodel.dualencoder import WEIGHTS, file_sha256, read_manifest
+from cxrmodel.model.bundled import bundled_model_dir
+from cxrmodel.model.dualencoder import WEIGHTS, file_sha256, read_manifest
 from radlens.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -18,7 +18,7 @@ SAMPLES = ROOT / "examples" / "sample"
 
 
 def test_shipped_weights_match_the_model_card_and_load():
-    from cxrmodel.encoder import EncoderConfig, load_encoder
+    from cxrmodel.model.encoder import EncoderConfig, load_encoder
 
     mini = bundled_model_dir()
     sha = file_sha256(mini / WEIGHTS)

@@ -7,10 +7,10 @@ import json
 import numpy as np
 import pytest
 
-from cxrmodel.dualencoder import MANIFEST, WEIGHTS, ScratchSpec, file_sha256, is_model_dir
-from cxrmodel.encoder import EncoderConfig, load_encoder
-from cxrmodel.pairs import compose_caption, load_pairs
-from cxrmodel.train import TrainConfig, train
+from cxrmodel.model.dualencoder import MANIFEST, WEIGHTS, ScratchSpec, file_sha256, is_model_dir
+from cxrmodel.model.encoder import EncoderConfig, load_encoder
+from cxrmodel.training.pairs import compose_caption, load_pairs
+from cxrmodel.training.train import TrainConfig, train
 from tests.imagegen import COLOURS, SHAPES, shape_image
 from tests.tinymodel import save_tiny_bert
 
@@ -112,7 +112,7 @@ def test_plain_vision_text_dual_encoder_checkpoint_loads(tiny_bert_dir, tmp_path
         VisionTextDualEncoderModel,
     )
 
-    from cxrmodel.preprocess import PREPROCESSOR_FILE, ImagePreprocess
+    from cxrmodel.imaging.preprocess import PREPROCESSOR_FILE, ImagePreprocess
 
     vision = CLIPVisionConfig(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=1,
                               num_attention_heads=2, intermediate_size=64)

@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from cxrmodel.encoder import EncoderConfig, load_encoder, resolve_model_name
 from cxrmodel.errors import ModelLoadError
+from cxrmodel.model.encoder import EncoderConfig, load_encoder, resolve_model_name
 from tests.imagegen import gray_image, shape_image
 
 
@@ -65,7 +65,7 @@ def test_preprocessing_matches_transformers_clip_processor(tiny_model_dir):
     """Our single copy of preprocessing equals CLIPImageProcessor on the real ViT-B/32 settings."""
     from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 
-    from cxrmodel.preprocess import ImagePreprocess
+    from cxrmodel.imaging.preprocess import ImagePreprocess
 
     reference = CLIPImageProcessorPil()
     ours = ImagePreprocess.from_dict(reference.to_dict())
@@ -77,7 +77,7 @@ def test_preprocessing_matches_transformers_clip_processor(tiny_model_dir):
 
 
 def test_auto_precision_runs_an_int8_text_tower_close_to_fp32(tiny_model_dir):
-    from cxrmodel.encoder import cpu_supports_bf16
+    from cxrmodel.model.encoder import cpu_supports_bf16
 
     if not cpu_supports_bf16():
         pytest.skip("auto precision is fp32 on this CPU")

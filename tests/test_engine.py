@@ -11,7 +11,7 @@ from sqlalchemy.orm import Session
 
 from cxrmodel.constants import PATHOLOGIES
 from cxrmodel.errors import DataError
-from cxrmodel.report import text_for, to_json, to_markdown, to_pdf
+from cxrmodel.reporting.report import text_for, to_json, to_markdown, to_pdf
 from indexer.store import EmbeddingRow, ImageRow, ScoreRow, default_db_url, open_db
 from tests.imagegen import shape_image
 
@@ -45,7 +45,7 @@ def test_text_search_equals_brute_force(engine, indexed_dir, tiny_encoder, query
 
 
 def test_image_search_returns_the_image_itself_first(engine, image_dir):
-    from cxrmodel.images import load_image
+    from cxrmodel.imaging.decode import load_image
 
     for name in ("square_green_1.png", "gray/g5.png"):
         hits = engine.image(load_image(image_dir / name), k=3)
@@ -54,7 +54,7 @@ def test_image_search_returns_the_image_itself_first(engine, image_dir):
 
 
 def test_exact_duplicates_collapse(engine, image_dir):
-    from cxrmodel.images import load_image
+    from cxrmodel.imaging.decode import load_image
 
     hits = engine.image(load_image(image_dir / "gray" / "g0.png"), k=10)
     names = [h.image["file_name"] for h in hits]
@@ -149,7 +149,7 @@ def test_thumbnail_is_cached(engine, indexed_dir):
 
 
 def test_engine_switches_to_a_newer_index_without_restart(tmp_path, tiny_encoder, tiny_model_dir):
-    from cxrmodel.encoder import EncoderConfig, load_encoder
+    from cxrmodel.model.encoder import EncoderConfig, load_encoder
     from indexer.pipeline import IndexJob, run_index
     from search.engine import Engine, EngineConfig
     from tests.imagegen import gray_folder, gray_image
@@ -175,9 +175,9 @@ def test_engine_switches_to_a_newer_index_without_restart(tmp_path, tiny_encoder
 
 def test_prompt_embeddings_are_computed_once_per_model_across_processes(tmp_path, tiny_model_dir, monkeypatch):
     """A second process (a fresh encoder object) reads the prompt bank from the data dir's cache."""
-    from cxrmodel.encoder import EncoderConfig, load_encoder
-    from cxrmodel.prompts import LabelConfig
-    from cxrmodel.zeroshot import prompt_bank
+    from cxrmodel.labels.prompts import LabelConfig
+    from cxrmodel.labels.zeroshot import prompt_bank
+    from cxrmodel.model.encoder import EncoderConfig, load_encoder
 
     first = load_encoder(EncoderConfig(model=str(tiny_model_dir), precision="fp32"))
     first.cache_dir = tmp_path / "cache"

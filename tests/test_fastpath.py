@@ -1,4 +1,4 @@
-"""The exact shortcuts of cxrmodel.fastpath and the mixed-precision encoder give the results of the plain model."""
+"""The exact shortcuts of cxrmodel.model.fastpath and the mixed-precision encoder equal the plain model."""
 
 from __future__ import annotations
 
@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-from cxrmodel.encoder import EncoderConfig, load_encoder
-from cxrmodel.fastpath import apply_fastpaths, choose_attention, fold_quick_gelu, pool_only_last_layer
-from cxrmodel.lora import LoraSettings, apply_lora
+from cxrmodel.model.encoder import EncoderConfig, load_encoder
+from cxrmodel.model.fastpath import apply_fastpaths, choose_attention, fold_quick_gelu, pool_only_last_layer
+from cxrmodel.model.lora import LoraSettings, apply_lora
 from tests.imagegen import shape_image
 from tests.tinymodel import tiny_clip_config
 
@@ -121,13 +121,13 @@ def test_an_mlp_with_an_unmerged_adapter_is_not_folded(tiny_clip):
 def test_the_class_token_patch_applies_only_to_checked_transformers_releases(tiny_clip, monkeypatch, caplog):
     import transformers
 
-    from cxrmodel.fastpath import pool_only_last_layer, transformers_checked
+    from cxrmodel.model.fastpath import pool_only_last_layer, transformers_checked
 
     assert transformers_checked()  # the installed release is one the equality tests above pin
     assert transformers_checked("5.24.0") and not transformers_checked("6.0.0") and not transformers_checked("4.57.1")
     monkeypatch.setattr(transformers, "__version__", "6.1.0")
     last = tiny_clip.vision_model.encoder.layers[-1]
     before = last.forward
-    with caplog.at_level("WARNING", logger="cxrmodel.fastpath"):
+    with caplog.at_level("WARNING", logger="cxrmodel.model.fastpath"):
         assert pool_only_last_layer(tiny_clip) is False
     assert last.forward == before and "outside the releases" in caplog.text

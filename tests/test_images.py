@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 
 from cxrmodel.errors import ImageDecodeError
-from cxrmodel.images import ImageLimits, decode_bytes, load_image
+from cxrmodel.imaging.decode import ImageLimits, decode_bytes, load_image
 from tests.imagegen import gray_image, png_bytes, write_dicom
 
 

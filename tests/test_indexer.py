@@ -138,7 +138,7 @@ def test_manifest_metadata_and_dicom_without_phi(tmp_path, tiny_encoder):
 
 
 def test_model_change_refuses_then_rebuild_swaps(corpus, tmp_path, tiny_encoder):
-    from cxrmodel.encoder import EncoderConfig, load_encoder
+    from cxrmodel.model.encoder import EncoderConfig, load_encoder
     from tests.tinymodel import save_tiny_clip
 
     data = tmp_path / "data"

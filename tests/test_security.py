@@ -18,7 +18,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from cxrmodel.errors import DataError, ImageDecodeError
-from cxrmodel.images import ImageLimits, decode_bytes
+from cxrmodel.imaging.decode import ImageLimits, decode_bytes
 from indexer.check import check_data_dir
 from indexer.store import default_db_url
 from tests.databases import dump_database, fetch
@@ -119,7 +119,7 @@ def malformed_tables(draw):
 @fuzz(100)
 @given(table=malformed_tables(), raw=st.binary(max_size=64))
 def test_fuzz_manifest_and_pairs_parsers_raise_only_data_errors(tmp_path, table, raw):
-    from cxrmodel.pairs import load_pairs
+    from cxrmodel.training.pairs import load_pairs
     from indexer.sources import collect
 
     kind, text = table

@@ -32,7 +32,7 @@ def _vectors(data) -> dict[int, dict[int, np.ndarray]]:
 
 @pytest.mark.slow
 def test_a_model_switch_under_concurrent_queries_never_mixes_encoder_and_index(tmp_path, tiny_model_dir):
-    from cxrmodel.encoder import EncoderConfig, load_encoder
+    from cxrmodel.model.encoder import EncoderConfig, load_encoder
     from search.engine import Engine, EngineConfig
 
     other_model = save_tiny_clip(tmp_path / "other", seed=1, projection_dim=24)  # another space, another size
@@ -120,7 +120,7 @@ def test_a_hub_model_records_the_commit_it_loaded(tmp_path, tiny_model_dir, monk
     identity; asking for another revision of the same id is refused as another model."""
     import shutil
 
-    from cxrmodel.encoder import EncoderConfig, load_encoder
+    from cxrmodel.model.encoder import EncoderConfig, load_encoder
 
     commit = "0123456789abcdef0123456789abcdef01234567"
     repo = tmp_path / "hub" / "models--radlens-test--tiny-clip"

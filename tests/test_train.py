@@ -8,11 +8,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from cxrmodel.encoder import EncoderConfig, load_encoder
 from cxrmodel.errors import DataError
-from cxrmodel.lora import LoraSettings, apply_lora, count_parameters
-from cxrmodel.pairs import load_pairs, split_pairs
-from cxrmodel.train import TrainConfig, train
+from cxrmodel.model.encoder import EncoderConfig, load_encoder
+from cxrmodel.model.lora import LoraSettings, apply_lora, count_parameters
+from cxrmodel.training.pairs import load_pairs, split_pairs
+from cxrmodel.training.train import TrainConfig, train
 from radlens.cli import main
 from tests.imagegen import COLOURS, SHAPES, shape_image
 
@@ -99,7 +99,7 @@ def test_merged_adapter_equals_unmerged(trained, tiny_model_dir):
 
 
 def test_resume_after_interruption_equals_uninterrupted(shapes_pairs, tiny_model_dir, tmp_path, monkeypatch):
-    import cxrmodel.train as train_module
+    import cxrmodel.training.train as train_module
 
     straight = train(_config(shapes_pairs, tiny_model_dir, tmp_path / "a", epochs=3), log=lambda _: None)
     real_save = train_module._save_checkpoint
@@ -145,7 +145,7 @@ def test_pairs_file_without_usable_rows_or_columns_is_fatal(tmp_path):
 
 
 def test_split_keeps_groups_apart(tmp_path):
-    from cxrmodel.pairs import Pair
+    from cxrmodel.training.pairs import Pair
 
     pairs = [Pair(tmp_path / f"{i}.png", f"c{i}", group=f"patient{i // 3}", line=i) for i in range(30)]
     train_part, val_part = split_pairs(pairs, 0.3, seed=1)

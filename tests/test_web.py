@@ -224,11 +224,11 @@ def test_the_label_ensemble_runs_once_per_image_for_page_charts_and_downloads(en
 
 
 def test_label_variants_are_made_at_the_model_input_size(engine, monkeypatch):
-    import cxrmodel.zeroshot
+    import cxrmodel.labels.zeroshot
 
     sizes = []
-    real = cxrmodel.zeroshot.image_variants
-    monkeypatch.setattr(cxrmodel.zeroshot, "image_variants",
+    real = cxrmodel.labels.zeroshot.image_variants
+    monkeypatch.setattr(cxrmodel.labels.zeroshot, "image_variants",
                         lambda image, names: sizes.append(image.size) or real(image, names))
     engine.label(Image.new("L", (3000, 2000), 128))
     assert sizes == [engine.encoder.preprocess.output_size[::-1]]

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from cxrmodel.preprocess import PREPROCESSOR_FILE, ImagePreprocess
+from cxrmodel.imaging.preprocess import PREPROCESSOR_FILE, ImagePreprocess
 
 BOS, EOS = "<|startoftext|>", "<|endoftext|>"
 

@@ -7,8 +7,8 @@ import os
 
 from flask import Blueprint, Response, jsonify, request
 
-from cxrmodel.charts import category_heatmap, probability_chart, summary_card
-from cxrmodel.report import findings_csv, to_markdown, to_pdf
+from cxrmodel.reporting.charts import category_heatmap, probability_chart, summary_card
+from cxrmodel.reporting.report import findings_csv, to_markdown, to_pdf
 
 from .context import (
     config,

@@ -5,7 +5,7 @@ from __future__ import annotations
 from flask import current_app, request
 
 from cxrmodel.errors import DataError
-from cxrmodel.report import languages
+from cxrmodel.reporting.report import languages
 
 from . import HTTPError, ServeConfig
 

@@ -9,7 +9,7 @@ from flask import Blueprint, render_template, request
 from PIL import Image
 
 from cxrmodel.errors import RadLensError
-from cxrmodel.report import languages, sections
+from cxrmodel.reporting.report import languages, sections
 
 from . import HTTPError, status_for
 from .context import engine, id_labels, k_param, lang_param, read_upload, threshold_param, upload_labels

@@ -36,8 +36,8 @@ def _first(manifest: Path, **wanted) -> Path:
 
 
 def run(args) -> int:
-    from cxrmodel.encoder import EncoderConfig, load_encoder
-    from cxrmodel.report import to_markdown
+    from cxrmodel.model.encoder import EncoderConfig, load_encoder
+    from cxrmodel.reporting.report import to_markdown
     from indexer.pipeline import IndexJob, run_index
     from search.engine import Engine, EngineConfig
 

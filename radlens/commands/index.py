@@ -59,8 +59,8 @@ def index_config(args):
 
 
 def run(args) -> int:
-    from cxrmodel.encoder import load_encoder
-    from cxrmodel.prompts import load_label_config
+    from cxrmodel.labels.prompts import load_label_config
+    from cxrmodel.model.encoder import load_encoder
     from indexer.pipeline import IndexJob, run_index
 
     ray = None

@@ -79,7 +79,7 @@ def run_search(args) -> int:
 
 
 def _read(path: str, engine):
-    from cxrmodel.images import load_image
+    from cxrmodel.imaging.decode import load_image
 
     if not Path(path).is_file():
         raise DataError(f"{path}: no such file")
@@ -95,7 +95,7 @@ def run_similar(args) -> int:
 
 
 def run_label(args) -> int:
-    from cxrmodel.report import text_for, to_json, to_markdown, to_pdf
+    from cxrmodel.reporting.report import text_for, to_json, to_markdown, to_pdf
 
     text_for(args.lang)  # an unknown language fails before the model loads
     engine = open_engine(args)

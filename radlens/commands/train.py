@@ -56,9 +56,9 @@ def register(sub) -> None:
 
 
 def run_train(args) -> int:
-    from cxrmodel.dualencoder import ScratchSpec
-    from cxrmodel.lora import LoraSettings
-    from cxrmodel.train import TrainConfig, train
+    from cxrmodel.model.dualencoder import ScratchSpec
+    from cxrmodel.model.lora import LoraSettings
+    from cxrmodel.training.train import TrainConfig, train
 
     from .common import encoder_config
 
@@ -80,10 +80,10 @@ def run_train(args) -> int:
 
 
 def run_eval(args) -> int:
-    from cxrmodel.encoder import load_encoder
-    from cxrmodel.evaluate import evaluate_pairs, format_eval
-    from cxrmodel.pairs import load_pairs
-    from cxrmodel.prompts import load_label_config
+    from cxrmodel.labels.prompts import load_label_config
+    from cxrmodel.model.encoder import load_encoder
+    from cxrmodel.training.evaluate import evaluate_pairs, format_eval
+    from cxrmodel.training.pairs import load_pairs
 
     from .common import encoder_config
 

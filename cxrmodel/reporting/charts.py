@@ -7,8 +7,8 @@ import io
 
 import numpy as np
 
-from .prompts import CATEGORIES
-from .zeroshot import LabelScore
+from cxrmodel.labels.prompts import CATEGORIES
+from cxrmodel.labels.zeroshot import LabelScore
 
 FORMATS = ("png", "svg")
 TITLE_NOTE = "(not for clinical use)"

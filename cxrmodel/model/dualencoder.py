@@ -18,9 +18,9 @@ from pathlib import Path
 
 import torch
 
-from .errors import ModelLoadError
-from .lora import unwrap
-from .preprocess import PREPROCESSOR_FILE, ImagePreprocess
+from cxrmodel.errors import ModelLoadError
+from cxrmodel.imaging.preprocess import PREPROCESSOR_FILE, ImagePreprocess
+from cxrmodel.model.lora import unwrap
 
 MANIFEST = "radlens_model.json"
 WEIGHTS = "vision_and_projections.safetensors"

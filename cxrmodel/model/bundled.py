@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .errors import ModelLoadError
+from cxrmodel.errors import ModelLoadError
 
 MINI = "radlens-mini"
-ASSETS = Path(__file__).resolve().parent / "assets"
+ASSETS = Path(__file__).resolve().parents[1] / "assets"  # cxrmodel/assets
 
 
 def bundled_model_dir(name: str = MINI) -> Path:

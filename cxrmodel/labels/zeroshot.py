@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps
 
-from .prompts import LabelConfig
+from cxrmodel.labels.prompts import LabelConfig
 
 _bank_lock = threading.Lock()
 

@@ -67,7 +67,7 @@ def pool_only_last_layer(model) -> bool:
 
     Returns False (and changes nothing) when the vision tower is not CLIP's, whose pooling is known.
     """
-    from .lora import unwrap
+    from cxrmodel.model.lora import unwrap
 
     vision = getattr(unwrap(model), "vision_model", None)
     if type(vision).__name__ not in CLIP_VISION_CLASSES:
@@ -93,7 +93,7 @@ def choose_attention(model, device) -> str:
     matmuls beat the CPU flash kernel, whose backward alone took 18% of a ViT-B/32 LoRA training
     step here (bench/train_step.py); in inference the two are level. Both compute the same attention.
     """
-    from .lora import unwrap
+    from cxrmodel.model.lora import unwrap
 
     impl = "eager" if torch.device(device).type == "cpu" else "sdpa"
     try:

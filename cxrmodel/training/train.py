@@ -22,15 +22,15 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .dualencoder import ScratchSpec, build_scratch_model, own_parameters, save_model_dir
-from .encoder import Encoder, EncoderConfig, choose_device, choose_dtype, features, load_pretrained_parts
-from .errors import DataError, ImageDecodeError
-from .evaluate import embed_pairs, retrieval_metrics
-from .fastpath import apply_fastpaths
-from .images import load_image
-from .lora import LoraSettings, apply_lora, count_parameters, unwrap
-from .pairs import Pair, load_pairs, split_pairs
-from .preprocess import ImagePreprocess
+from cxrmodel.errors import DataError, ImageDecodeError
+from cxrmodel.imaging.decode import load_image
+from cxrmodel.imaging.preprocess import ImagePreprocess
+from cxrmodel.model.dualencoder import ScratchSpec, build_scratch_model, own_parameters, save_model_dir
+from cxrmodel.model.encoder import Encoder, EncoderConfig, choose_device, choose_dtype, features, load_pretrained_parts
+from cxrmodel.model.fastpath import apply_fastpaths
+from cxrmodel.model.lora import LoraSettings, apply_lora, count_parameters, unwrap
+from cxrmodel.training.evaluate import embed_pairs, retrieval_metrics
+from cxrmodel.training.pairs import Pair, load_pairs, split_pairs
 
 log_ = logging.getLogger(__name__)
 

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from .errors import ImageDecodeError
+from cxrmodel.errors import ImageDecodeError
 
 DICOM_MAGIC_OFFSET = 128
 DICOM_EXTENSIONS = (".dcm", ".dicom")

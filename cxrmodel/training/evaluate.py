@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import numpy as np
 
-from .errors import ImageDecodeError
-from .images import load_image
-from .pairs import Pair
-from .prompts import LabelConfig
-from .zeroshot import prompt_bank, score_vectors
+from cxrmodel.errors import ImageDecodeError
+from cxrmodel.imaging.decode import load_image
+from cxrmodel.labels.prompts import LabelConfig
+from cxrmodel.labels.zeroshot import prompt_bank, score_vectors
+from cxrmodel.training.pairs import Pair
 
 KS = (1, 5, 10)
 

@@ -18,10 +18,10 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .errors import ModelLoadError
-from .fastpath import apply_fastpaths
-from .lora import unwrap
-from .preprocess import PREPROCESSOR_FILE, ImagePreprocess
+from cxrmodel.errors import ModelLoadError
+from cxrmodel.imaging.preprocess import PREPROCESSOR_FILE, ImagePreprocess
+from cxrmodel.model.fastpath import apply_fastpaths
+from cxrmodel.model.lora import unwrap
 
 log = logging.getLogger(__name__)
 
@@ -82,7 +82,7 @@ def choose_dtype(precision: str, device: torch.device) -> torch.dtype:
 def adapter_fingerprint(adapter_dir: str | Path | None, model: str | None = None) -> str | None:
     """sha256 over what was trained: an adapter directory's files and, for a RadLens model
     directory, its own weights -- so an index knows exactly which weights built it."""
-    from .dualencoder import is_model_dir, read_manifest
+    from cxrmodel.model.dualencoder import is_model_dir, read_manifest
 
     parts = []
     if model and Path(model).is_dir() and is_model_dir(model):
@@ -134,11 +134,11 @@ def load_pretrained_parts(name: str, dtype: torch.dtype = torch.float32, revisio
     ModelLoadError."""
     from transformers import AutoConfig, AutoTokenizer
 
-    from .bundled import resolve_alias
+    from cxrmodel.model.bundled import resolve_alias
 
     name = resolve_alias(name)
     local = Path(name).expanduser()
-    from .dualencoder import is_model_dir, load_model_dir
+    from cxrmodel.model.dualencoder import is_model_dir, load_model_dir
 
     if local.is_dir() and is_model_dir(local):
         model, tokenizer, preprocess = load_model_dir(local)
@@ -365,7 +365,7 @@ def load_encoder(config: EncoderConfig) -> Encoder:
     log.info("loaded %s%s on %s in %s", config.model,
              f" + adapter {config.adapter}" if config.adapter else "", device, dtype)
     adapter = str(Path(config.adapter).resolve()) if config.adapter else None
-    from .bundled import resolve_alias
+    from cxrmodel.model.bundled import resolve_alias
 
     local = Path(resolve_alias(config.model)).expanduser()
     name = str(local.resolve()) if local.is_dir() else config.model

@@ -14,9 +14,9 @@ import json
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
-from .applicability import ApplicabilityConfig
-from .constants import PATHOLOGIES
-from .errors import DataError
+from cxrmodel.constants import PATHOLOGIES
+from cxrmodel.errors import DataError
+from cxrmodel.labels.applicability import ApplicabilityConfig
 
 REGIONS: tuple[str, ...] = ("lungs", "pleura", "heart and mediastinum", "diaphragm")
 

@@ -13,9 +13,9 @@ from dataclasses import asdict, dataclass, field
 from functools import lru_cache
 from pathlib import Path
 
-from .errors import DataError
-from .prompts import REGIONS, LabelConfig
-from .zeroshot import LabelScore
+from cxrmodel.errors import DataError
+from cxrmodel.labels.prompts import REGIONS, LabelConfig
+from cxrmodel.labels.zeroshot import LabelScore
 
 TEMPLATES_FILE = Path(__file__).with_name("report_templates.json")
 SAFE_METADATA = ("id", "modality", "body_part", "view", "width", "height", "file_name", "age_band", "sex",

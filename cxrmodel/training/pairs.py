@@ -13,8 +13,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .errors import DataError
-from .tables import ERROR_KEY, find_column, read_rows
+from cxrmodel.errors import DataError
+from cxrmodel.tables import ERROR_KEY, find_column, read_rows
 
 IMAGE_COLUMNS = ("path", "image", "image_path", "file", "file_name", "filename", "file name", "name")
 CAPTION_COLUMNS = ("caption", "text", "report", "findings", "impression")

@@ -1,0 +1,1 @@
+"""Models: loading checkpoints (hub, local, bundled), dual encoders, LoRA, the exact fast paths, `Encoder`."""

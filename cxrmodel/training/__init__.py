@@ -1,0 +1,1 @@
+"""Learning from image-caption pairs: pairs files, LoRA/scratch training, retrieval evaluation."""
