@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
-from sqlalchemy import delete, select, update
+from sqlalchemy import bindparam, delete, select, update
 from sqlalchemy.orm import Session
 
 from cxrmodel.constants import DEFAULT_DATA_DIR
@@ -302,12 +302,13 @@ class ChunkWriter:
         self.metadata: dict[str, dict] = {}
 
     def record_problems(self, problems: list[ManifestProblem], summary: IndexSummary) -> None:
-        """Manifest rows without a usable path go to the skipped table."""
+        """Manifest rows without a usable path, and found files that cannot be used, go to the skipped table."""
         if not problems:
             return
+        rows = {p.key: dict(path=p.key, kind="file" if p.line is None else "manifest", reason=p.reason, at=utcnow())
+                for p in problems}
         with Session(self.db) as session, session.begin():
-            upsert(session, SkippedRow, [dict(path=f"{p.source}:{p.line}", kind="manifest", reason=p.reason,
-                                              at=utcnow()) for p in problems], keys=("path",))
+            upsert(session, SkippedRow, list(rows.values()), keys=("path",))
         summary.skipped += len(problems)
 
     def plan(self, records: list[SourceRecord], summary: IndexSummary) -> list[PrepareTask]:
@@ -385,13 +386,7 @@ class ChunkWriter:
             upsert(session, SkippedRow, [dict(path=p, kind="file", reason=r, at=now) for p, r in errors.items()],
                    keys=("path",))
             summary.skipped += len(errors)
-            for item in chunk:
-                if item.error is None and item.unchanged:
-                    fields = {k: v for k, v in row_fields(self.metadata.get(item.path, {}), self.salt).items()
-                              if v is not None}
-                    session.execute(update(ImageRow).where(ImageRow.path == item.path)
-                                    .values(mtime_ns=item.mtime_ns, size_bytes=item.size_bytes, **fields))
-                    summary.unchanged += 1
+            summary.unchanged += self._touch_unchanged(session, [p for p in chunk if p.error is None and p.unchanged])
             if not fresh:
                 return
             ids = self._upsert_images(session, fresh, now, summary)
@@ -415,6 +410,21 @@ class ChunkWriter:
                                                        ScoreRow.image_id.in_(unscored)))
             session.execute(delete(SkippedRow).where(SkippedRow.path.in_([item.path for item in fresh])))
         summary.embedded += len(fresh)
+
+    def _touch_unchanged(self, session: Session, items: list[Prepared]) -> int:
+        """Record new size/mtime (and manifest fields) of files whose content did not change: one
+        executemany UPDATE per set of columns (usually one per chunk), not one statement per file."""
+        groups: dict[tuple, list[dict]] = {}
+        for item in items:
+            fields = {k: v for k, v in row_fields(self.metadata.get(item.path, {}), self.salt).items() if v is not None}
+            row = {"mtime_ns": item.mtime_ns, "size_bytes": item.size_bytes, **fields}
+            groups.setdefault(tuple(sorted(row)), []).append({"row_path": item.path, **{f"new_{k}": v
+                                                                                       for k, v in row.items()}})
+        for columns, rows in groups.items():
+            stmt = (update(ImageRow).where(ImageRow.path == bindparam("row_path"))
+                    .values({c: bindparam(f"new_{c}") for c in columns}))
+            session.execute(stmt.execution_options(synchronize_session=False), rows)
+        return len(items)
 
     def _metadata(self, item: Prepared) -> dict:
         """DICOM metadata overlaid by the manifest row's (the manifest wins)."""

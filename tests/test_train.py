@@ -210,3 +210,29 @@ def test_gradient_accumulation_trains_with_fewer_optimiser_steps(shapes_pairs, t
     assert m["accumulate"] == 3 and m["loss_per_epoch"][-1] < m["loss_per_epoch"][0]
     state = __import__("torch").load(tmp_path / "acc" / "checkpoint" / "trainer_state.pt", weights_only=False)
     assert state["scheduler"]["last_epoch"] == 4 * 2  # 144 pairs = 4 full batches of 32: ceil(4 / 3) = 2 steps
+
+
+def test_each_training_step_is_a_function_a_test_can_call(shapes_pairs, tiny_model_dir, tmp_path):
+    """build_data, build_model, build_loop, train_one_epoch, evaluate and save_outputs, one by one."""
+    import torch
+
+    from cxrmodel.model.encoder import Encoder
+    from cxrmodel.training.train import build_data, build_loop, build_model, evaluate, save_outputs, train_one_epoch
+
+    cfg = _config(shapes_pairs, tiny_model_dir, tmp_path / "out", epochs=1)
+    data = build_data(cfg)
+    assert len(data.train) > len(data.val) > 0
+    built = build_model(cfg, torch.device("cpu"))
+    assert not built.scratch and built.state is None
+    encoder = Encoder(built.model, built.tokenizer, built.preprocess, model_name=str(tiny_model_dir))
+    loop = build_loop(cfg, built, data, encoder)
+    lora_before = [p.detach().clone() for p in loop.trainable]
+    losses, seen, seconds = train_one_epoch(cfg, built, loop, 0, torch.device("cpu"), torch.float32)
+    assert losses and all(np.isfinite(losses)) and seen > 0 and seconds > 0
+    assert any(not torch.equal(a, b) for a, b in zip(lora_before, loop.trainable, strict=True))  # it learned
+    built.model.eval()
+    metrics = evaluate(encoder, data.val)
+    assert 0.0 <= metrics["text_to_image"]["R@1"] <= 1.0
+    save_outputs(cfg, built, {"after": metrics}, {"loss_per_epoch": [float(np.mean(losses))], "step_losses": losses,
+                                                  "images_per_second": [seen / seconds]})
+    assert (tmp_path / "out" / "adapter_config.json").exists() and (tmp_path / "out" / "metrics.json").exists()

@@ -362,7 +362,7 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = log_.info) -> TrainResu
                       batch_size=cfg.encoder.batch_size)
     built.model.eval()
     evaluated = data.val or data.train
-    before = built.state["before"] if built.state else _evaluate(encoder, evaluated)
+    before = built.state["before"] if built.state else evaluate(encoder, evaluated)
     loop = build_loop(cfg, built, data, encoder)
     history, base = loop.history, built.base
     started = time.perf_counter()
@@ -379,7 +379,7 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = log_.info) -> TrainResu
             "torch_rng": torch.get_rng_state(), "logit_scale": float(base.logit_scale.detach()),
             "own_parameters": own_parameters(built.model) if built.scratch else None})
     built.model.eval()
-    after = _evaluate(encoder, evaluated)
+    after = evaluate(encoder, evaluated)
     metrics = {
         "init": cfg.init, "base_model": "scratch" if built.scratch else cfg.encoder.model,
         "scratch": asdict(cfg.scratch) if built.scratch else None, "caption_template": cfg.caption_template,
@@ -396,7 +396,7 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = log_.info) -> TrainResu
     return TrainResult(metrics, out, encoder)
 
 
-def _evaluate(encoder: Encoder, pairs: list[Pair]) -> dict:
+def evaluate(encoder: Encoder, pairs: list[Pair]) -> dict:
     """Recall@K on all pairs, and apart on written and on template-composed captions."""
     image_vecs, text_vecs, kept, _ = embed_pairs(encoder, pairs)
     result = retrieval_metrics(image_vecs, text_vecs, [p.caption for p in kept])
