@@ -7,6 +7,7 @@ paths resolve against the manifest's folder) and optional metadata columns.
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 from collections.abc import Iterable, Iterator
@@ -42,11 +43,35 @@ class SourceRecord:
 
 @dataclass
 class ManifestProblem:
-    """A manifest row that could not be used."""
+    """A manifest row (`line` set) or a found file (`line` None) that could not be used."""
 
     source: str
-    line: int
+    line: int | None
     reason: str
+
+    @property
+    def key(self) -> str:
+        """The skipped table's key: `manifest:line`, or the file's path."""
+        return self.source if self.line is None else f"{self.source}:{self.line}"
+
+
+def printable(path: Path | str) -> str:
+    """A path as valid UTF-8 text: bytes that are not UTF-8 shown as \\xNN (a name can hold any bytes)."""
+    return str(path).encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
+def _resolved(path: Path) -> tuple[Path | None, str | None]:
+    """(the absolute path behind `path`, None), or (None, why it cannot be used)."""
+    try:
+        str(path).encode("utf-8")
+    except UnicodeEncodeError:
+        return None, "file name is not valid UTF-8; rename the file to index it"
+    try:
+        return path.resolve(strict=True), None
+    except RuntimeError:  # Python < 3.13: a symbolic-link loop
+        return None, "symbolic link loop"
+    except OSError as exc:
+        return None, "symbolic link loop" if exc.errno == errno.ELOOP else f"cannot follow the path ({exc.strerror})"
 
 
 def _has_dicom_preamble(path: Path) -> bool:
@@ -58,8 +83,10 @@ def _has_dicom_preamble(path: Path) -> bool:
         return False
 
 
-def walk_folder(folder: Path) -> Iterator[SourceRecord]:
-    """Image/DICOM files under `folder`, recursively, in sorted order (hidden entries skipped)."""
+def walk_folder(folder: Path, problems: list[ManifestProblem] | None = None) -> Iterator[SourceRecord]:
+    """Image/DICOM files under `folder`, recursively, in sorted order (hidden entries skipped); files that
+    cannot be used (a symbolic-link loop, a name that is not UTF-8) go to `problems`, and the walk goes on."""
+    problems = problems if problems is not None else []
     for root, dirs, files in os.walk(folder):
         dirs[:] = sorted(d for d in dirs if not d.startswith("."))
         for name in sorted(files):
@@ -67,7 +94,11 @@ def walk_folder(folder: Path) -> Iterator[SourceRecord]:
                 continue
             path = Path(root) / name
             if is_image_path(path) or ("." not in name and _has_dicom_preamble(path)):
-                yield SourceRecord(path.resolve())
+                resolved, reason = _resolved(path)
+                if reason:
+                    problems.append(ManifestProblem(printable(path), None, reason))
+                    continue
+                yield SourceRecord(resolved)
 
 
 def read_manifest(path: Path, problems: list[ManifestProblem]) -> Iterator[SourceRecord]:
@@ -86,6 +117,11 @@ def read_manifest(path: Path, problems: list[ManifestProblem]) -> Iterator[Sourc
             problems.append(ManifestProblem(str(path), line, f"empty {path_col!r}"))
             continue
         file_path = Path(value) if Path(value).is_absolute() else base / value
+        if file_path.is_symlink():
+            resolved, reason = _resolved(file_path)
+            if reason:
+                problems.append(ManifestProblem(str(path), line, f"{value}: {reason}"))
+                continue
         meta = {}
         for column, field_name in METADATA_COLUMNS.items():
             cell = row.get(column)
@@ -106,7 +142,7 @@ def collect(sources: Iterable[str | Path], problems: list[ManifestProblem] | Non
     for src in sources:
         src = Path(src)
         if src.is_dir():
-            records = walk_folder(src)
+            records = walk_folder(src, problems)
         elif src.is_file() and src.suffix.lower() in MANIFEST_EXTENSIONS:
             records = read_manifest(src, problems)
         elif src.is_file() and is_image_path(src):

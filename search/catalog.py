@@ -12,7 +12,7 @@ from sqlalchemy import select
 from sqlalchemy.engine import Engine as DB
 from sqlalchemy.orm import Session
 
-from cxrmodel.errors import DataError
+from cxrmodel.errors import NotFoundError
 from indexer.store import DecisionRow, ImageRow, ScoreRow
 
 MAX_ID = {"postgresql": 2**31 - 1}  # images.id is INTEGER: 32-bit there, 64-bit on SQLite
@@ -103,7 +103,7 @@ class Catalog:
                 row = session.get(ImageRow, int(image_id))
                 path = row.path if row is not None else None
         if path is None:
-            raise DataError(f"no image with id {image_id}")
+            raise NotFoundError(f"no image with id {image_id}")
         return path
 
     def priors(self, image_id: int, generation: int) -> dict:
@@ -114,7 +114,7 @@ class Catalog:
         with Session(self.db) as session:
             row = session.get(ImageRow, int(image_id)) if self.valid_id(image_id) else None
             if row is None:
-                raise DataError(f"no image with id {image_id}")
+                raise NotFoundError(f"no image with id {image_id}")
             if row.patient_hash is None:
                 return {"studies": [], "changes": [], "reason": "the metadata carries no patient key"}
             rows = session.scalars(select(ImageRow).where(ImageRow.patient_hash == row.patient_hash)

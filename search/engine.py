@@ -17,13 +17,14 @@ from PIL import Image
 from sqlalchemy.orm import Session
 
 from cxrmodel.constants import DEFAULT_DATA_DIR
-from cxrmodel.errors import DataError, ModelLoadError
+from cxrmodel.errors import DataError, ModelLoadError, NotFoundError
 from cxrmodel.imaging.decode import DecodedImage, ImageLimits, decode_bytes, load_image
 from cxrmodel.labels.applicability import Decision
 from cxrmodel.labels.prompts import LabelConfig, load_label_config
 from cxrmodel.labels.zeroshot import LabelScore
 from cxrmodel.model.encoder import Encoder, EncoderConfig, load_encoder
 from cxrmodel.reporting.report import Report
+from indexer.skipped import skipped_count
 from indexer.store import Generation, active_generation, default_db_url, has_database, open_db
 
 from .catalog import Catalog, Hit
@@ -149,7 +150,7 @@ class Engine:
     def stats(self) -> dict:
         """Size and identity of the served index."""
         state = self.state()
-        return {"generation": state.generation, "vectors": int(state.index.ntotal),
+        return {"generation": state.generation, "vectors": int(state.index.ntotal), "skipped": skipped_count(self.db),
                 "index_type": state.meta.factory, "model": state.encoder.model_name, "dim": state.encoder.dim,
                 "adapter": bool(state.encoder.adapter)}
 
@@ -255,7 +256,7 @@ class Engine:
         state = self.state()
         meta = self.get(image_id, state)
         if meta is None:
-            raise DataError(f"no image with id {image_id}")
+            raise NotFoundError(f"no image with id {image_id}")
         stored = meta.get("applicability")
         if stored is not None:  # the decision made at index time, so page, filters and report agree
             decision = Decision(**stored)
@@ -273,7 +274,7 @@ class Engine:
         """PNG thumbnail of an indexed image, generated once and cached under the data dir."""
         meta = self.get(image_id)
         if meta is None:
-            raise DataError(f"no image with id {image_id}")
+            raise NotFoundError(f"no image with id {image_id}")
         cache = Path(self.config.data_dir) / "thumbs" / f"{meta['content_hash']}-{int(size)}.png"
         if cache.exists():
             return cache.read_bytes()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sqlite3
+from pathlib import Path
 
 import pytest
 
@@ -45,3 +46,56 @@ def test_a_database_without_tables_is_no_index_for_readers(tmp_path, capsys):
         assert main([*argv, "--data-dir", str(tmp_path / "data")]) == 1
         err = capsys.readouterr().err
         assert err.startswith("radlens: error:") and "radlens index" in err and "Traceback" not in err
+
+
+def test_a_symlink_loop_and_a_non_utf8_name_are_skipped_with_reasons_and_the_rest_indexed(tmp_path, tiny_encoder,
+                                                                                          tiny_model_dir, capsys):
+    import os
+
+    from sqlalchemy import select
+    from sqlalchemy.orm import Session
+
+    from indexer.store import SkippedRow, default_db_url, open_db
+
+    src = gray_folder(tmp_path / "src", 3)
+    os.symlink(src / "loop_b.png", src / "loop_a.png")
+    os.symlink(src / "loop_a.png", src / "loop_b.png")
+    (src / "g0.png").rename(os.fsdecode(bytes(src / "bad") + b"\xff.png"))  # a name that is not UTF-8
+    summary = run_index(IndexJob(sources=[str(src)], data_dir=tmp_path / "data", workers=0, progress=False),
+                        tiny_encoder)
+    assert summary.added == 2 and summary.skipped == 3
+    db = open_db(default_db_url(tmp_path / "data"))
+    with Session(db) as s:
+        reasons = {Path(r.path).name: r.reason for r in s.scalars(select(SkippedRow))}
+    db.dispose()
+    assert reasons["loop_a.png"] == reasons["loop_b.png"] == "symbolic link loop"
+    assert reasons["bad\\xff.png"].startswith("file name is not valid UTF-8")
+    again = run_index(IndexJob(sources=[str(src)], data_dir=tmp_path / "data", workers=0, progress=False),
+                      tiny_encoder)
+    assert again.unchanged == 2 and again.skipped == 3  # the good files are not held back by the bad ones
+    capsys.readouterr()
+    # the CLI ends a run with the reasons (counted, then the first files), and `check --skipped` lists all
+    assert main(["index", str(src), "--data-dir", str(tmp_path / "data"), "--model", str(tiny_model_dir),
+                 "--precision", "fp32", "--no-progress"]) == 0
+    err = capsys.readouterr().err
+    assert "3 files or manifest rows are skipped" in err and "     2  symbolic link loop" in err
+    assert main(["check", "--skipped", "--data-dir", str(tmp_path / "data")]) == 0
+    listed = capsys.readouterr().out.splitlines()
+    assert len(listed) == 3 and all("\t" in line for line in listed)
+
+
+@pytest.mark.parametrize("junk", [b"", b"not safetensors at all", b"\x08\x00\x00\x00\x00\x00\x00\x00{}"])
+def test_junk_weights_are_a_one_line_model_error(tmp_path, tiny_model_dir, junk, capsys):
+    import shutil
+
+    from cxrmodel.errors import ModelLoadError
+    from cxrmodel.model.encoder import EncoderConfig, load_encoder
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, model)
+    (model / "model.safetensors").write_bytes(junk)
+    with pytest.raises(ModelLoadError, match="cannot load model"):
+        load_encoder(EncoderConfig(model=str(model), precision="fp32"))
+    assert main(["label", str(tmp_path / "x.png"), "--model", str(model)]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("radlens: error:") and "Traceback" not in err

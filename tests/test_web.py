@@ -191,18 +191,38 @@ def test_pages_use_no_external_resources(client, some_id):
 def test_token_enforcement(engine, some_id):
     app = create_app(ServeConfig(api_token="s3cret"), engine=engine)
     c = app.test_client()
-    assert c.get("/api/health").status_code == 200
-    for path in ["/api/search?q=x", f"/api/images/{some_id}", "/", "/api/openapi.json", f"/image/{some_id}"]:
+    health = c.get("/api/health")
+    assert health.status_code == 200 and set(health.json) == {"status", "version"}  # nothing about the server
+    for path in ["/api/search?q=x", f"/api/images/{some_id}", "/api/openapi.json"]:
+        assert c.get(path).status_code == 401, path
+    for path in ["/", f"/image/{some_id}"]:  # pages answer 401 with the login form
         r = c.get(path)
-        assert r.status_code == 401, path
+        assert r.status_code == 401 and b'name="token"' in r.data, path
     assert c.get("/api/search?q=x", headers={"Authorization": "Bearer wrong"}).status_code == 401
     assert c.get("/api/search?q=x", headers={"Authorization": "Bearer s3cret"}).status_code == 200
-    assert c.get("/api/search?q=x", headers={"X-API-Token": "s3cret"}).status_code == 200
+    assert "vectors" in c.get("/api/health", headers={"Authorization": "Bearer s3cret"}).json
+    # the token is accepted in the Authorization header only: never from a URL or another header
+    assert c.get("/api/search?q=x&token=s3cret").status_code == 401
+    assert c.get("/api/search?q=x", headers={"X-API-Token": "s3cret"}).status_code == 401
+    assert c.get("/?token=s3cret").status_code == 401
     r = c.post("/api/label", data=_upload(png_bytes(shape_image("circle", "red"))), content_type="multipart/form-data")
     assert r.status_code == 401 and r.is_json
-    # a browser logs in once with ?token= and then keeps a cookie
-    assert c.get("/?token=s3cret").status_code == 200
+
+
+def test_browsers_log_in_once_and_keep_a_cookie_that_is_not_the_token(engine, some_id):
+    app = create_app(ServeConfig(api_token="s3cret"), engine=engine)
+    c = app.test_client()
+    assert c.post("/login", data={"token": "wrong"}).status_code == 401
+    r = c.post("/login", data={"token": "s3cret", "next": f"/image/{some_id}"})
+    assert r.status_code == 303 and r.headers["Location"].endswith(f"/image/{some_id}")
+    cookie = r.headers["Set-Cookie"]
+    assert "s3cret" not in cookie and "HttpOnly" in cookie and "SameSite=Strict" in cookie
     assert c.get(f"/image/{some_id}").status_code == 200
+    assert c.get(f"/api/images/{some_id}/report?format=md").status_code == 200  # page downloads work
+    assert c.post("/login", data={"token": "s3cret", "next": "https://elsewhere.example/"}).headers[
+        "Location"] == "/"  # never sent to another site
+    c.post("/logout")
+    assert c.get(f"/image/{some_id}").status_code == 401
 
 
 def test_the_label_ensemble_runs_once_per_image_for_page_charts_and_downloads(engine, app, some_id, monkeypatch):
@@ -250,3 +270,13 @@ def test_heavy_requests_beyond_the_limit_get_503_with_retry_after(engine, some_i
     finally:
         slots.release()
     assert client.get(f"/api/images/{some_id}/full").status_code == 200
+
+
+def test_status_codes_come_from_error_types_not_messages():
+    from cxrmodel.errors import DataError, ImageDecodeError, ImageTooLargeError, NotFoundError, UnsupportedImageError
+    from web import status_for
+
+    assert status_for(NotFoundError("anything at all")) == 404
+    assert status_for(ImageTooLargeError("x")) == 413 and status_for(UnsupportedImageError("x")) == 415
+    assert status_for(ImageDecodeError("over the limit, not a recognised format")) == 400  # words decide nothing
+    assert status_for(DataError("no image with id 3")) == 400

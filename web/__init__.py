@@ -7,7 +7,6 @@ short page elsewhere -- never a traceback.
 
 from __future__ import annotations
 
-import hmac
 import logging
 import os
 from dataclasses import dataclass, field
@@ -16,13 +15,12 @@ from flask import Flask, jsonify, render_template, request
 from werkzeug.exceptions import HTTPException
 from werkzeug.routing import IntegerConverter
 
-from cxrmodel.errors import ImageDecodeError, RadLensError
+from cxrmodel.errors import ImageTooLargeError, NotFoundError, RadLensError, UnsupportedImageError
 
 log = logging.getLogger(__name__)
 
 TOKEN_ENV = "RADLENS_API_TOKEN"
-TOKEN_COOKIE = "radlens_token"
-OPEN_ENDPOINTS = {"api.health", "static"}
+OPEN_ENDPOINTS = {"api.health", "static", "auth.login", "auth.logout"}
 
 
 @dataclass
@@ -56,18 +54,19 @@ class HTTPError(Exception):
         self.status, self.message, self.headers = status, message, headers or {}
 
 
+STATUS_BY_ERROR = ((NotFoundError, 404), (ImageTooLargeError, 413), (UnsupportedImageError, 415))
+
+
 def status_for(exc: RadLensError) -> int:
-    """HTTP status of a user-fixable error."""
-    text = str(exc)
-    if isinstance(exc, ImageDecodeError):
-        return 413 if "limit" in text else 415 if "not a recognised" in text else 400
-    return 404 if text.startswith("no image with id") else 400
+    """HTTP status of a user-fixable error, from its type (most specific first); 400 otherwise."""
+    return next((status for kind, status in STATUS_BY_ERROR if isinstance(exc, kind)), 400)
 
 
 def create_app(config: ServeConfig | None = None, engine=None) -> Flask:
     """Build the Flask app around an opened `search.Engine`."""
     from . import limits
     from .api import api
+    from .auth import auth, authorized
     from .pages import pages
 
     config = config or ServeConfig()
@@ -79,21 +78,18 @@ def create_app(config: ServeConfig | None = None, engine=None) -> Flask:
     limits.install(app, config.heavy_requests)
     app.register_blueprint(api)
     app.register_blueprint(pages)
+    app.register_blueprint(auth)
 
     @app.before_request
     def require_token():
-        if not config.api_token or request.endpoint in OPEN_ENDPOINTS:
+        if request.endpoint in OPEN_ENDPOINTS or authorized(config.api_token):
             return None
-        given = _token_from_request()
-        if given and hmac.compare_digest(given.encode(), config.api_token.encode()):
-            return None
+        if not request.path.startswith("/api/") and request.accept_mimetypes.best != "application/json":
+            return render_template("login.html", next=request.full_path.rstrip("?"), error=None), 401
         return _error(401, "missing or wrong API token (send 'Authorization: Bearer TOKEN')")
 
     @app.after_request
-    def remember_token(response):
-        token = request.args.get("token")
-        if config.api_token and token and hmac.compare_digest(token.encode(), config.api_token.encode()):
-            response.set_cookie(TOKEN_COOKIE, token, httponly=True, samesite="Strict")
+    def security_headers(response):
         response.headers.setdefault("X-Content-Type-Options", "nosniff")
         return response
 
@@ -117,13 +113,6 @@ def create_app(config: ServeConfig | None = None, engine=None) -> Flask:
         return _error(500, "internal error; see the server log")
 
     return app
-
-
-def _token_from_request() -> str | None:
-    auth = request.headers.get("Authorization", "")
-    if auth.lower().startswith("bearer "):
-        return auth[7:].strip()
-    return request.headers.get("X-API-Token") or request.args.get("token") or request.cookies.get(TOKEN_COOKIE)
 
 
 def _error(status: int, message: str):

@@ -7,9 +7,11 @@ import os
 
 from flask import Blueprint, Response, jsonify, request
 
+from cxrmodel.constants import VERSION
 from cxrmodel.reporting.charts import category_heatmap, probability_chart, summary_card
 from cxrmodel.reporting.report import findings_csv, to_markdown, to_pdf
 
+from .auth import authorized
 from .context import (
     config,
     engine,
@@ -29,8 +31,9 @@ api = Blueprint("api", __name__, url_prefix="/api")
 
 @api.get("/health")
 def health():
-    eng = engine()
-    response = jsonify({"status": "ok", **eng.stats()})
+    """Liveness for anyone; the index's size and model only for callers the server trusts."""
+    trusted = authorized(config().api_token)
+    response = jsonify({"status": "ok", "version": VERSION, **(engine().stats() if trusted else {})})
     response.headers["X-RadLens-Worker"] = str(os.getpid())  # which server process answered (--workers N)
     return response
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from flask import current_app, request
 
-from cxrmodel.errors import DataError
 from cxrmodel.reporting.report import languages
 
 from . import HTTPError, ServeConfig
@@ -64,11 +63,8 @@ def lang_param(value) -> str:
 
 
 def id_labels(image_id: int, threshold: float | None, lang: str = "en"):
-    """(metadata, scores, report, decision) of an indexed image; HTTPError 404 when unknown."""
-    try:
-        report, scores, decision, meta = engine().report_for_id(image_id, threshold, lang)
-    except DataError as exc:
-        raise HTTPError(404, str(exc)) from None
+    """(metadata, scores, report, decision) of an indexed image (NotFoundError, a 404, when unknown)."""
+    report, scores, decision, meta = engine().report_for_id(image_id, threshold, lang)
     return meta, scores, report, decision
 
 

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from cxrmodel.errors import ImageDecodeError
+from cxrmodel.errors import ImageDecodeError, ImageTooLargeError, UnsupportedImageError
 
 DICOM_MAGIC_OFFSET = 128
 DICOM_EXTENSIONS = (".dcm", ".dicom")
@@ -89,7 +89,7 @@ def load_image(path: str | Path, limits: ImageLimits = ImageLimits()) -> Decoded
     try:
         size = path.stat().st_size
         if size > limits.max_bytes:
-            raise ImageDecodeError(f"{path.name}: file is {size} bytes, over the {limits.max_bytes}-byte limit")
+            raise ImageTooLargeError(f"{path.name}: file is {size} bytes, over the {limits.max_bytes}-byte limit")
         data = path.read_bytes()
     except OSError as exc:
         raise ImageDecodeError(f"{path.name}: cannot read file ({exc.strerror or exc})") from None
@@ -101,7 +101,7 @@ def decode_bytes(data: bytes, name: str = "image", limits: ImageLimits = ImageLi
     if not data:
         raise ImageDecodeError(f"{name}: file is empty")
     if len(data) > limits.max_bytes:
-        raise ImageDecodeError(f"{name}: {len(data)} bytes, over the {limits.max_bytes}-byte limit")
+        raise ImageTooLargeError(f"{name}: {len(data)} bytes, over the {limits.max_bytes}-byte limit")
     if looks_like_dicom(data) or name.lower().endswith(DICOM_EXTENSIONS):
         return _decode_dicom(data, name, limits)
     return _decode_raster(data, name, limits)
@@ -123,9 +123,9 @@ def _decode_raster(data: bytes, name: str, limits: ImageLimits) -> DecodedImage:
     except ImageDecodeError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        raise ImageDecodeError(f"{name}: image too large ({exc})") from None
+        raise ImageTooLargeError(f"{name}: image too large ({exc})") from None
     except UnidentifiedImageError:
-        raise ImageDecodeError(f"{name}: not a recognised image format") from None
+        raise UnsupportedImageError(f"{name}: not a recognised image format") from None
     except (OSError, SyntaxError, ValueError, TypeError, EOFError, struct.error) as exc:
         raise ImageDecodeError(f"{name}: corrupt or truncated image ({exc})") from None
     return DecodedImage(image=_to_display_mode(im), format=fmt)
@@ -140,7 +140,7 @@ def reduce_to(im: Image.Image, max_side: int | None) -> Image.Image:
 
 def _check_pixels(count: int, name: str, limits: ImageLimits) -> None:
     if count > limits.max_pixels:
-        raise ImageDecodeError(f"{name}: {count} pixels, over the {limits.max_pixels}-pixel limit")
+        raise ImageTooLargeError(f"{name}: {count} pixels, over the {limits.max_pixels}-pixel limit")
 
 
 def _to_display_mode(im: Image.Image) -> Image.Image:

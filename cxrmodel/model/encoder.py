@@ -132,6 +132,7 @@ def _model_class(model_type: str):
 def load_pretrained_parts(name: str, dtype: torch.dtype = torch.float32, revision: str | None = None):
     """Load (model, tokenizer, preprocess) from a hub id (at `revision`) or a local directory; raises
     ModelLoadError."""
+    from safetensors import SafetensorError
     from transformers import AutoConfig, AutoTokenizer
 
     from cxrmodel.model.bundled import resolve_alias
@@ -156,9 +157,11 @@ def load_pretrained_parts(name: str, dtype: torch.dtype = torch.float32, revisio
         preprocess = _load_preprocess(source, **pinned)
     except ModelLoadError:
         raise
-    except (OSError, ValueError, KeyError) as exc:
+    except (OSError, ValueError, KeyError, RuntimeError, SafetensorError) as exc:  # junk or mismatched weights too
         first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ModelLoadError(f"cannot load model {name!r}: {first_line}. " + _hub_hint(name)) from None
+        hint = ("Its files are damaged or incomplete: copy the checkpoint again." if local.is_dir()
+                else _hub_hint(name))
+        raise ModelLoadError(f"cannot load model {name!r}: {first_line}. {hint}") from None
     model.eval()
     return model, tokenizer, preprocess
 

@@ -11,6 +11,8 @@ def register(sub) -> None:
     p = sub.add_parser("check", help="verify that the DB and the FAISS index agree",
                        description="Compare DB rows with FAISS ids of the served index; exit 1 on drift.")
     add_data_dir(p)
+    p.add_argument("--skipped", action="store_true",
+                   help="list every file and manifest row the indexer could not use, with its reason")
     p.set_defaults(run=run)
 
 
@@ -20,7 +22,24 @@ def run(args) -> int:
 
     if args.db_url is None and not has_database(args.data_dir):
         raise DataError(f"no RadLens index in {args.data_dir}")
-    report = check_data_dir(args.data_dir, args.db_url or default_db_url(args.data_dir))
+    url = args.db_url or default_db_url(args.data_dir)
+    if args.skipped:
+        return _list_skipped(url)
+    report = check_data_dir(args.data_dir, url)
     for line in report.lines():
         print(line)
     return 0 if report.ok else 1
+
+
+def _list_skipped(url: str) -> int:
+    """Print `path<TAB>reason` for every skipped file and manifest row."""
+    from indexer.skipped import skipped_files
+    from indexer.store import open_db
+
+    db = open_db(url, create=False)
+    try:
+        for item in skipped_files(db):
+            print(f"{item.path}\t{item.reason}")
+    finally:
+        db.dispose()
+    return 0

@@ -79,4 +79,20 @@ def run(args) -> int:
     encoder = load_encoder(encoder_config(args))
     summary = run_index(job, encoder)
     print(summary.line())
+    _print_skipped(job)
     return 0
+
+
+def _print_skipped(job) -> None:
+    """Which files are skipped now and why (first few; `radlens check --skipped` lists all), on stderr."""
+    import sys
+
+    from indexer.skipped import summary_lines
+    from indexer.store import open_db
+
+    db = open_db(job.url)
+    try:
+        for line in summary_lines(db):
+            print(line, file=sys.stderr)
+    finally:
+        db.dispose()
