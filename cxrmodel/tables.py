@@ -21,8 +21,7 @@ def read_rows(path: Path) -> Iterator[tuple[int, dict]]:
                 reader = csv.DictReader(f)
                 if not reader.fieldnames:
                     raise DataError(f"{path}: empty CSV (no header row)")
-                for row in reader:
-                    yield reader.line_num, {(k or "").strip().lower(): (v or "") for k, v in row.items()}
+                yield from _csv_rows(reader)
         else:
             with open(path, encoding="utf-8") as f:
                 for number, line in enumerate(f, start=1):
@@ -43,6 +42,20 @@ def read_rows(path: Path) -> Iterator[tuple[int, dict]]:
         raise DataError(f"{path}: malformed CSV ({exc})") from None
     except OSError as exc:
         raise DataError(f"{path}: cannot read ({exc.strerror or exc})") from None
+
+
+def _csv_rows(reader: csv.DictReader) -> Iterator[tuple[int, dict]]:
+    """Rows of a CSV; a row the parser rejects (e.g. a field over csv's 128 KiB limit) becomes one
+    {ERROR_KEY: reason} row and the file goes on, so good rows are never lost to one bad one."""
+    while True:
+        try:
+            row = next(reader)
+        except StopIteration:
+            return
+        except csv.Error as exc:
+            yield reader.line_num + 1, {ERROR_KEY: f"malformed CSV row ({exc})"}  # the line being parsed
+            continue
+        yield reader.line_num, {(k or "").strip().lower(): (v or "") for k, v in row.items()}
 
 
 def find_column(columns: Iterable[str], candidates: Iterable[str]) -> str | None:

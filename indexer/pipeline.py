@@ -23,7 +23,7 @@ import numpy as np
 from sqlalchemy import bindparam, delete, select, update
 from sqlalchemy.orm import Session
 
-from cxrmodel.constants import DEFAULT_DATA_DIR
+from cxrmodel.constants import DEFAULT_DATA_DIR, THUMBS_DIR
 from cxrmodel.errors import DataError
 from cxrmodel.imaging.decode import ImageLimits
 from cxrmodel.labels.applicability import class_bank, decide
@@ -232,7 +232,7 @@ def _run_index(job: IndexJob, encoder) -> IndexSummary:
         tasks = writer.plan(records, summary)
         _embed(job, encoder, writer, tasks, summary)
         if job.prune:
-            summary.pruned = prune_missing(db)
+            summary.pruned = prune_missing(db, job.data_dir)
         meta = sync_generation(db, job.data_dir, gen_id, job.index)
         summary.index_type = meta.factory
         summary.generation = gen_id
@@ -448,11 +448,13 @@ class ChunkWriter:
         return {path: image_id for path, image_id in returned}
 
 
-def prune_missing(db) -> int:
-    """Delete rows (and their vectors and scores) of files that no longer exist; returns how many."""
+def prune_missing(db, data_dir: Path | None = None) -> int:
+    """Delete rows (and their vectors, scores and cached thumbnails) of files that no longer exist;
+    returns how many."""
     with Session(db) as session, session.begin():
-        gone = [row.id for row in session.execute(select(ImageRow.id, ImageRow.path))
-                if not os.path.exists(row.path)]
+        gone_rows = [row for row in session.execute(select(ImageRow.id, ImageRow.path, ImageRow.content_hash))
+                     if not os.path.exists(row.path)]
+        gone = [row.id for row in gone_rows]
         for start in range(0, len(gone), 500):
             ids = gone[start : start + 500]
             session.execute(delete(ScoreRow).where(ScoreRow.image_id.in_(ids)))
@@ -463,7 +465,20 @@ def prune_missing(db) -> int:
                         if not os.path.exists(p)]
         if skipped_gone:
             session.execute(delete(SkippedRow).where(SkippedRow.path.in_(skipped_gone)))
+        hashes = {row.content_hash for row in gone_rows}
+        kept = set(session.scalars(select(ImageRow.content_hash).where(ImageRow.content_hash.in_(hashes)))) \
+            if hashes else set()
+    if data_dir is not None:
+        remove_thumbnails(data_dir, hashes - kept)  # a copy still indexed keeps the shared thumbnail
     return len(gone)
+
+
+def remove_thumbnails(data_dir: Path, content_hashes: set[str]) -> None:
+    """Delete the cached thumbnails (every size) of images no longer indexed."""
+    folder = Path(data_dir) / THUMBS_DIR
+    for content_hash in content_hashes:
+        for path in folder.glob(f"{content_hash}-*.png"):
+            path.unlink(missing_ok=True)
 
 
 def activate(db, data_dir: Path, generation: int) -> None:

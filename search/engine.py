@@ -16,7 +16,7 @@ import numpy as np
 from PIL import Image
 from sqlalchemy.orm import Session
 
-from cxrmodel.constants import DEFAULT_DATA_DIR
+from cxrmodel.constants import DEFAULT_DATA_DIR, THUMBS_DIR
 from cxrmodel.errors import DataError, ModelLoadError, NotFoundError
 from cxrmodel.imaging.decode import DecodedImage, ImageLimits, decode_bytes, load_image
 from cxrmodel.labels.applicability import Decision
@@ -275,7 +275,7 @@ class Engine:
         meta = self.get(image_id)
         if meta is None:
             raise NotFoundError(f"no image with id {image_id}")
-        cache = Path(self.config.data_dir) / "thumbs" / f"{meta['content_hash']}-{int(size)}.png"
+        cache = Path(self.config.data_dir) / THUMBS_DIR / f"{meta['content_hash']}-{int(size)}.png"
         if cache.exists():
             return cache.read_bytes()
         image = self.load(image_id).image

@@ -99,3 +99,50 @@ def test_junk_weights_are_a_one_line_model_error(tmp_path, tiny_model_dir, junk,
     assert main(["label", str(tmp_path / "x.png"), "--model", str(model)]) == 1
     err = capsys.readouterr().err
     assert err.startswith("radlens: error:") and "Traceback" not in err
+
+
+def test_one_oversized_manifest_field_rejects_that_row_only(tmp_path, tiny_encoder):
+    from sqlalchemy import select
+    from sqlalchemy.orm import Session
+
+    from indexer.store import SkippedRow, default_db_url, open_db
+
+    src = gray_folder(tmp_path / "src", 3)
+    manifest = tmp_path / "manifest.csv"
+    manifest.write_text(f"path,caption\n{src}/g0.png,first\n{src}/g1.png,{'x' * 200_000}\n{src}/g2.png,third\n")
+    summary = run_index(IndexJob(sources=[str(manifest)], data_dir=tmp_path / "data", workers=0, progress=False),
+                        tiny_encoder)
+    assert summary.added == 2 and summary.skipped == 1
+    db = open_db(default_db_url(tmp_path / "data"))
+    with Session(db) as s:
+        (row,) = s.scalars(select(SkippedRow)).all()
+    db.dispose()
+    assert row.path == f"{manifest}:3" and "field larger than field limit" in row.reason
+
+
+def test_pruning_removes_the_thumbnails_of_pruned_images_only(tmp_path, tiny_encoder):
+    src, data = gray_folder(tmp_path / "src", 3), tmp_path / "data"
+    (src / "g0_copy.png").write_bytes((src / "g0.png").read_bytes())  # a duplicate shares g0's thumbnail
+    job = IndexJob(sources=[str(src)], data_dir=data, workers=0, progress=False, prune=True)
+    run_index(job, tiny_encoder)
+    from sqlalchemy import select
+    from sqlalchemy.orm import Session
+
+    from indexer.store import ImageRow, default_db_url, open_db
+    from search.engine import Engine, EngineConfig
+
+    db = open_db(default_db_url(data))
+    with Session(db) as s:
+        by_name = {Path(r.path).name: r for r in s.execute(select(ImageRow.id, ImageRow.path, ImageRow.content_hash))}
+    db.dispose()
+    engine = Engine.open(EngineConfig(data_dir=data), encoder=tiny_encoder)
+    for name in ("g1.png", "g0.png"):
+        engine.thumbnail(by_name[name].id)
+    engine.close()
+    thumbs = {p.name for p in (data / "thumbs").iterdir()}
+    assert len(thumbs) == 2
+    (src / "g1.png").unlink()
+    (src / "g0.png").unlink()  # its copy is still there
+    assert run_index(job, tiny_encoder).pruned == 2
+    left = {p.name for p in (data / "thumbs").iterdir()}
+    assert left == {t for t in thumbs if t.startswith(by_name["g0.png"].content_hash)}
