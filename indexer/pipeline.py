@@ -420,10 +420,11 @@ class ChunkWriter:
             row = {"mtime_ns": item.mtime_ns, "size_bytes": item.size_bytes, **fields}
             groups.setdefault(tuple(sorted(row)), []).append({"row_path": item.path, **{f"new_{k}": v
                                                                                        for k, v in row.items()}})
+        images = ImageRow.__table__  # Core: an executemany by path (the ORM would want primary keys)
         for columns, rows in groups.items():
-            stmt = (update(ImageRow).where(ImageRow.path == bindparam("row_path"))
+            stmt = (update(images).where(images.c.path == bindparam("row_path"))
                     .values({c: bindparam(f"new_{c}") for c in columns}))
-            session.execute(stmt.execution_options(synchronize_session=False), rows)
+            session.connection().execute(stmt, rows)
         return len(items)
 
     def _metadata(self, item: Prepared) -> dict:

@@ -94,6 +94,11 @@ def test_same_content_touched_is_not_re_embedded(corpus, tmp_path, tiny_encoder)
     os.utime(path, ns=(time.time_ns(), time.time_ns()))
     summary = run_index(_job(corpus, data), tiny_encoder)
     assert summary.embedded == 0 and summary.unchanged == 200
+    db = open_db(default_db_url(data))
+    with Session(db) as s:  # the new mtime is recorded, so the next run need not read the file again
+        stored = s.scalar(select(ImageRow.mtime_ns).where(ImageRow.path == str(path.resolve())))
+    db.dispose()
+    assert stored == path.stat().st_mtime_ns
 
 
 def test_corrupt_and_non_image_files_are_skipped_with_reason(tmp_path, tiny_encoder):
