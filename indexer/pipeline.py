@@ -30,6 +30,7 @@ from cxrmodel.labels.applicability import class_bank, decide
 from cxrmodel.labels.prompts import LabelConfig
 from cxrmodel.labels.zeroshot import prompt_bank, score_vectors
 
+from .faults import checkpoint
 from .metadata import check_salt, data_dir_salt, row_fields
 from .prepare import Prepared, PrepareTask, prepare_all
 from .sources import ManifestProblem, SourceRecord, collect
@@ -268,6 +269,7 @@ def _embed(job: IndexJob, encoder, writer: ChunkWriter, tasks: list[PrepareTask]
         items = prepare_all(tasks, encoder.preprocess, job.limits, workers, batch=encoder.batch_size,
                             while_starting=writer.warm_up)
         for item in items:
+            checkpoint("decode")
             chunk.append(item)
             if item.needs_vector:
                 fresh.append(item)
@@ -356,7 +358,9 @@ class ChunkWriter:
 
     def embed(self, items: list[Prepared]) -> np.ndarray:
         """Vectors of decoded items, in order: (len(items), dim)."""
-        return self.encoder.encode_arrays([p.pixels for p in items])
+        vectors = self.encoder.encode_arrays([p.pixels for p in items])
+        checkpoint("embed")
+        return vectors
 
     def warm_up(self) -> None:
         """Build what every chunk needs (the text embeddings of the label prompts and of the
@@ -409,6 +413,8 @@ class ChunkWriter:
                 session.execute(delete(ScoreRow).where(ScoreRow.generation_id == self.generation,
                                                        ScoreRow.image_id.in_(unscored)))
             session.execute(delete(SkippedRow).where(SkippedRow.path.in_([item.path for item in fresh])))
+            session.flush()
+            checkpoint("commit")
         summary.embedded += len(fresh)
 
     def _touch_unchanged(self, session: Session, items: list[Prepared]) -> int:
@@ -466,6 +472,8 @@ def prune_missing(db, data_dir: Path | None = None) -> int:
                         if not os.path.exists(p)]
         if skipped_gone:
             session.execute(delete(SkippedRow).where(SkippedRow.path.in_(skipped_gone)))
+        session.flush()
+        checkpoint("prune")
         hashes = {row.content_hash for row in gone_rows}
         kept = set(session.scalars(select(ImageRow.content_hash).where(ImageRow.content_hash.in_(hashes)))) \
             if hashes else set()
@@ -497,6 +505,8 @@ def activate(db, data_dir: Path, generation: int) -> None:
             session.execute(delete(DecisionRow).where(DecisionRow.generation_id == old_id))
             session.execute(delete(EmbeddingRow).where(EmbeddingRow.generation_id == old_id))
             session.execute(delete(Generation).where(Generation.id == old_id))
+        session.flush()
+        checkpoint("swap")
     for old_id in old:
         remove_generation_files(data_dir, old_id)
 

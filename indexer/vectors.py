@@ -35,6 +35,7 @@ from .compressed import (
     write_vectors,
 )
 from .compressed import build as build_compressed
+from .faults import checkpoint
 from .store import EmbeddingRow, Generation, vectors_from_bytes
 
 log = logging.getLogger(__name__)
@@ -199,6 +200,7 @@ def write_index_atomic(data_dir: str | Path, index: faiss.Index, meta: IndexMeta
     tmp = faiss_path.with_suffix(f".faiss.tmp{os.getpid()}")
     faiss.write_index(index, str(tmp))
     _fsync(tmp)
+    checkpoint("faiss-write")
     os.replace(tmp, faiss_path)
     _write_meta_atomic(data_dir, meta)
 
@@ -209,6 +211,7 @@ def _write_meta_atomic(data_dir: str | Path, meta: IndexMeta) -> None:
     tmp_meta = meta_path.with_suffix(f".json.tmp{os.getpid()}")
     tmp_meta.write_text(json.dumps(meta.__dict__))
     _fsync(tmp_meta)
+    checkpoint("meta-write")
     os.replace(tmp_meta, meta_path)
 
 
