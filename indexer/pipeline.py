@@ -11,6 +11,7 @@ swapped in atomically; readers keep serving the previous complete index until th
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import time
@@ -208,10 +209,36 @@ def remove_temporary_files(data_dir: Path) -> list[Path]:
 
 def run_index(job: IndexJob, encoder) -> IndexSummary:
     """Index `job.sources` into `job.data_dir` with `encoder`; returns the run's summary."""
-    with exclusive_run(job.data_dir):
+    with exclusive_run(job.data_dir), storage_errors_explained(job.data_dir):
         if encoder.cache_dir is None:
             encoder.cache_dir = job.data_dir / "cache"
         return _run_index(job, encoder)
+
+
+STORAGE_FULL = (errno.ENOSPC, errno.EDQUOT)
+
+
+@contextmanager
+def storage_errors_explained(data_dir: Path):
+    """A full disk or a read-only database, wherever the run meets it, as one clear DataError. Each
+    chunk is its own transaction, so what was committed stays and a rerun continues from there."""
+    from sqlalchemy.exc import OperationalError
+
+    advice = "free some space (or use another --data-dir) and run `radlens index` again: what was committed is kept"
+    try:
+        yield
+    except OperationalError as exc:
+        text = str(exc.orig).lower()
+        if "disk is full" in text or "database or disk is full" in text:
+            raise DataError(f"the disk holding {data_dir} is full: {advice}") from None
+        if "readonly database" in text or "read-only" in text:
+            raise DataError(f"the database of {data_dir} cannot be written (read-only); `radlens index` needs "
+                            "write access to it") from None
+        raise
+    except OSError as exc:
+        if exc.errno in STORAGE_FULL:
+            raise DataError(f"the disk holding {data_dir} is full ({exc.filename or exc}): {advice}") from None
+        raise
 
 
 def _run_index(job: IndexJob, encoder) -> IndexSummary:

@@ -251,12 +251,13 @@ def open_db(url: str, create: bool = True) -> Engine:
     """
     from .migrations import ensure_schema
 
+    read_only = not create and _read_only_sqlite(url)
     try:
-        engine = create_engine(url)
+        engine = create_engine(_immutable_sqlite_url(url) if read_only else url)
     except (ArgumentError, ImportError, ModuleNotFoundError) as exc:
         raise DataError(f"cannot use database URL {redact_url(url)!r}: {exc}. Server databases need their "
                         "driver, e.g. `pip install 'radlens[postgres]'` for postgresql+psycopg://...") from None
-    if engine.dialect.name == "sqlite":
+    if engine.dialect.name == "sqlite" and not read_only:
         event.listen(engine, "connect", _sqlite_pragmas)
     try:
         ensure_schema(engine, upgrade=create)
@@ -264,6 +265,29 @@ def open_db(url: str, create: bool = True) -> Engine:
         engine.dispose()
         raise
     return engine
+
+
+def _read_only_sqlite(url: str) -> bool:
+    """True for a SQLite file whose folder cannot be written (a read-only mount, a read-only copy)."""
+    parsed = make_url(url)
+    if parsed.get_backend_name() != "sqlite" or not parsed.database or parsed.database == ":memory:":
+        return False
+    folder = Path(parsed.database).parent
+    return folder.exists() and not os.access(folder, os.W_OK)
+
+
+def _immutable_sqlite_url(url: str) -> str:
+    """Open a SQLite file in a read-only folder as immutable (no locks, no WAL index to create).
+
+    That is only right when no write is pending in its write-ahead log: a cleanly finished index run
+    leaves none; otherwise the DB must be opened read-write once.
+    """
+    path = Path(make_url(url).database)
+    wal = path.with_name(path.name + "-wal")
+    if wal.exists() and wal.stat().st_size > 0:
+        raise DataError(f"{path} is in a read-only folder but holds unfinished writes ({wal.name}); open it once "
+                        "where it can be written (e.g. `radlens check`), then make it read-only again")
+    return f"sqlite:///file:{path}?mode=ro&immutable=1&uri=true"
 
 
 def redact_url(url: str) -> str:

@@ -13,6 +13,7 @@ import json
 import logging
 import math
 import os
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -198,7 +199,14 @@ def write_index_atomic(data_dir: str | Path, index: faiss.Index, meta: IndexMeta
     faiss_path, meta_path = index_paths(data_dir, meta.generation)
     faiss_path.parent.mkdir(parents=True, exist_ok=True)
     tmp = faiss_path.with_suffix(f".faiss.tmp{os.getpid()}")
-    faiss.write_index(index, str(tmp))
+    try:
+        faiss.write_index(index, str(tmp))
+    except RuntimeError as exc:  # faiss reports a failed write (e.g. a full disk) as a RuntimeError
+        tmp.unlink(missing_ok=True)
+        free = shutil.disk_usage(faiss_path.parent).free
+        raise DataError(f"cannot write the FAISS index {faiss_path} ({free // 1024} KiB free on its disk): "
+                        f"{str(exc).strip().splitlines()[-1][:200]}. The rows are stored; free space and run "
+                        "`radlens index` again") from None
     _fsync(tmp)
     checkpoint("faiss-write")
     os.replace(tmp, faiss_path)

@@ -282,10 +282,13 @@ class Engine:
         small = image.resize(_fit(image.size, size), Image.Resampling.BICUBIC, reducing_gap=2.0)
         buf = io.BytesIO()
         small.save(buf, format="PNG", optimize=True)
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cache.with_suffix(f".tmp{threading.get_ident()}")
-        tmp.write_bytes(buf.getvalue())
-        tmp.replace(cache)
+        try:
+            cache.parent.mkdir(parents=True, exist_ok=True)
+            tmp = cache.with_suffix(f".tmp{threading.get_ident()}")
+            tmp.write_bytes(buf.getvalue())
+            tmp.replace(cache)
+        except OSError:  # a read-only or full data dir only costs the cache
+            pass
         return buf.getvalue()
 
 

@@ -45,6 +45,9 @@ def test_a_database_from_before_migrations_is_upgraded_by_the_indexer_and_refuse
         config.attributes["connection"] = conn
         command.upgrade(config, BASELINE)
         conn.execute(text("DROP TABLE alembic_version"))
+        conn.execute(text("INSERT INTO images (path, content_hash, size_bytes, mtime_ns, width, height, format, "
+                          "added_at, updated_at) VALUES ('/old/a.png', 'h', 1, 0, 8, 8, 'PNG', CURRENT_TIMESTAMP, "
+                          "CURRENT_TIMESTAMP)"))  # it holds an index
         conn.commit()
     old.dispose()
     with pytest.raises(DataError, match="run `radlens index` once to upgrade"):
@@ -55,6 +58,7 @@ def test_a_database_from_before_migrations_is_upgraded_by_the_indexer_and_refuse
     db = open_db(url, create=False)
     with db.connect() as conn:
         assert current_revision(conn) == head_revision() and inspect(conn).has_table("settings")
+        assert conn.execute(text("SELECT count(*) FROM images WHERE path = '/old/a.png'")).scalar() == 1  # kept
     db.dispose()
 
 

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import os
 import sqlite3
 from pathlib import Path
 
 import pytest
 
 from cxrmodel.errors import DataError
+from indexer.check import check_data_dir
 from indexer.pipeline import IndexJob, run_index
+from indexer.store import default_db_url
 from radlens.cli import main
 from tests.imagegen import gray_folder
 
@@ -146,3 +149,72 @@ def test_pruning_removes_the_thumbnails_of_pruned_images_only(tmp_path, tiny_enc
     assert run_index(job, tiny_encoder).pruned == 2
     left = {p.name for p in (data / "thumbs").iterdir()}
     assert left == {t for t in thumbs if t.startswith(by_name["g0.png"].content_hash)}
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A tmpfs of 160 KiB (remount with `_resize`); skipped where this process cannot mount one."""
+    import os
+    import subprocess
+
+    mount = tmp_path / "mnt"
+    mount.mkdir()
+    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=160k", "tmpfs", str(mount)],
+                                           capture_output=True).returncode != 0:
+        pytest.skip("cannot mount a tmpfs here (needs root and the right to mount)")
+    yield mount
+    subprocess.run(["umount", "-l", str(mount)], capture_output=True)
+
+
+def _remount(mount: Path, options: str) -> None:
+    import subprocess
+
+    subprocess.run(["mount", "-o", f"remount,{options}", str(mount)], check=True, capture_output=True)
+
+
+def test_a_full_disk_is_a_clear_error_and_a_rerun_with_space_completes(small_disk, tmp_path, tiny_encoder, capsys):
+    from search.engine import Engine, EngineConfig
+
+    data = small_disk / "data"
+    job = IndexJob(sources=[str(gray_folder(tmp_path / "src", 30))], data_dir=data, workers=0, progress=False,
+                   chunk_size=8)
+    with pytest.raises(DataError, match="is full"):  # too small even for the schema
+        run_index(job, tiny_encoder)
+    with pytest.raises(DataError, match="no RadLens index yet"):  # not a half-made index
+        Engine.check_openable(EngineConfig(data_dir=data))
+    _remount(small_disk, "size=20m")
+    run_index(IndexJob(sources=[str(tmp_path / "src")], data_dir=data, workers=0, progress=False), tiny_encoder)
+    filler = small_disk / "filler"  # now fill the disk in the middle of a run that adds files
+    free = os.statvfs(small_disk).f_bavail * os.statvfs(small_disk).f_frsize
+    filler.write_bytes(b"\0" * (free - 48 * 1024))
+    more = gray_folder(tmp_path / "more", 200, prefix="m")
+    job = IndexJob(sources=[str(tmp_path / "src"), str(more)], data_dir=data, workers=0, progress=False,
+                   chunk_size=8)
+    with pytest.raises(DataError, match="full"):
+        run_index(job, tiny_encoder)
+    assert check_data_dir(data, default_db_url(data)).ok  # what is served stayed whole
+    filler.unlink()
+    summary = run_index(job, tiny_encoder)
+    assert summary.unchanged >= 30 and check_data_dir(data, default_db_url(data)).ok
+    assert Engine.check_openable(EngineConfig(data_dir=data)).id == 1
+    assert not [p for p in data.rglob("*") if ".tmp" in p.name]
+
+
+def test_a_read_only_data_dir_answers_searches_and_refuses_index_runs_clearly(small_disk, tmp_path, tiny_encoder,
+                                                                             capsys):
+    from search.engine import Engine, EngineConfig
+
+    _remount(small_disk, "size=20m")
+    data = small_disk / "data"
+    job = IndexJob(sources=[str(gray_folder(tmp_path / "src", 6))], data_dir=data, workers=0, progress=False)
+    run_index(job, tiny_encoder)
+    _remount(small_disk, "ro")
+    engine = Engine.open(EngineConfig(data_dir=data), encoder=tiny_encoder)
+    hits = engine.text("a chest x-ray", k=3)
+    assert len(hits) == 3 and engine.thumbnail(hits[0].id)  # served without caching the thumbnail
+    engine.close()
+    assert check_data_dir(data, default_db_url(data)).ok
+    with pytest.raises(DataError, match="cannot write to the data dir"):
+        run_index(job, tiny_encoder)
+    assert main(["check", "--data-dir", str(data)]) == 0
+    assert capsys.readouterr().out.startswith("OK")

@@ -52,6 +52,10 @@ def ensure_schema(engine: Engine, upgrade: bool = True) -> None:
         populated = inspect(conn).has_table("images")
     if current == head:
         return
+    if current is None and populated:
+        with engine.connect() as conn:
+            if _holds_no_rows(conn):
+                populated = False  # an interrupted first run: a partial schema and nothing in it
     if not upgrade:
         if populated:
             raise DataError(f"this database's schema is at revision {current or 'pre-' + BASELINE}, this RadLens "
@@ -60,8 +64,29 @@ def ensure_schema(engine: Engine, upgrade: bool = True) -> None:
                         "interrupted): run `radlens index` to build it")
     with _schema_lock(engine) as conn:
         if current_revision(conn) is None and inspect(conn).has_table("images"):
-            _run(conn, command.stamp, BASELINE)  # made by create_all before migrations existed
+            if _holds_no_rows(conn):
+                _drop_partial_schema(conn)  # SQLite committed some CREATE TABLEs of a first run that then failed
+            else:
+                _run(conn, command.stamp, BASELINE)  # made by create_all before migrations existed
         _run(conn, command.upgrade, "head")
+
+
+SCHEMA_TABLES = ("applicability", "scores", "embeddings", "skipped", "settings", "generations", "images",
+                 "alembic_version")  # dependents first
+
+
+def _holds_no_rows(conn: Connection) -> bool:
+    """True when every RadLens table present is empty (no index run ever committed a chunk)."""
+    present = [t for t in SCHEMA_TABLES if inspect(conn).has_table(t) and t != "alembic_version"]
+    return all(conn.execute(text(f'SELECT COUNT(*) FROM "{t}"')).scalar() == 0 for t in present)
+
+
+def _drop_partial_schema(conn: Connection) -> None:
+    """Remove the empty tables an interrupted first run left, so the schema is created whole."""
+    for table in SCHEMA_TABLES:
+        if inspect(conn).has_table(table):
+            conn.execute(text(f'DROP TABLE "{table}"'))
+    conn.commit()
 
 
 def _run(conn: Connection, fn, target: str) -> None:
