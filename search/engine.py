@@ -18,7 +18,7 @@ from sqlalchemy.orm import Session
 
 from cxrmodel.constants import DEFAULT_DATA_DIR, THUMBS_DIR
 from cxrmodel.errors import DataError, ModelLoadError, NotFoundError
-from cxrmodel.imaging.decode import DecodedImage, ImageLimits, decode_bytes, load_image
+from cxrmodel.imaging.decode import DecodedImage, ImageLimits, decode_bytes, load_image, shrink_to_fit
 from cxrmodel.labels.applicability import Decision
 from cxrmodel.labels.prompts import LabelConfig, load_label_config
 from cxrmodel.labels.zeroshot import LabelScore
@@ -278,8 +278,7 @@ class Engine:
         cache = Path(self.config.data_dir) / THUMBS_DIR / f"{meta['content_hash']}-{int(size)}.png"
         if cache.exists():
             return cache.read_bytes()
-        image = self.load(image_id).image
-        small = image.resize(_fit(image.size, size), Image.Resampling.BICUBIC, reducing_gap=2.0)
+        small = shrink_to_fit(self.load(image_id).image, size)
         buf = io.BytesIO()
         small.save(buf, format="PNG", optimize=True)
         try:
@@ -290,12 +289,6 @@ class Engine:
         except OSError:  # a read-only or full data dir only costs the cache
             pass
         return buf.getvalue()
-
-
-def _fit(size: tuple[int, int], box: int) -> tuple[int, int]:
-    """`size` scaled down (never up) to fit a `box` x `box` square, aspect kept."""
-    scale = min(1.0, box / max(size))
-    return max(1, round(size[0] * scale)), max(1, round(size[1] * scale))
 
 
 def _encoder_for(config: EngineConfig, gen: Generation) -> Encoder:

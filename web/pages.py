@@ -6,9 +6,9 @@ import base64
 import io
 
 from flask import Blueprint, render_template, request
-from PIL import Image
 
 from cxrmodel.errors import RadLensError
+from cxrmodel.imaging.decode import shrink_to_fit
 from cxrmodel.reporting.report import languages, sections
 
 from . import HTTPError, status_for
@@ -54,7 +54,7 @@ def _labelled_upload():
     vector = engine().embed(image, state)  # one forward pass serves the search and the applicability check
     hits = engine().search_vector(vector, k=k, state=state)
     scores, report, decision = upload_labels(image, threshold, lang, vector, state)
-    preview = _preview(image.image, 384)
+    preview = shrink_to_fit(image.image, 384)
     buf = io.BytesIO()
     preview.save(buf, format="PNG")
     result = {"hits": hits, "scores": scores, "report": report, "sections": sections(report),
@@ -71,11 +71,3 @@ def image_page(image_id: int):
     return render_template("image.html", meta=meta, scores=scores, report=report, sections=sections(report),
                            decision=decision, threshold=threshold, lang=lang, languages=languages(),
                            priors=engine().priors(image_id))
-
-
-def _preview(image: Image.Image, box: int) -> Image.Image:
-    """A copy at most `box` pixels on its long side, resized straight from the original (a full-size
-    copy of a 9000 x 9000 upload would cost another 80-250 MB per request)."""
-    scale = min(1.0, box / max(image.size))
-    size = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
-    return image.resize(size, Image.Resampling.BICUBIC, reducing_gap=2.0)

@@ -138,6 +138,14 @@ def reduce_to(im: Image.Image, max_side: int | None) -> Image.Image:
     return im.reduce(max(im.size) // max_side)
 
 
+def shrink_to_fit(im: Image.Image, box: int) -> Image.Image:
+    """A copy of `im` at most `box` pixels on its long side (never enlarged), resized straight from the
+    original: no full-size copy first (for a 9000 x 9000 image that copy alone is 80-250 MB)."""
+    scale = min(1.0, box / max(im.size))
+    size = (max(1, round(im.width * scale)), max(1, round(im.height * scale)))
+    return im.resize(size, Image.Resampling.BICUBIC, reducing_gap=2.0)
+
+
 def _check_pixels(count: int, name: str, limits: ImageLimits) -> None:
     if count > limits.max_pixels:
         raise ImageTooLargeError(f"{name}: {count} pixels, over the {limits.max_pixels}-pixel limit")
