@@ -71,18 +71,19 @@ class ServedState:
     index: object  # faiss index or indexer.compressed.RerankedIndex
     meta: IndexMeta
     key: tuple  # (generation, index file stamp, published version): a change means a new state
-    scorer: ExactScorer = field(init=False)
+    scorer: ExactScorer | None = None  # made for the index unless handed over (same index, see below)
     selections: LRU = field(init=False)
     labels: LRU = field(init=False)
 
     def __post_init__(self):
-        self.scorer = ExactScorer(self.index)
+        self.scorer = self.scorer or ExactScorer(self.index)
         self.selections = LRU(64, max_bytes=256 << 20, size=lambda s: s.nbytes)
         self.labels = LRU(256)
 
     def with_new_caches(self, key: tuple) -> ServedState:
-        """The same index and encoder under a new key, with empty caches (metadata changed)."""
-        return ServedState(self.generation, self.encoder, self.index, self.meta, key)
+        """The same index and encoder under a new key, with empty caches (metadata changed); the exact
+        scorer's ids and direct map belong to the index, so they are kept."""
+        return ServedState(self.generation, self.encoder, self.index, self.meta, key, self.scorer)
 
     def selection(self, filters: Hashable, fetch_ids: Callable[[], object]) -> Selection:
         """The cached `Selection` of a filter (fetching its ids from the DB once per state)."""

@@ -250,5 +250,7 @@ def test_selections_are_cached_per_state_and_dropped_when_an_index_run_publishes
     with Session(db) as s, s.begin():
         publish(s)
     db.dispose()
+    old = eng.state()
     fresh = eng._loader.current(force=True)
+    assert fresh is not old and fresh.index is old.index and fresh.scorer is old.scorer  # the index was kept
     assert eng.selection(filters, fresh) is not first and eng.selection(filters, fresh).count == first.count
