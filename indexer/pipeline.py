@@ -14,6 +14,7 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import sqlite3
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -216,6 +217,7 @@ def run_index(job: IndexJob, encoder) -> IndexSummary:
 
 
 STORAGE_FULL = (errno.ENOSPC, errno.EDQUOT)
+DISK_FULL_STATE, READ_ONLY_STATE = "53100", "25006"  # PostgreSQL's disk_full, read_only_sql_transaction
 
 
 @contextmanager
@@ -228,10 +230,11 @@ def storage_errors_explained(data_dir: Path):
     try:
         yield
     except OperationalError as exc:
-        text = str(exc.orig).lower()
-        if "disk is full" in text or "database or disk is full" in text:
+        code = (getattr(exc.orig, "sqlite_errorcode", None) or 0) & 0xFF  # primary code of an extended one
+        state = getattr(exc.orig, "sqlstate", None)  # PostgreSQL
+        if code == sqlite3.SQLITE_FULL or state == DISK_FULL_STATE:
             raise DataError(f"the disk holding {data_dir} is full: {advice}") from None
-        if "readonly database" in text or "read-only" in text:
+        if code == sqlite3.SQLITE_READONLY or state == READ_ONLY_STATE:
             raise DataError(f"the database of {data_dir} cannot be written (read-only); `radlens index` needs "
                             "write access to it") from None
         raise
