@@ -27,7 +27,6 @@ def measure(url: str | None, images: int, chunk: int, data_dir: Path, encoder) -
 
     from cxrmodel.labels.prompts import LabelConfig
     from cxrmodel.labels.zeroshot import prompt_bank
-    from indexer.metadata import data_dir_salt
     from indexer.pipeline import ChunkWriter, IndexSummary, target_generation
     from indexer.prepare import Prepared
     from indexer.store import default_db_url, open_db
@@ -37,7 +36,7 @@ def measure(url: str | None, images: int, chunk: int, data_dir: Path, encoder) -
         gen = target_generation(session, encoder.identity, rebuild=False).id
     labels = LabelConfig()
     prompt_bank(encoder, labels)  # computed once, as in a real run, outside the timing
-    writer = ChunkWriter(db, gen, encoder, labels, data_dir_salt(data_dir))
+    writer = ChunkWriter(db, gen, encoder, labels)
     rng = np.random.default_rng(0)
     summary = IndexSummary()
     started = time.perf_counter()

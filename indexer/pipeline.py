@@ -33,8 +33,9 @@ from cxrmodel.labels.prompts import LabelConfig
 from cxrmodel.labels.zeroshot import prompt_bank, score_vectors
 
 from .faults import checkpoint
-from .metadata import check_salt, data_dir_salt, row_fields
+from .metadata import remove_legacy_salt, row_fields
 from .prepare import Prepared, PrepareTask, prepare_all
+from .pseudonyms import PatientKeyConfig, Pseudonymizer
 from .sources import ManifestProblem, SourceRecord, collect
 from .store import (
     DecisionRow,
@@ -96,6 +97,7 @@ class IndexJob:
     progress: bool = True
     engine: str = "local"  # or "ray": decode and embed on a Ray cluster (indexer/ray_engine.py)
     ray: RayConfig | None = None
+    patient_key: PatientKeyConfig = field(default_factory=PatientKeyConfig.from_env)
 
     @property
     def url(self) -> str:
@@ -253,12 +255,11 @@ def _run_index(job: IndexJob, encoder) -> IndexSummary:
         remember_db_url(job.data_dir, job.db_url)
     summary = IndexSummary()
     try:
-        salt = data_dir_salt(job.data_dir)
-        check_salt(db, salt, job.data_dir)
+        pseudonyms = Pseudonymizer(job.patient_key, job.data_dir)
         with Session(db) as session, session.begin():
             gen = target_generation(session, encoder.identity, job.rebuild)
             gen_id = gen.id
-        writer = ChunkWriter(db, gen_id, encoder, job.labels, salt)
+        writer = ChunkWriter(db, gen_id, encoder, job.labels, pseudonyms)
         writer.record_problems(problems, summary)
         tasks = writer.plan(records, summary)
         _embed(job, encoder, writer, tasks, summary)
@@ -270,6 +271,7 @@ def _run_index(job: IndexJob, encoder) -> IndexSummary:
         activate(db, job.data_dir, gen_id)
         with Session(db) as session, session.begin():
             publish(session)  # servers drop caches made from the metadata before this run
+        remove_legacy_salt(job.data_dir)
     finally:
         db.dispose()
     summary.seconds = time.perf_counter() - started
@@ -323,9 +325,9 @@ def _embed(job: IndexJob, encoder, writer: ChunkWriter, tasks: list[PrepareTask]
 class ChunkWriter:
     """Writer stage: turns prepared files into rows, vectors and scores, one transaction per chunk."""
 
-    def __init__(self, db, generation: int, encoder, labels: LabelConfig, salt: bytes = b""):
+    def __init__(self, db, generation: int, encoder, labels: LabelConfig, pseudonyms: Pseudonymizer | None = None):
         self.db = db
-        self.salt = salt
+        self.pseudonyms = pseudonyms
         self.generation = generation
         self.encoder = encoder
         self.labels = labels
@@ -368,7 +370,7 @@ class ChunkWriter:
                 if known and known[0] in self.embedded_ids and (known[2], known[3]) == (st.st_size, st.st_mtime_ns):
                     summary.unchanged += 1
                     if record.metadata:
-                        changed = {k: v for k, v in row_fields(record.metadata, self.salt).items()
+                        changed = {k: v for k, v in row_fields(record.metadata, self.pseudonyms).items()
                                    if v is not None and stored_meta[known[0]].get(k) != v}
                         if changed:  # a manifest edit: update the row, no re-embedding
                             meta_updates.append((known[0], changed))
@@ -377,6 +379,7 @@ class ChunkWriter:
                 tasks.append(PrepareTask(path, known[1] if in_gen else None))
             upsert(session, SkippedRow, list(missing.values()), keys=("path",))
             self._update_metadata(session, meta_updates)
+            self._verify_key(session)
             session.commit()
         return tasks
 
@@ -422,6 +425,7 @@ class ChunkWriter:
             summary.skipped += len(errors)
             summary.unchanged += self._touch_unchanged(session, [p for p in chunk if p.error is None and p.unchanged])
             if not fresh:
+                self._verify_key(session)
                 return
             ids = self._upsert_images(session, fresh, now, summary)
             keys = [dict(generation_id=self.generation, image_id=ids[item.path]) for item in fresh]
@@ -443,16 +447,21 @@ class ChunkWriter:
                 session.execute(delete(ScoreRow).where(ScoreRow.generation_id == self.generation,
                                                        ScoreRow.image_id.in_(unscored)))
             session.execute(delete(SkippedRow).where(SkippedRow.path.in_([item.path for item in fresh])))
+            self._verify_key(session)
             session.flush()
             checkpoint("commit")
         summary.embedded += len(fresh)
 
+    def _verify_key(self, session: Session) -> None:
+        if self.pseudonyms is not None:
+            self.pseudonyms.verify(session)
+
     def _touch_unchanged(self, session: Session, items: list[Prepared]) -> int:
-        """Record new size/mtime (and manifest fields) of files whose content did not change: one
+        """Record new size/mtime (and header/manifest fields) of files whose content did not change: one
         executemany UPDATE per set of columns (usually one per chunk), not one statement per file."""
         groups: dict[tuple, list[dict]] = {}
         for item in items:
-            fields = {k: v for k, v in row_fields(self.metadata.get(item.path, {}), self.salt).items() if v is not None}
+            fields = {k: v for k, v in row_fields(self._metadata(item), self.pseudonyms).items() if v is not None}
             row = {"mtime_ns": item.mtime_ns, "size_bytes": item.size_bytes, **fields}
             groups.setdefault(tuple(sorted(row)), []).append({"row_path": item.path, **{f"new_{k}": v
                                                                                        for k, v in row.items()}})
@@ -471,7 +480,7 @@ class ChunkWriter:
         """Insert or update the chunk's image rows in one statement; path -> id."""
         rows = [dict(path=item.path, added_at=now, content_hash=item.content_hash, size_bytes=item.size_bytes,
                      mtime_ns=item.mtime_ns, width=item.width, height=item.height, format=item.format,
-                     updated_at=now, **row_fields(self._metadata(item), self.salt)) for item in items]
+                     updated_at=now, **row_fields(self._metadata(item), self.pseudonyms)) for item in items]
         returned = upsert(session, ImageRow, rows, keys=("path",), returning=(ImageRow.path, ImageRow.id))
         if returned is None:  # a database without native upserts
             returned = session.execute(select(ImageRow.path, ImageRow.id)

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from cxrmodel.errors import ImageDecodeError
-from cxrmodel.imaging.decode import ImageLimits, decode_bytes
+from cxrmodel.imaging.decode import ImageLimits, decode_bytes, header_metadata
 from cxrmodel.imaging.preprocess import ImagePreprocess
 
 
@@ -71,6 +71,7 @@ def prepare(task: PrepareTask, preprocess: ImagePreprocess, limits: ImageLimits)
     out.content_hash = file_hash(data)
     if out.content_hash == task.known_hash:
         out.unchanged = True
+        out.metadata = header_metadata(data, Path(task.path).name)  # a touched file's header may have changed
         return out
     try:
         decoded = decode_bytes(data, name=Path(task.path).name, limits=limits)

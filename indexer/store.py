@@ -73,8 +73,8 @@ class ImageRow(Base):
     indication: Mapped[str | None] = mapped_column(Text)
     age_band: Mapped[str | None] = mapped_column(String(8))
     sex: Mapped[str | None] = mapped_column(String(8))
-    study_date: Mapped[str | None] = mapped_column(String(10))
-    patient_hash: Mapped[str | None] = mapped_column(String(64), index=True)  # salted; the raw key is never stored
+    study_day: Mapped[int | None] = mapped_column(Integer)  # shifted per patient (indexer.pseudonyms); never shown
+    patient_hash: Mapped[str | None] = mapped_column(String(64), index=True)  # keyed HMAC; the raw key is never stored
     added_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     updated_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
 
@@ -82,13 +82,13 @@ class ImageRow(Base):
                            ("modality", "body_part", "view", "source", "format"))  # case-insensitive filters
 
     METADATA_FIELDS = ("modality", "body_part", "view", "caption", "labels", "source", "study_description",
-                       "indication", "age_band", "sex", "study_date")
+                       "indication", "age_band", "sex", "study_day")
 
     def to_dict(self) -> dict:
         """Public fields for APIs (never the server-side path)."""
         return {"id": self.id, "content_hash": self.content_hash, "width": self.width, "height": self.height,
                 "format": self.format, "size_bytes": self.size_bytes, "file_name": Path(self.path).name,
-                **{k: getattr(self, k) for k in self.METADATA_FIELDS},
+                **{k: getattr(self, k) for k in self.METADATA_FIELDS if k != "study_day"},
                 "has_priors_key": self.patient_hash is not None,
                 "added_at": self.added_at.isoformat() if self.added_at else None,
                 "updated_at": self.updated_at.isoformat() if self.updated_at else None}
@@ -178,7 +178,7 @@ class DecisionRow(Base):
 
 
 class SettingRow(Base):
-    """One named value shared by every process writing this database (e.g. the salt's fingerprint)."""
+    """One named value shared by every process writing this database (e.g. the patient key's fingerprint)."""
 
     __tablename__ = "settings"
     key: Mapped[str] = mapped_column(String(64), primary_key=True)

@@ -107,9 +107,11 @@ class Catalog:
         return path
 
     def priors(self, image_id: int, generation: int) -> dict:
-        """The same patient's indexed studies in date order, with stored scores and the change per pathology.
+        """The same patient's indexed studies in time order, with stored scores and the change per pathology.
 
-        Studies are linked by the salted patient hash only; no key is ever returned.
+        Studies are linked by the keyed patient pseudonym only. Time is given as intervals in days
+        (`days_from_this`: negative before this study), never as a date: the stored day numbers are
+        shifted per patient (indexer.pseudonyms) and would mislead if shown as dates.
         """
         with Session(self.db) as session:
             row = session.get(ImageRow, int(image_id)) if self.valid_id(image_id) else None
@@ -118,18 +120,23 @@ class Catalog:
             if row.patient_hash is None:
                 return {"studies": [], "changes": [], "reason": "the metadata carries no patient key"}
             rows = session.scalars(select(ImageRow).where(ImageRow.patient_hash == row.patient_hash)
-                                   .order_by(ImageRow.study_date.asc().nulls_last(), ImageRow.id)).all()
+                                   .order_by(ImageRow.study_day.asc().nulls_last(), ImageRow.id)).all()
             ids = [r.id for r in rows]
             scores: dict[int, dict[str, float]] = {}
             for s in session.scalars(select(ScoreRow).where(ScoreRow.generation_id == generation,
                                                             ScoreRow.image_id.in_(ids))):
                 scores.setdefault(s.image_id, {})[s.pathology] = round(s.probability, 4)
-            studies = [{"id": r.id, "study_date": r.study_date, "file_name": Path(r.path).name,
-                        "modality": r.modality, "view": r.view, "current": r.id == row.id,
-                        "scores": scores.get(r.id, {})} for r in rows]
+            studies = [{"id": r.id, "days_from_this": days_between(row.study_day, r.study_day),
+                        "file_name": Path(r.path).name, "modality": r.modality, "view": r.view,
+                        "current": r.id == row.id, "scores": scores.get(r.id, {})} for r in rows]
         changes = []
         for before, after in itertools.pairwise(studies):
             common = set(before["scores"]) & set(after["scores"])
             changes.append({"from": before["id"], "to": after["id"],
                             "delta": {p: round(after["scores"][p] - before["scores"][p], 4) for p in sorted(common)}})
         return {"studies": studies, "changes": changes}
+
+
+def days_between(this_day: int | None, other_day: int | None) -> int | None:
+    """Days from this study to another (negative: the other came first); None when either has no date."""
+    return None if this_day is None or other_day is None else other_day - this_day

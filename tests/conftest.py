@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 
 import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never touch the network
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# the patient key file (indexer.pseudonyms) goes to a throwaway config dir, never the user's ~/.config
+os.environ["XDG_CONFIG_HOME"] = tempfile.mkdtemp(prefix="radlens-test-config-")
+os.environ.pop("RADLENS_PATIENT_KEY", None)
+os.environ.pop("RADLENS_PATIENT_KEY_FILE", None)
 
 from tests.databases import ADMIN_URL, PostgresBackend, SqliteBackend  # noqa: E402
 from tests.imagegen import COLOURS, SHAPES, gray_image, shape_image  # noqa: E402

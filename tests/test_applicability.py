@@ -1,6 +1,8 @@
-"""Labels that know where they apply; categories; report languages; prior studies by salted patient key."""
+"""Labels that know where they apply; categories; report languages; prior studies by keyed patient pseudonym."""
 
 from __future__ import annotations
+
+import datetime as dt
 
 import numpy as np
 import pytest
@@ -152,7 +154,7 @@ def test_same_findings_in_both_languages():
     assert "67" not in " ".join(en.clinical_information)  # an age band, never the exact age
 
 
-def test_priors_in_date_order_with_changes_and_no_raw_key(tmp_path, tiny_encoder):
+def test_priors_in_date_order_with_changes_and_no_raw_key_or_date(tmp_path, tiny_encoder, monkeypatch):
     from indexer.pipeline import IndexJob, run_index
     from search.engine import Engine, EngineConfig
     from web import ServeConfig, create_app
@@ -167,11 +169,14 @@ def test_priors_in_date_order_with_changes_and_no_raw_key(tmp_path, tiny_encoder
     lines.append("src/other.png,X-ray,chest,PA,MRN-9999-OTHER,2022-01-01")
     (tmp_path / "m.csv").write_text("\n".join(lines) + "\n")
     data = tmp_path / "data"
+    key_file = tmp_path / "secrets" / "patient-key"
+    monkeypatch.setenv("RADLENS_PATIENT_KEY_FILE", str(key_file))
     run_index(IndexJob(sources=[str(tmp_path / "m.csv")], data_dir=data, workers=0, progress=False), tiny_encoder)
     engine = Engine.open(EngineConfig(data_dir=data), encoder=tiny_encoder)
     s0 = next(h.id for h in engine.text("x", k=10) if h.image["file_name"] == "s0.png")
     priors = engine.priors(s0)
-    assert [s["study_date"] for s in priors["studies"]] == ["2021-06-15", "2023-01-20", "2024-03-01"]
+    # intervals from this study (2024-03-01) to 2021-06-15 and 2023-01-20; no date, shifted or not, is shown
+    assert [s["days_from_this"] for s in priors["studies"]] == [-990, -406, 0]
     assert [s["file_name"] for s in priors["studies"]] == ["s1.png", "s2.png", "s0.png"]
     first, second = priors["studies"][:2]
     delta = priors["changes"][0]["delta"]
@@ -184,7 +189,11 @@ def test_priors_in_date_order_with_changes_and_no_raw_key(tmp_path, tiny_encoder
     assert api.status_code == 200 and len(api.json["studies"]) == 3
     assert page.status_code == 200 and b"Studies of this patient" in page.data
     dump = dump_database(default_db_url(data))
+    real_days = [str(dt.date.fromisoformat(d).toordinal()) for d in ("2024-03-01", "2021-06-15", "2023-01-20")]
     for text in (dump, api.get_data(as_text=True), page.get_data(as_text=True)):
         assert "MRN-0042" not in text and "SECRET" not in text
-    assert (data / "patient-key.salt").stat().st_mode & 0o077 == 0
+        for date in ("2024-03-01", "2021-06-15", "2023-01-20", "20240301", "20210615", "20230120", *real_days):
+            assert date not in text
+    assert "+990" in page.get_data(as_text=True) or "-990" in page.get_data(as_text=True)
+    assert key_file.stat().st_mode & 0o077 == 0 and not list(data.rglob("*key*"))
     engine.close()

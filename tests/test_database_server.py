@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -14,7 +13,6 @@ from sqlalchemy import create_engine, inspect, text
 
 from cxrmodel.errors import DataError
 from indexer.check import check_data_dir
-from indexer.metadata import SALT_FILE, data_dir_salt
 from indexer.migrations import BASELINE, alembic_config, current_revision, head_revision
 from indexer.pipeline import IndexJob, run_index
 from indexer.store import Base, default_db_url, open_db
@@ -62,15 +60,70 @@ def test_a_database_from_before_migrations_is_upgraded_by_the_indexer_and_refuse
     db.dispose()
 
 
-def test_a_second_data_dir_with_another_salt_is_refused(tmp_path, tiny_encoder):
+def test_a_data_dir_with_salted_hashes_and_exact_dates_is_migrated_by_the_next_run(tmp_path, tiny_encoder,
+                                                                                  monkeypatch):
+    """Schema 0004: the old salted patient hashes and exact study dates are forgotten at the upgrade, the
+    next run re-reads the files' headers (no re-embedding) and writes pseudonyms and shifted days."""
+    import datetime as dt
+    import hashlib
+
+    import numpy as np
+
+    from indexer.metadata import LEGACY_SALT_FILE
+    from search.engine import Engine, EngineConfig
+    from tests.databases import dump_database
+    from tests.imagegen import write_dicom
+
+    monkeypatch.setenv("RADLENS_PATIENT_KEY_FILE", str(tmp_path / "key"))
+    src, data = tmp_path / "src", tmp_path / "d"
+    src.mkdir()
+    for name, date in (("a.dcm", "20230314"), ("b.dcm", "20240105")):
+        write_dicom(src / name, (np.arange(32 * 32).reshape(32, 32) * 3 % 4096).astype(np.uint16),
+                    PatientID="MRN-0815", StudyDate=date, Modality="DX", BodyPartExamined="CHEST")
+    job = IndexJob(sources=[str(src)], data_dir=data, workers=0, progress=False)
+    run_index(job, tiny_encoder)
+    url = default_db_url(data)
+    old = create_engine(url)  # make it what RadLens before 0004 wrote: salted hashes and exact dates
+    with old.connect() as conn:
+        config = alembic_config()
+        config.attributes["connection"] = conn
+        command.downgrade(config, "0003")
+        salted = hashlib.sha256(b"salt" + b"MRN-0815").hexdigest()
+        conn.execute(text("UPDATE images SET patient_hash = :h, study_date = '2023-03-14'"), {"h": salted})
+        conn.execute(text("INSERT INTO settings (key, value) VALUES ('patient_salt_fingerprint', 'f')"))
+        conn.commit()
+    old.dispose()
+    (data / LEGACY_SALT_FILE).write_text(b"salt".hex())
+    with pytest.raises(DataError, match="run `radlens index` once to upgrade"):
+        open_db(url, create=False)
+
+    summary = run_index(job, tiny_encoder)
+    assert summary.embedded == 0 and summary.unchanged == 2  # headers re-read, nothing re-embedded
+    dump = dump_database(url)
+    assert salted not in dump and "2023-03-14" not in dump and "patient_salt_fingerprint" not in dump
+    assert not (data / LEGACY_SALT_FILE).exists()
+    days = [d for (d,) in fetch(url, "SELECT study_day FROM images ORDER BY path")]
+    assert days[1] - days[0] == (dt.date(2024, 1, 5) - dt.date(2023, 3, 14)).days
+    assert days[0] < dt.date(2023, 3, 14).toordinal() - 364
+    engine = Engine.open(EngineConfig(data_dir=data), encoder=tiny_encoder)
+    first = min(h.id for h in engine.text("x", k=2))
+    assert [st["days_from_this"] for st in engine.priors(first)["studies"]] == [0, 297]
+    engine.close()
+
+
+def test_a_second_data_dir_with_another_patient_key_is_refused(tmp_path, tiny_encoder, monkeypatch):
     src = gray_folder(tmp_path / "src", 2)
+    manifest = tmp_path / "m.csv"
+    manifest.write_text("path,patient_id\n" + "".join(f"{p},P{i}\n" for i, p in enumerate(sorted(src.iterdir()))))
     url = default_db_url(tmp_path / "a")
-    run_index(IndexJob(sources=[str(src)], data_dir=tmp_path / "a", workers=0, progress=False), tiny_encoder)
-    with pytest.raises(DataError, match=f"copy {SALT_FILE}"):
-        run_index(IndexJob(sources=[str(src)], data_dir=tmp_path / "b", db_url=url, workers=0, progress=False),
+    monkeypatch.setenv("RADLENS_PATIENT_KEY_FILE", str(tmp_path / "key-a"))
+    run_index(IndexJob(sources=[str(manifest)], data_dir=tmp_path / "a", workers=0, progress=False), tiny_encoder)
+    monkeypatch.setenv("RADLENS_PATIENT_KEY_FILE", str(tmp_path / "key-b"))
+    with pytest.raises(DataError, match="hashed with another key"):
+        run_index(IndexJob(sources=[str(manifest)], data_dir=tmp_path / "b", db_url=url, workers=0, progress=False),
                   tiny_encoder)
-    shutil.copy(tmp_path / "a" / SALT_FILE, tmp_path / "b" / SALT_FILE)
-    assert run_index(IndexJob(sources=[str(src)], data_dir=tmp_path / "b", db_url=url, workers=0,
+    monkeypatch.setenv("RADLENS_PATIENT_KEY_FILE", str(tmp_path / "key-a"))
+    assert run_index(IndexJob(sources=[str(manifest)], data_dir=tmp_path / "b", db_url=url, workers=0,
                               progress=False), tiny_encoder).unchanged == 2
 
 
@@ -82,9 +135,6 @@ def test_two_index_runs_at_once_on_one_server_store_every_row_exactly_once(tmp_p
     only_a = gray_folder(tmp_path / "only_a", 30, prefix="a")
     only_b = gray_folder(tmp_path / "only_b", 30, prefix="b")
     url = default_db_url(tmp_path / "a")
-    data_dir_salt(tmp_path / "a")
-    (tmp_path / "b").mkdir()
-    shutil.copy(tmp_path / "a" / SALT_FILE, tmp_path / "b" / SALT_FILE)
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
 
     def cmd(data, *sources):

@@ -8,6 +8,7 @@ and the served index must be unchanged afterwards.
 from __future__ import annotations
 
 import io
+import json
 import struct
 import zlib
 from pathlib import Path
@@ -161,31 +162,107 @@ def test_sql_fragments_in_filters_are_inert(client, indexed_dir, key, value):
     assert len(_ids(indexed_dir)) > 0
 
 
-def test_dicom_patient_identity_never_leaves_the_file(tmp_path, tiny_encoder):
-    from indexer.pipeline import IndexJob, run_index
+# DICOM PS3.15 Annex E basic profile: identifying attributes, each with a value unique enough to search for
+PHI_ATTRIBUTES = {
+    "PatientName": "ZEBULON^QUIXANO", "PatientID": "MRN-884217", "IssuerOfPatientID": "ISSUERXQZ",
+    "OtherPatientIDs": "OTHERID-55821", "OtherPatientNames": "VOSKRESEN^ILYAQ", "PatientBirthDate": "19570423",
+    "PatientBirthTime": "071533", "PatientAddress": "17 WHARFEDALE CRESCENT", "PatientTelephoneNumbers": "5550147823",
+    "PatientMotherBirthName": "MOTHERNAMEXQ", "EthnicGroup": "ETHNICXQZ", "Occupation": "LIGHTHOUSEKEEPER",
+    "PatientComments": "PATIENTCOMMENTXQ", "AdditionalPatientHistory": "HISTORYXQZ", "PatientWeight": "83.7",
+    "PatientAge": "067Y", "PatientSex": "F",
+    "StudyDate": "20230314", "SeriesDate": "20230315", "AcquisitionDate": "20230316", "ContentDate": "20230317",
+    "StudyTime": "101530", "SeriesTime": "101645", "AcquisitionTime": "101702", "ContentTime": "101759",
+    "AccessionNumber": "ACC77110293", "StudyID": "STUDYID9931", "InstitutionName": "SAINT ELSEWHERE HOSPITAL",
+    "InstitutionAddress": "42 INFIRMARY LANE", "InstitutionalDepartmentName": "RADIOLOGYDEPTXQ",
+    "ReferringPhysicianName": "REFERRER^OSWALDO", "PerformingPhysicianName": "PERFORMER^TIBURCIO",
+    "NameOfPhysiciansReadingStudy": "READER^ANSELMO", "OperatorsName": "OPERATOR^GWENDAL",
+    "StationName": "STATIONXQ7", "DeviceSerialNumber": "SERIAL77341", "StudyDescription": "STUDYDESCXQZ",
+    "SeriesDescription": "SERIESDESCXQZ", "ImageComments": "IMAGECOMMENTXQ", "ProtocolName": "PROTOCOLXQZ",
+    "StudyInstanceUID": "1.2.826.0.1.3680043.8.498.7711", "SeriesInstanceUID": "1.2.826.0.1.3680043.8.498.7712",
+    "FrameOfReferenceUID": "1.2.826.0.1.3680043.8.498.7713",
+}
+KEPT = {"Modality", "BodyPartExamined", "ViewPosition"}  # kept as they are (SECURITY.md)
+TRANSFORMED = {"PatientAge", "PatientSex", "PatientID", "StudyDate"}  # kept in the documented forms, checked below
+
+
+def _phi_values(attrs: dict, sop_uids: list[str]) -> list[str]:
+    """Every identifying value in the spellings an output could use (dates and times reformatted too)."""
+    values = [v for k, v in attrs.items() if k not in ("PatientSex", "PatientWeight")] + sop_uids
+    values += [part for v in attrs.values() for part in v.split("^") if "^" in v]
+    for key in ("StudyDate", "SeriesDate", "AcquisitionDate", "ContentDate", "PatientBirthDate"):
+        d = attrs[key]
+        values += [f"{d[:4]}-{d[4:6]}-{d[6:]}", f"{d[:4]}/{d[4:6]}/{d[6:]}", f"{d[6:]}.{d[4:6]}.{d[:4]}"]
+    for key in ("StudyTime", "SeriesTime", "AcquisitionTime", "ContentTime", "PatientBirthTime"):
+        t = attrs[key]
+        values.append(f"{t[:2]}:{t[2:4]}:{t[4:]}")
+    return values
+
+
+def test_no_identifying_dicom_attribute_leaves_the_file(tmp_path, tiny_model_dir, caplog, capsys, monkeypatch):
+    """PS3.15's basic profile set in full: none of its values reach the DB, the data dir, logs, API,
+    pages or reports, except the documented forms: age band, sex, keyed pseudonym, shifted day."""
+    import datetime as dt
+    import hashlib
+    import hmac
+    import logging
+
+    from indexer.pseudonyms import MAX_SHIFT_DAYS, MIN_SHIFT_DAYS
+    from radlens.cli import main
     from search.engine import Engine, EngineConfig
     from web import ServeConfig, create_app
 
-    src = tmp_path / "src"
+    key_file = tmp_path / "secrets" / "patient-key"
+    monkeypatch.setenv("RADLENS_PATIENT_KEY_FILE", str(key_file))
+    caplog.set_level(logging.DEBUG)
+    src, data = tmp_path / "src", tmp_path / "data"
     src.mkdir()
-    write_dicom(src / "patient.dcm", (np.arange(64 * 64).reshape(64, 64) % 4096).astype(np.uint16),
-                Modality="DX", BodyPartExamined="CHEST", ViewPosition="PA", StudyDescription="CHEST DOE JANE")
-    data = tmp_path / "data"
-    run_index(IndexJob(sources=[str(src)], data_dir=data, workers=0, progress=False), tiny_encoder)
-    engine = Engine.open(EngineConfig(data_dir=data), encoder=tiny_encoder)
+    pixels = (np.arange(64 * 64).reshape(64, 64) % 4096).astype(np.uint16)
+    second = {**PHI_ATTRIBUTES, "StudyDate": "20240105", "SeriesDate": "20240105"}
+    for name, attrs in (("first.dcm", PHI_ATTRIBUTES), ("second.dcm", second)):
+        write_dicom(src / name, pixels, Modality="DX", BodyPartExamined="CHEST", ViewPosition="PA", **attrs)
+    import pydicom
+
+    sop_uids = [str(pydicom.dcmread(src / n).SOPInstanceUID) for n in ("first.dcm", "second.dcm")]
+    assert main(["-vv", "index", str(src), "--data-dir", str(data), "--model", str(tiny_model_dir),
+                 "--precision", "fp32", "--workers", "0", "--no-progress"]) == 0
+    assert main(["check", "--data-dir", str(data), "--skipped"]) == 0
+
+    from cxrmodel.model.encoder import EncoderConfig, load_encoder
+
+    engine = Engine.open(EngineConfig(data_dir=data), encoder=load_encoder(EncoderConfig(
+        model=str(tiny_model_dir), precision="fp32")))
     client = create_app(ServeConfig(), engine=engine).test_client()
-    hit = engine.text("chest", k=1)[0]
-    outputs = [client.get(p).get_data(as_text=True) for p in (
-        f"/api/images/{hit.id}", f"/api/images/{hit.id}/labels", f"/api/images/{hit.id}/report?format=md",
-        f"/api/images/{hit.id}/findings.json", f"/image/{hit.id}", "/?q=chest", "/api/search?q=chest")]
-    outputs.append(client.post("/api/label", data={"image": (io.BytesIO((src / "patient.dcm").read_bytes()),
-                                                             "p.dcm")}, content_type="multipart/form-data")
-                   .get_data(as_text=True))
-    outputs.append(dump_database(default_db_url(data)))
-    for text in outputs:
-        for secret in ("DOE", "JANE", "PHI-123456", "19700101"):
-            assert secret not in text
+    ids = sorted(h.id for h in engine.text("chest", k=2))
+    outputs = [client.get(p).get_data(as_text=True) for i in ids for p in (
+        f"/api/images/{i}", f"/api/images/{i}/labels", f"/api/images/{i}/report?format=md",
+        f"/api/images/{i}/findings.json", f"/api/images/{i}/findings.csv", f"/api/images/{i}/priors", f"/image/{i}")]
+    outputs += [client.get(p).get_data(as_text=True) for p in ("/?q=chest", "/api/search?q=chest")]
+    pdf = client.get(f"/api/images/{ids[0]}/report?format=pdf").get_data()
+    for route in ("/api/label", "/api/similar", "/upload"):
+        upload = {"image": (io.BytesIO((src / "first.dcm").read_bytes()), "upload.dcm")}
+        outputs.append(client.post(route, data=upload, content_type="multipart/form-data").get_data(as_text=True))
     engine.close()
+    captured = capsys.readouterr()
+    outputs += [captured.out, captured.err, caplog.text]
+    outputs.append(dump_database(default_db_url(data)))
+    files = b"".join(p.read_bytes() for p in data.rglob("*") if p.is_file()) + pdf
+
+    for value in _phi_values(PHI_ATTRIBUTES, sop_uids) + ["20240105", "2024-01-05"]:
+        assert value not in files.decode("latin-1"), value
+        for text in outputs:
+            assert value not in text, value
+    # the documented forms: a decade band, the sex, a keyed pseudonym, a per-patient shifted day number
+    rows = fetch(default_db_url(data), "SELECT age_band, sex, patient_hash, study_day FROM images ORDER BY id")
+    key = bytes.fromhex(key_file.read_text().strip())
+    pseudonym = hmac.new(key, b"patient:MRN-884217", hashlib.sha256).hexdigest()
+    real = [dt.date(2023, 3, 14).toordinal(), dt.date(2024, 1, 5).toordinal()]
+    assert [r[:3] for r in rows] == [("60-69", "F", pseudonym)] * 2
+    shifts = {real_day - row[3] for real_day, row in zip(real, rows, strict=True)}
+    assert len(shifts) == 1 and MIN_SHIFT_DAYS <= shifts.pop() <= MAX_SHIFT_DAYS  # intervals kept
+    for text in outputs[:-1]:  # outside the DB neither the pseudonym nor any day number appears
+        assert pseudonym not in text and str(rows[0][3]) not in text and str(real[0]) not in text
+    priors = json.loads(outputs[7 + 5])  # the second study's: the first came 297 days before it
+    assert [st["days_from_this"] for st in priors["studies"]] == [-297, 0]
 
 
 def test_uploads_are_not_kept_on_disk(client, indexed_dir, tmp_path, monkeypatch):
@@ -198,3 +275,17 @@ def test_uploads_are_not_kept_on_disk(client, indexed_dir, tmp_path, monkeypatch
     assert r.status_code == 200
     assert list(tmp_path.iterdir()) == []
     assert {p for p in indexed_dir.rglob("*") if "thumbs" not in p.parts} <= before
+
+
+def test_the_pixel_limit_that_applies_is_the_one_stated():
+    """The default is Pillow's own 89,478,485 (SECURITY.md), and a raised limit is the one applied: Pillow's
+    warning threshold no longer refuses images the configured limit allows."""
+    from cxrmodel.errors import ImageTooLargeError
+
+    assert ImageLimits().max_pixels == 89_478_485
+    with pytest.raises(ImageTooLargeError, match="89478485-pixel limit"):
+        decode_bytes(png_with_dimensions(9460, 9460), "big.png")  # 89,491,600 pixels: just over
+    raised = ImageLimits(max_pixels=100_000_000)
+    with pytest.raises(ImageDecodeError) as caught:  # past the size check: its few pixel bytes are truncated
+        decode_bytes(png_with_dimensions(9460, 9460), "big.png", limits=raised)
+    assert not isinstance(caught.value, ImageTooLargeError)

@@ -29,7 +29,8 @@ IMAGE_EXTENSIONS = RASTER_EXTENSIONS + DICOM_EXTENSIONS
 
 # The only DICOM attributes RadLens ever reads into metadata. Everything else -- patient name,
 # birth date, accession number, institution, free-text descriptions -- is never copied anywhere.
-# PatientID is read only to be stored as a salted hash (indexer.metadata), for listing prior studies.
+# PatientID and StudyDate are read only to be stored as a keyed pseudonym and a per-patient shifted day
+# (indexer.pseudonyms), for listing prior studies; PatientAge is kept as a 10-year band.
 DICOM_METADATA_TAGS = {
     "modality": "Modality",
     "body_part": "BodyPartExamined",
@@ -41,11 +42,17 @@ DICOM_METADATA_TAGS = {
 }
 
 
+PILLOW_MAX_PIXELS = 89_478_485  # PIL.Image.MAX_IMAGE_PIXELS's default: one limit for raster and DICOM alike
+
+
 @dataclass(frozen=True)
 class ImageLimits:
     """Bounds that protect a process against hostile or absurd inputs."""
 
-    max_pixels: int = field(default=100_000_000, metadata={"help": "Largest width*height*frames decoded."})
+    max_pixels: int = field(default=PILLOW_MAX_PIXELS, metadata={
+        "help": "Largest width*height*frames decoded, checked from the header before decoding. The default is "
+                "Pillow's own (89,478,485); raster images beyond twice that are refused by Pillow whatever this "
+                "says."})
     max_bytes: int = field(default=512 * 1024 * 1024, metadata={"help": "Largest encoded file accepted."})
     max_side: int | None = field(default=None, metadata={
         "help": "Reduce larger images to about this many pixels on the long side as they are decoded (JPEG "
@@ -110,7 +117,8 @@ def decode_bytes(data: bytes, name: str = "image", limits: ImageLimits = ImageLi
 def _decode_raster(data: bytes, name: str, limits: ImageLimits) -> DecodedImage:
     try:
         with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            # `_check_pixels` applies `limits.max_pixels`; Pillow's warning would apply its own number instead
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             im = Image.open(io.BytesIO(data))
             fmt = im.format or "unknown"
             _check_pixels(im.width * im.height * getattr(im, "n_frames", 1), name, limits)
@@ -236,9 +244,23 @@ def _dicom_display_pixels(ds, frames: int) -> np.ndarray:
     return out
 
 
+def header_metadata(data: bytes, name: str = "image") -> dict[str, str]:
+    """The whitelisted metadata of a file without decoding its pixels: a DICOM header's, {} for a
+    raster image or a header that cannot be read."""
+    if not (looks_like_dicom(data) or name.lower().endswith(DICOM_EXTENSIONS)):
+        return {}
+    import pydicom
+
+    try:
+        ds = pydicom.dcmread(io.BytesIO(data), force=not looks_like_dicom(data), stop_before_pixels=True)
+        return dicom_metadata(ds)
+    except Exception:  # noqa: BLE001 -- a header pydicom cannot parse simply has no metadata
+        return {}
+
+
 def dicom_metadata(ds) -> dict[str, str]:
     """The whitelisted DICOM attributes (modality, body part, view, age, sex, study date, and the patient
-    key that the indexer stores only as a salted hash)."""
+    key that the indexer keeps only as a keyed pseudonym)."""
     out = {}
     for key, keyword in DICOM_METADATA_TAGS.items():
         value = getattr(ds, keyword, None)

@@ -18,8 +18,7 @@ from cxrmodel.labels.prompts import REGIONS, LabelConfig
 from cxrmodel.labels.zeroshot import LabelScore
 
 TEMPLATES_FILE = Path(__file__).with_name("report_templates.json")
-SAFE_METADATA = ("id", "modality", "body_part", "view", "width", "height", "file_name", "age_band", "sex",
-                 "study_date")
+SAFE_METADATA = ("id", "modality", "body_part", "view", "width", "height", "file_name", "age_band", "sex")
 
 
 @lru_cache(maxsize=1)
