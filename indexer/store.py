@@ -320,17 +320,15 @@ def upsert(session: Session, model, rows: list[dict], keys: tuple[str, ...], ret
     else:
         from sqlalchemy.dialects.sqlite import insert
     changing = [c for c in rows[0] if c not in keys and c != "added_at"] if update else []
-    per_statement = max(1, 30_000 // len(rows[0]))  # under SQLite's and PostgreSQL's bound-parameter limits
-    returned = []
-    for lo in range(0, len(rows), per_statement):
-        stmt = insert(model).values(rows[lo:lo + per_statement])
-        stmt = stmt.on_conflict_do_update(index_elements=list(keys), set_={c: stmt.excluded[c] for c in changing}) \
-            if changing else stmt.on_conflict_do_nothing(index_elements=list(keys))
-        if returning is None:
-            session.execute(stmt)
-        else:
-            returned += session.execute(stmt.returning(*returning)).all()
-    return returned if returning is not None else None
+    stmt = insert(model)
+    stmt = stmt.on_conflict_do_update(index_elements=list(keys), set_={c: stmt.excluded[c] for c in changing}) \
+        if changing else stmt.on_conflict_do_nothing(index_elements=list(keys))
+    # one statement compiled once, many parameter sets: SQLAlchemy batches them ("insertmanyvalues"), where
+    # a multi-row VALUES clause would be compiled afresh for every row (seconds per 100k rows)
+    if returning is None:
+        session.execute(stmt, rows)
+        return None
+    return session.execute(stmt.returning(*returning, sort_by_parameter_order=True), rows).all()
 
 
 def next_revision(session: Session, generation: int) -> int:
