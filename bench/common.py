@@ -51,3 +51,22 @@ def timed(fn, *args, repeat: int = 1, **kwargs):
         result = fn(*args, **kwargs)
         times.append(time.perf_counter() - t0)
     return result, statistics.median(times)
+
+
+def cpu_kind() -> str:
+    """The CPU this bench ran on, as a speed figure needs it named: model name and the instruction sets
+    that decide bf16/int8 speed (AMX, AVX-512 BF16, AVX-512 VNNI), from /proc/cpuinfo; cores as seen."""
+    model, flags = "unknown CPU", set()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() == "model name" and model == "unknown CPU":
+                model = value.strip()
+            elif key.strip() == "flags" and not flags:
+                flags = set(value.split())
+    except OSError:
+        pass
+    features = [name for flag, name in (("amx_bf16", "AMX"), ("avx512_bf16", "AVX-512 BF16"),
+                                        ("avx512_vnni", "AVX-512 VNNI")) if flag in flags]
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return f"{model}, {cores} cores, {' + '.join(features) or 'no AMX/AVX-512 BF16/VNNI'}"

@@ -12,10 +12,12 @@ swapped in atomically; readers keep serving the previous complete index until th
 from __future__ import annotations
 
 import errno
+import itertools
 import logging
 import os
 import sqlite3
 import time
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,7 +38,7 @@ from .faults import checkpoint
 from .metadata import remove_legacy_salt, row_fields
 from .prepare import Prepared, PrepareTask, prepare_all
 from .pseudonyms import PatientKeyConfig, Pseudonymizer
-from .sources import ManifestProblem, SourceRecord, collect
+from .sources import ManifestProblem, SourceRecord, check_sources, iter_sources
 from .store import (
     DecisionRow,
     EmbeddingRow,
@@ -51,6 +53,7 @@ from .store import (
     publish,
     remember_db_url,
     upsert,
+    upsert_skipped,
     utcnow,
     vector_to_bytes,
     writers_lock,
@@ -63,6 +66,23 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 META_COLUMNS = (*ImageRow.METADATA_FIELDS, "patient_hash")
+PLAN_BATCH = 2_000  # records planned per DB round trip (and the most SQL parameters of one IN list)
+
+
+def batched(items: Iterable, size: int) -> Iterator[list]:
+    """Lists of up to `size` consecutive items (itertools.batched from Python 3.12)."""
+    iterator = iter(items)
+    while batch := list(itertools.islice(iterator, size)):
+        yield batch
+
+
+@dataclass(frozen=True)
+class PendingFile:
+    """What planning knew of a file handed to decoding: its manifest metadata and stored row."""
+
+    metadata: dict
+    stored_hash: str | None  # None: no row yet
+    in_generation: bool
 
 
 def default_workers(device=None) -> int:
@@ -212,6 +232,7 @@ def remove_temporary_files(data_dir: Path) -> list[Path]:
 
 def run_index(job: IndexJob, encoder) -> IndexSummary:
     """Index `job.sources` into `job.data_dir` with `encoder`; returns the run's summary."""
+    check_sources(job.sources)  # before the data dir is made: a wrong source leaves nothing behind
     with exclusive_run(job.data_dir), storage_errors_explained(job.data_dir):
         if encoder.cache_dir is None:
             encoder.cache_dir = job.data_dir / "cache"
@@ -248,8 +269,6 @@ def storage_errors_explained(data_dir: Path):
 
 def _run_index(job: IndexJob, encoder) -> IndexSummary:
     started = time.perf_counter()
-    problems: list[ManifestProblem] = []
-    records = collect(job.sources, problems, exclude=job.data_dir)
     db = open_db(job.url)
     if job.db_url:
         remember_db_url(job.data_dir, job.db_url)
@@ -260,8 +279,7 @@ def _run_index(job: IndexJob, encoder) -> IndexSummary:
             gen = target_generation(session, encoder.identity, job.rebuild)
             gen_id = gen.id
         writer = ChunkWriter(db, gen_id, encoder, job.labels, pseudonyms)
-        writer.record_problems(problems, summary)
-        tasks = writer.plan(records, summary)
+        tasks = writer.plan(iter_sources(job.sources, exclude=job.data_dir), summary)
         _embed(job, encoder, writer, tasks, summary)
         if job.prune:
             summary.pruned = prune_missing(db, job.data_dir)
@@ -331,56 +349,58 @@ class ChunkWriter:
         self.generation = generation
         self.encoder = encoder
         self.labels = labels
-        self.known: dict[str, tuple[int, str, int, int]] = {}
-        self.embedded_ids: set[int] = set()
-        self.metadata: dict[str, dict] = {}
+        self.pending: dict[str, PendingFile] = {}  # files handed to decoding, until their chunk is written
 
-    def record_problems(self, problems: list[ManifestProblem], summary: IndexSummary) -> None:
-        """Manifest rows without a usable path, and found files that cannot be used, go to the skipped table."""
-        if not problems:
-            return
-        rows = {p.key: dict(path=p.key, kind="file" if p.line is None else "manifest", reason=p.reason, at=utcnow())
-                for p in problems}
-        with Session(self.db) as session, session.begin():
-            upsert(session, SkippedRow, list(rows.values()), keys=("path",))
-        summary.skipped += len(problems)
+    def plan(self, items: Iterable[SourceRecord | ManifestProblem], summary: IndexSummary) -> list[PrepareTask]:
+        """Files that need reading: new, or changed size/mtime, or not yet embedded in this generation.
 
-    def plan(self, records: list[SourceRecord], summary: IndexSummary) -> list[PrepareTask]:
-        """Files that need reading: new, or changed size/mtime, or not yet embedded in this generation."""
-        stored_meta: dict[int, dict] = {}
-        meta_columns = [getattr(ImageRow, f) for f in META_COLUMNS]
-        with Session(self.db) as session:
-            for row in session.execute(select(ImageRow.id, ImageRow.path, ImageRow.content_hash,
-                                              ImageRow.size_bytes, ImageRow.mtime_ns, *meta_columns)):
-                self.known[row.path] = (row.id, row.content_hash, row.size_bytes, row.mtime_ns)
-                stored_meta[row.id] = {f: getattr(row, f) for f in META_COLUMNS}
-            self.embedded_ids = set(session.scalars(select(EmbeddingRow.image_id)
-                                                    .where(EmbeddingRow.generation_id == self.generation)))
-            tasks, meta_updates, missing = [], [], {}
-            for record in records:
-                path = str(record.path)
-                self.metadata[path] = record.metadata
-                known = self.known.get(path)
-                try:
-                    st = os.stat(path)
-                except OSError:
-                    missing[path] = dict(path=path, kind="file", reason="file not found", at=utcnow())
-                    summary.skipped += 1
-                    continue
-                if known and known[0] in self.embedded_ids and (known[2], known[3]) == (st.st_size, st.st_mtime_ns):
-                    summary.unchanged += 1
-                    if record.metadata:
-                        changed = {k: v for k, v in row_fields(record.metadata, self.pseudonyms).items()
-                                   if v is not None and stored_meta[known[0]].get(k) != v}
-                        if changed:  # a manifest edit: update the row, no re-embedding
-                            meta_updates.append((known[0], changed))
-                    continue
-                in_gen = known is not None and known[0] in self.embedded_ids
-                tasks.append(PrepareTask(path, known[1] if in_gen else None))
-            upsert(session, SkippedRow, list(missing.values()), keys=("path",))
-            self._update_metadata(session, meta_updates)
-            self._verify_key(session)
-            session.commit()
+        The reader's items are planned in batches as they stream in (the DB is asked about each batch's
+        paths only), so memory grows with the files to read, not with the rows listed; problems (rows
+        without a usable path, files that cannot be used) go to the skipped table with their batch.
+        """
+        tasks: list[PrepareTask] = []
+        for batch in batched(items, PLAN_BATCH):
+            records = [item for item in batch if isinstance(item, SourceRecord)]
+            problems = {p.key: dict(path=p.key, kind="file" if p.line is None else "manifest", reason=p.reason,
+                                    at=utcnow()) for p in batch if isinstance(p, ManifestProblem)}
+            with Session(self.db) as session, session.begin():
+                tasks += self._plan_batch(session, records, summary) if records else []
+                upsert_skipped(session, problems)
+                self._verify_key(session)
+            summary.skipped += len(batch) - len(records)
+        return tasks
+
+    def _plan_batch(self, session: Session, records: list[SourceRecord], summary: IndexSummary
+                    ) -> list[PrepareTask]:
+        paths = [r.path for r in records]
+        stored = {row.path: row for row in session.execute(
+            select(ImageRow.id, ImageRow.path, ImageRow.content_hash, ImageRow.size_bytes, ImageRow.mtime_ns,
+                   *[getattr(ImageRow, f) for f in META_COLUMNS]).where(ImageRow.path.in_(paths)))}
+        embedded = set(session.scalars(select(EmbeddingRow.image_id).where(
+            EmbeddingRow.generation_id == self.generation,
+            EmbeddingRow.image_id.in_([row.id for row in stored.values()])))) if stored else set()
+        tasks, meta_updates, missing = [], [], {}
+        for record, path in zip(records, paths, strict=True):
+            row = stored.get(path)
+            try:
+                st = os.stat(path)
+            except OSError:
+                missing[path] = dict(path=path, kind="file", reason="file not found", at=utcnow())
+                continue
+            in_gen = row is not None and row.id in embedded
+            if in_gen and (row.size_bytes, row.mtime_ns) == (st.st_size, st.st_mtime_ns):
+                summary.unchanged += 1
+                if record.metadata:
+                    changed = {k: v for k, v in row_fields(record.metadata, self.pseudonyms).items()
+                               if v is not None and getattr(row, k) != v}
+                    if changed:  # a manifest edit: update the row, no re-embedding
+                        meta_updates.append((row.id, changed))
+                continue
+            self.pending[path] = PendingFile(record.metadata, row.content_hash if row is not None else None, in_gen)
+            tasks.append(PrepareTask(path, row.content_hash if in_gen else None))
+        summary.skipped += len(missing)
+        upsert_skipped(session, missing)
+        self._update_metadata(session, meta_updates)
         return tasks
 
     @staticmethod
@@ -404,9 +424,14 @@ class ChunkWriter:
     def write_embedded(self, chunk: list[Prepared], vectors: np.ndarray, summary: IndexSummary) -> None:
         """Commit a chunk whose fresh (decoded, new or changed) items were embedded elsewhere, in order.
 
-        One multi-row statement per table (not per image): the writer is the one serial stage of a
-        distributed run, so its rate caps the whole cluster's (see bench/writer.py).
+        One statement per table (not per image): the writer is the one serial stage of a distributed
+        run, so its rate caps the whole cluster's (see bench/writer.py).
         """
+        self._write_chunk(chunk, vectors, summary)
+        for item in chunk:
+            self.pending.pop(item.path, None)
+
+    def _write_chunk(self, chunk: list[Prepared], vectors: np.ndarray, summary: IndexSummary) -> None:
         # vector n belongs to chunk[fresh_at[n]]
         fresh_at = [i for i, p in enumerate(chunk) if p.needs_vector]
         picked = sorted({chunk[i].path: n for n, i in enumerate(fresh_at)}.values())  # a path twice: the last wins
@@ -419,9 +444,9 @@ class ChunkWriter:
         now = utcnow()
         with Session(self.db) as session, session.begin():
             revision = next_revision(session, self.generation)
-            errors = {item.path: item.error for item in chunk if item.error is not None}
-            upsert(session, SkippedRow, [dict(path=p, kind="file", reason=r, at=now) for p, r in errors.items()],
-                   keys=("path",))
+            errors = {item.path: dict(path=item.path, kind="file", reason=item.error, at=now)
+                      for item in chunk if item.error is not None}
+            upsert_skipped(session, errors)
             summary.skipped += len(errors)
             summary.unchanged += self._touch_unchanged(session, [p for p in chunk if p.error is None and p.unchanged])
             if not fresh:
@@ -474,7 +499,8 @@ class ChunkWriter:
 
     def _metadata(self, item: Prepared) -> dict:
         """DICOM metadata overlaid by the manifest row's (the manifest wins)."""
-        return {**item.metadata, **self.metadata.get(item.path, {})}
+        pending = self.pending.get(item.path)
+        return {**item.metadata, **(pending.metadata if pending else {})}
 
     def _upsert_images(self, session: Session, items: list[Prepared], now, summary: IndexSummary) -> dict[str, int]:
         """Insert or update the chunk's image rows in one statement; path -> id."""
@@ -486,8 +512,9 @@ class ChunkWriter:
             returned = session.execute(select(ImageRow.path, ImageRow.id)
                                        .where(ImageRow.path.in_([r["path"] for r in rows]))).all()
         for item in items:
-            known = self.known.get(item.path)
-            if known is None or (known[1] == item.content_hash and known[0] not in self.embedded_ids):
+            pending = self.pending.get(item.path)
+            if pending is None or pending.stored_hash is None or (
+                    pending.stored_hash == item.content_hash and not pending.in_generation):
                 summary.added += 1  # new, or the same file's first time in this generation
             else:
                 summary.updated += 1

@@ -37,7 +37,7 @@ METADATA_COLUMNS = {
 class SourceRecord:
     """One file to index, with metadata from its manifest row (if any)."""
 
-    path: Path
+    path: str  # absolute, symbolic links resolved (a str: a million rows of Path objects cost seconds)
     metadata: dict[str, str] = field(default_factory=dict)
 
 
@@ -83,10 +83,9 @@ def _has_dicom_preamble(path: Path) -> bool:
         return False
 
 
-def walk_folder(folder: Path, problems: list[ManifestProblem] | None = None) -> Iterator[SourceRecord]:
+def walk_folder(folder: Path) -> Iterator[SourceRecord | ManifestProblem]:
     """Image/DICOM files under `folder`, recursively, in sorted order (hidden entries skipped); files that
-    cannot be used (a symbolic-link loop, a name that is not UTF-8) go to `problems`, and the walk goes on."""
-    problems = problems if problems is not None else []
+    cannot be used (a symbolic-link loop, a name that is not UTF-8) come as problems, and the walk goes on."""
     for root, dirs, files in os.walk(folder):
         dirs[:] = sorted(d for d in dirs if not d.startswith("."))
         for name in sorted(files):
@@ -95,65 +94,120 @@ def walk_folder(folder: Path, problems: list[ManifestProblem] | None = None) -> 
             path = Path(root) / name
             if is_image_path(path) or ("." not in name and _has_dicom_preamble(path)):
                 resolved, reason = _resolved(path)
-                if reason:
-                    problems.append(ManifestProblem(printable(path), None, reason))
-                    continue
-                yield SourceRecord(resolved)
+                yield ManifestProblem(printable(path), None, reason) if reason else SourceRecord(str(resolved))
 
 
-def read_manifest(path: Path, problems: list[ManifestProblem]) -> Iterator[SourceRecord]:
-    """Records of a manifest; rows without a usable path are appended to `problems`."""
-    base = path.parent
-    path_col = None
+class _ResolvedDirs:
+    """Resolved folders by their path as written: a manifest's rows share a few folders, so resolving each
+    row's folder once and lstat-ing only the file costs one system call per row, not one per component."""
+
+    def __init__(self, limit: int = 65_536):
+        self.limit = limit
+        self.cache: dict[str, str] = {}
+
+    def file_path(self, path: str) -> str:
+        folder, name = os.path.split(path)
+        real = self.cache.get(folder)
+        if real is None:
+            if len(self.cache) >= self.limit:
+                self.cache.clear()  # bounded memory for manifests spread over very many folders
+            real = self.cache[folder] = os.path.realpath(folder)
+        return os.path.join(real, name)
+
+
+def manifest_path_column(path: Path) -> str:
+    """The manifest's path column, from its first well-formed row (DataError when there is none)."""
+    for _, row in read_rows(path):
+        if ERROR_KEY not in row:
+            column = find_column(row, PATH_COLUMNS)
+            if column is None:
+                raise DataError(f"{path}: no path column (expected one of: {', '.join(PATH_COLUMNS)})")
+            return column
+    return PATH_COLUMNS[0]  # no usable row at all: every row is reported as a problem
+
+
+def read_manifest(path: Path) -> Iterator[SourceRecord | ManifestProblem]:
+    """Records of a manifest, read as a stream; rows without a usable path come as problems."""
+    base = str(path.parent)
+    path_col = manifest_path_column(path)
+    dirs = _ResolvedDirs()
     for line, row in read_rows(path):
         if ERROR_KEY in row:
-            problems.append(ManifestProblem(str(path), line, row[ERROR_KEY]))
+            yield ManifestProblem(str(path), line, row[ERROR_KEY])
             continue
-        path_col = path_col or find_column(row, PATH_COLUMNS)
-        if path_col is None:
-            raise DataError(f"{path}: no path column (expected one of: {', '.join(PATH_COLUMNS)})")
         value = str(row.get(path_col, "")).strip()
-        if not value:
-            problems.append(ManifestProblem(str(path), line, f"empty {path_col!r}"))
+        if not value or "\0" in value:
+            yield ManifestProblem(str(path), line, f"empty {path_col!r}" if not value else "path holds a NUL byte")
             continue
-        file_path = Path(value) if Path(value).is_absolute() else base / value
-        if file_path.is_symlink():
-            resolved, reason = _resolved(file_path)
+        file_path = os.path.abspath(os.path.join(base, value))  # an absolute value stays as it is
+        if os.path.islink(file_path):
+            resolved, reason = _resolved(Path(file_path))
             if reason:
-                problems.append(ManifestProblem(str(path), line, f"{value}: {reason}"))
+                yield ManifestProblem(str(path), line, f"{value}: {reason}")
                 continue
-        meta = {}
-        for column, field_name in METADATA_COLUMNS.items():
-            cell = row.get(column)
-            if isinstance(cell, list):
-                cell = ";".join(str(c) for c in cell)
-            if cell not in (None, "") and field_name not in meta:
-                meta[field_name] = str(cell).strip()
-        yield SourceRecord(file_path.resolve(), meta)
+            file_path = str(resolved)
+        else:
+            file_path = dirs.file_path(file_path)
+        yield SourceRecord(file_path, _row_metadata(row))
+
+
+def _row_metadata(row: dict) -> dict[str, str]:
+    meta = {}
+    for column, field_name in METADATA_COLUMNS.items():
+        cell = row.get(column)
+        if isinstance(cell, list):
+            cell = ";".join(str(c) for c in cell)
+        if cell not in (None, "") and field_name not in meta:
+            meta[field_name] = str(cell).strip()
+    return meta
+
+
+def check_sources(sources: Iterable[str | Path]) -> list[Path]:
+    """The sources, checked before anything is written: each must be a folder, an image or a manifest with
+    a path column (DataError otherwise). Manifests come first, so their metadata wins over a folder's bare
+    listing of the same file."""
+    checked = []
+    for src in map(Path, sources):
+        if src.is_file() and src.suffix.lower() in MANIFEST_EXTENSIONS:
+            manifest_path_column(src)
+        elif not src.is_dir() and not (src.is_file() and is_image_path(src)):
+            raise DataError(f"{src}: not a folder, an image or a manifest (.csv, .jsonl)" if src.exists()
+                            else f"{src}: no such file or folder")
+        checked.append(src)
+    return sorted(checked, key=lambda p: not (p.is_file() and p.suffix.lower() in MANIFEST_EXTENSIONS))
+
+
+def iter_sources(sources: Iterable[str | Path], exclude: Path | None = None
+                 ) -> Iterator[SourceRecord | ManifestProblem]:
+    """Records (and the problems met on the way) from folders and manifests, as a stream, de-duplicated
+    by path (the first wins; manifests are read first); files under `exclude` (the data dir, with its
+    cached thumbnails) are left out. Memory: one machine word per path seen (its hash), not the records."""
+    inside = str(exclude.resolve()) + os.sep if exclude is not None else None
+    seen: set[int] = set()
+    for src in check_sources(sources):
+        if src.is_dir():
+            items = walk_folder(src)
+        elif src.suffix.lower() in MANIFEST_EXTENSIONS:
+            items = read_manifest(src)
+        else:
+            items = iter([SourceRecord(str(src.resolve()))])
+        for item in items:
+            if isinstance(item, ManifestProblem):
+                yield item
+                continue
+            if inside is not None and (item.path + os.sep).startswith(inside):
+                continue
+            key = hash(item.path)
+            if key not in seen:
+                seen.add(key)
+                yield item
 
 
 def collect(sources: Iterable[str | Path], problems: list[ManifestProblem] | None = None,
             exclude: Path | None = None) -> list[SourceRecord]:
-    """All records from folders and manifests, de-duplicated by path (first one wins); files under
-    `exclude` (the data dir, with its cached thumbnails) are left out."""
+    """All records of `iter_sources` as a list, problems appended to `problems` (small jobs and tests)."""
     problems = problems if problems is not None else []
-    exclude = exclude.resolve() if exclude is not None else None
-    seen: dict[Path, SourceRecord] = {}
-    for src in sources:
-        src = Path(src)
-        if src.is_dir():
-            records = walk_folder(src, problems)
-        elif src.is_file() and src.suffix.lower() in MANIFEST_EXTENSIONS:
-            records = read_manifest(src, problems)
-        elif src.is_file() and is_image_path(src):
-            records = iter([SourceRecord(src.resolve())])
-        elif src.exists():
-            raise DataError(f"{src}: not a folder, an image or a manifest (.csv, .jsonl)")
-        else:
-            raise DataError(f"{src}: no such file or folder")
-        for record in records:
-            if exclude is not None and record.path.is_relative_to(exclude):
-                continue
-            if record.path not in seen or record.metadata and not seen[record.path].metadata:
-                seen[record.path] = record
-    return list(seen.values())
+    records = []
+    for item in iter_sources(sources, exclude):
+        (problems if isinstance(item, ManifestProblem) else records).append(item)
+    return records

@@ -331,6 +331,20 @@ def upsert(session: Session, model, rows: list[dict], keys: tuple[str, ...], ret
     return session.execute(stmt.returning(*returning, sort_by_parameter_order=True), rows).all()
 
 
+def upsert_skipped(session: Session, rows: dict[str, dict]) -> None:
+    """Skipped files by path (`rows`: path -> SkippedRow fields). A row already stored with the same kind
+    and reason is left as it is, so a rerun over the same broken files writes nothing."""
+    if not rows:
+        return
+    paths = list(rows)
+    same = set()
+    for lo in range(0, len(paths), 5_000):
+        stored = session.execute(select(SkippedRow.path, SkippedRow.kind, SkippedRow.reason)
+                                 .where(SkippedRow.path.in_(paths[lo:lo + 5_000])))
+        same |= {path for path, kind, reason in stored if (kind, reason) == (rows[path]["kind"], rows[path]["reason"])}
+    upsert(session, SkippedRow, [row for path, row in rows.items() if path not in same], keys=("path",))
+
+
 def next_revision(session: Session, generation: int) -> int:
     """Take the generation's next write revision; the row stays locked until the transaction ends,
     so concurrent writers commit their chunks in revision order."""

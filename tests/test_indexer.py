@@ -349,3 +349,53 @@ def test_decoding_in_turns_keeps_order_and_waits_for_the_caller(monkeypatch):
     rest = list(items)
     assert [p.path for p in first + rest] == [t.path for t in tasks]
     assert all(name.startswith("radlens-decode") for name in threads)
+
+
+def test_a_manifest_is_planned_as_a_stream_in_batches(tmp_path, tiny_encoder, monkeypatch):
+    """The reader is consumed batch by batch: a batch's skipped rows are in the DB before the reader has
+    gone much past it, so memory does not grow with the rows listed."""
+    import indexer.pipeline as pipeline
+    from indexer.sources import SourceRecord
+
+    monkeypatch.setattr(pipeline, "PLAN_BATCH", 10)
+    data = tmp_path / "data"
+    data.mkdir()
+    db = open_db(default_db_url(data))
+    seen_in_db = []
+
+    def records():
+        for i in range(35):
+            if i in (12, 34):
+                seen_in_db.append(fetch(default_db_url(data), "SELECT count(*) FROM skipped")[0][0])
+            yield SourceRecord(str(tmp_path / "missing" / f"{i}.png"))
+
+    writer = pipeline.ChunkWriter(db, 1, tiny_encoder, pipeline.LabelConfig())
+    summary = pipeline.IndexSummary()
+    assert writer.plan(records(), summary) == [] and summary.skipped == 35
+    assert seen_in_db == [10, 30]  # drawing item 12 found the first batch written; item 34, three batches
+    db.dispose()
+
+
+def test_an_unchanged_rerun_over_broken_rows_writes_nothing_for_them(tmp_path, tiny_encoder):
+    src = gray_folder(tmp_path / "src", 2)
+    manifest = tmp_path / "m.csv"
+    rows = [f"{p}" for p in sorted(src.iterdir())] + [f"gone/{i}.png" for i in range(50)] + ["", ""]
+    manifest.write_text("path\n" + "\n".join(rows[:-2]) + "\n,\n,\n")
+    job = IndexJob(sources=[str(manifest)], data_dir=tmp_path / "data", workers=0, progress=False)
+    first = run_index(job, tiny_encoder)
+    before = fetch(default_db_url(tmp_path / "data"), "SELECT path, reason, at FROM skipped ORDER BY path")
+    second = run_index(job, tiny_encoder)
+    after = fetch(default_db_url(tmp_path / "data"), "SELECT path, reason, at FROM skipped ORDER BY path")
+    assert (first.added, first.skipped, second.unchanged, second.skipped) == (2, 52, 2, 52)
+    assert len(before) == 52 and after == before  # not rewritten: same rows, same times
+
+
+def test_a_wrong_source_is_refused_before_the_data_dir_is_made(tmp_path, tiny_encoder):
+    manifest = tmp_path / "m.csv"
+    manifest.write_text("colour,shape\nred,circle\n")
+    with pytest.raises(DataError, match="no such file or folder"):
+        run_index(IndexJob(sources=[str(tmp_path / "src-that-exists-not"), str(manifest)], data_dir=tmp_path / "d",
+                           workers=0, progress=False), tiny_encoder)
+    with pytest.raises(DataError, match="no path column"):
+        run_index(IndexJob(sources=[str(manifest)], data_dir=tmp_path / "d", workers=0, progress=False), tiny_encoder)
+    assert not (tmp_path / "d").exists()
