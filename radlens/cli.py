@@ -9,9 +9,9 @@ import sys
 from cxrmodel.errors import RadLensError
 
 from . import __version__
-from .commands import check, demo, index, query, serve, train
+from .commands import calibrate, check, demo, index, query, serve, train
 
-COMMANDS = (index, query, train, serve, check, demo)
+COMMANDS = (index, calibrate, query, train, serve, check, demo)
 
 
 class ArgumentParser(argparse.ArgumentParser):

@@ -28,7 +28,7 @@ from indexer.skipped import skipped_count
 from indexer.store import Generation, active_generation, default_db_url, has_database, open_db
 
 from .catalog import Catalog, Hit
-from .filters import Filters, matching_ids_query, parse_filters
+from .filters import Filters, calibrated_filters, matching_ids_query, parse_filters
 from .knn import Selection, candidate_rounds
 from .labelling import Labeller, pil
 from .served import ServedState, StateLoader
@@ -48,6 +48,8 @@ class EngineConfig:
     precision: str = "auto"
     device: str = "auto"
     labels_file: str | None = field(default=None, metadata={"help": "JSON overriding prompts/thresholds."})
+    calibration: str | None = field(default=None, metadata={
+        "help": "calibration.json for the served model; None: the model directory's own, if it matches."})
     reload_interval: float = field(default=1.0, metadata={"help": "Seconds between checks for a new index."})
     limits: ImageLimits = field(default_factory=ImageLimits)
     upload_side: int | None = field(default=2048, metadata={
@@ -69,7 +71,7 @@ class Engine:
         self._set_cache_dir(encoder)
         self.db = open_db(config.url, create=False)
         self.catalog = Catalog(self.db)
-        self.labeller = Labeller(labels)
+        self.labeller = Labeller(labels, config.calibration)
         self._loader = StateLoader(self.db, Path(config.data_dir), config.reload_interval, self._encoder_for)
         self._loader.current(force=True)
 
@@ -101,7 +103,14 @@ class Engine:
         if config.model is None and encoder.adapter_hash != gen.adapter_hash:
             raise ModelLoadError("the adapter on disk differs from the one the index was built with; "
                                  "re-index with `radlens index --rebuild`")
-        return cls(config, encoder, labels, owns_encoder=owns and config.model is None)
+        engine = cls(config, encoder, labels, owns_encoder=owns and config.model is None)
+        if config.calibration:  # another model's calibration is refused now, not at the first request
+            try:
+                engine.labeller.calibration(encoder)
+            except DataError:
+                engine.close()
+                raise
+        return engine
 
     def close(self) -> None:
         """Release the DB connection pool."""
@@ -156,8 +165,13 @@ class Engine:
 
     # -- queries ---------------------------------------------------------------------------------
     def parse_filters(self, expressions: list[str] | None) -> Filters:
-        """Parse CLI/web filter strings against this engine's pathologies."""
-        return parse_filters(expressions, list(self.labels.pathologies))
+        """Parse CLI/web filter strings against this engine's pathologies. A pathology bound is a calibrated
+        probability, so it is refused (DataError) for a pathology the served model does not assess, and
+        becomes a bound on the stored raw score otherwise."""
+        filters = parse_filters(expressions, list(self.labels.pathologies))
+        if not filters.scores:
+            return filters
+        return calibrated_filters(filters, self.labeller.calibration(self.state().encoder))
 
     def text(self, query: str, k: int = 10, filters: Filters | None = None) -> list[Hit]:
         """Images best matching a text query, best first."""
@@ -195,6 +209,8 @@ class Engine:
             hits = self.catalog.hits(found, state.generation, k)
             if len(hits) >= k:
                 break
+        for hit in hits:  # only calibrated probabilities of assessed pathologies are shown with a hit
+            hit.pathologies = self.labeller.stored(state.encoder, hit.pathologies)
         return hits
 
     def selection(self, filters: Filters, state: ServedState | None = None) -> Selection:
@@ -208,8 +224,18 @@ class Engine:
 
     # -- images, labels, reports ---------------------------------------------------------------
     def get(self, image_id: int, state: ServedState | None = None) -> dict | None:
-        """Metadata and stored pathology scores of one indexed image, or None."""
-        return self.catalog.record(image_id, (state or self.state()).generation)
+        """Metadata and stored pathology scores of one indexed image, or None. `scores` holds, per
+        pathology, the stored raw `score` and, where the served model assesses it, its `probability`."""
+        state = state or self.state()
+        record = self.catalog.record(image_id, state.generation)
+        if record is not None and record.get("scores"):
+            raw = {p: v["probability"] for p, v in record["scores"].items()}
+            shown = self.labeller.stored(state.encoder, raw)
+            record["scores"] = {
+                p: {"score": raw[p], "uncertainty": v["uncertainty"], "assessed": p in shown,
+                    **({"probability": shown[p]} if p in shown else {})}
+                for p, v in record["scores"].items()}
+        return record
 
     def load(self, image_id: int) -> DecodedImage:
         """Decode an indexed image from its stored path (by DB id only)."""
@@ -262,6 +288,9 @@ class Engine:
             decision = Decision(**stored)
             scores = state.labels_for(image_id, lambda: self.label(self.load(image_id), state)) \
                 if decision.applicable else []
+            stored_raw = {p: v["score"] for p, v in (meta.get("scores") or {}).items()}
+            if scores and stored_raw:  # one number: the value stored at index time
+                scores = self.labeller.with_stored(state.encoder, scores, stored_raw)
         else:
             decision, scores = self.assess(self.load(image_id), meta, state=state)
         return self.labeller.report(scores, decision, meta, threshold, lang), scores, decision, meta

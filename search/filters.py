@@ -76,6 +76,26 @@ def parse_filters(expressions: list[str] | None, pathologies: list[str]) -> Filt
     return Filters(tuple(metadata), tuple(scores))
 
 
+def calibrated_filters(filters: Filters, calibration) -> Filters:
+    """Pathology bounds given as calibrated probabilities, turned into bounds on the stored raw score
+    (the calibration's map is non-decreasing). A pathology without measured skill cannot be filtered on:
+    DataError with the measured reason."""
+    import math
+
+    bounds = []
+    for bound in filters.scores:
+        cal = calibration.pathologies.get(bound.pathology) if calibration is not None else None
+        if cal is None or not cal.assessed:
+            why = cal.reason if cal is not None else \
+                "the served model has no calibration, so its scores are not probabilities"
+            raise DataError(f"cannot filter on {bound.pathology}: this model does not assess it ({why})")
+        # p >= v  <=>  raw >= first raw whose probability reaches v;  p > v  <=>  the same just above v
+        above = bound.value if bound.op in (">=", "<") else math.nextafter(bound.value, 2.0)
+        raw = cal.raw_at_least(above)
+        bounds.append(ScoreBound(bound.pathology, ">=" if bound.op in (">=", ">") else "<", raw))
+    return Filters(filters.metadata, tuple(bounds))
+
+
 def matching_ids_query(filters: Filters, generation: int) -> Select:
     """SELECT of the image ids that satisfy every condition (bound parameters only)."""
     query = select(ImageRow.id)

@@ -4,13 +4,16 @@ full-ensemble scores, and the structured report. No DB access; `Engine` hands in
 
 from __future__ import annotations
 
+import threading
+
 import numpy as np
 from PIL import Image
 
 from cxrmodel.imaging.decode import DecodedImage
 from cxrmodel.labels.applicability import Decision, decide_from_metadata, decide_from_model
+from cxrmodel.labels.calibration import Calibration, for_encoder
 from cxrmodel.labels.prompts import LabelConfig
-from cxrmodel.labels.zeroshot import LabelScore, label_image
+from cxrmodel.labels.zeroshot import LabelScore, apply_calibration, label_image
 from cxrmodel.reporting.report import Report, compose_report
 
 
@@ -20,14 +23,47 @@ def pil(image: Image.Image | DecodedImage) -> Image.Image:
 
 
 class Labeller:
-    """Applicability, zero-shot labels and reports under one `LabelConfig`."""
+    """Applicability, zero-shot labels and reports under one `LabelConfig` and, per encoder, the
+    calibration that applies to it (`cxrmodel.labels.calibration.for_encoder`)."""
 
-    def __init__(self, labels: LabelConfig):
+    def __init__(self, labels: LabelConfig, calibration_file: str | None = None):
         self.labels = labels
+        self.calibration_file = calibration_file
+        self._lock = threading.Lock()
+
+    def calibration(self, encoder) -> Calibration | None:
+        """The encoder's calibration (loaded once per encoder), or None: uncalibrated."""
+        with self._lock:
+            cache = encoder.__dict__.setdefault("_calibrations", {})
+            if self.calibration_file not in cache:
+                cache[self.calibration_file] = for_encoder(encoder, self.calibration_file)
+            return cache[self.calibration_file]
 
     def label(self, encoder, image: Image.Image | DecodedImage) -> list[LabelScore]:
-        """Full-ensemble zero-shot scores of the 14 pathologies (whether or not they apply)."""
-        return label_image(encoder, pil(image), self.labels)
+        """The 14 pathologies' scores (whether or not they apply), read through the calibration: calibrated
+        probabilities where it shows skill, raw scores marked not assessed elsewhere."""
+        return apply_calibration(label_image(encoder, pil(image), self.labels), self.calibration(encoder))
+
+    def with_stored(self, encoder, scores: list[LabelScore], stored: dict[str, float]) -> list[LabelScore]:
+        """`scores` of an indexed image with their values replaced by the ones stored at index time, so that
+        page, reports and downloads show exactly what the grid and the filters use (one number per image
+        and pathology); the ensemble's uncertainty and members are kept."""
+        raw = [LabelScore(s.pathology, stored.get(s.pathology, s.raw), s.uncertainty,
+                          float(self.labels.thresholds.get(s.pathology, 0.5)), s.members,
+                          raw=stored.get(s.pathology, s.raw)) for s in scores]
+        return apply_calibration(raw, self.calibration(encoder))
+
+    def stored(self, encoder, scores: dict[str, float]) -> dict[str, float]:
+        """Index-time raw scores as they may be shown: calibrated, and only for assessed pathologies."""
+        calibration = self.calibration(encoder)
+        if calibration is None:
+            return {}
+        out = {}
+        for pathology, raw in scores.items():
+            cal = calibration.pathologies.get(pathology)
+            if cal is not None and cal.assessed:
+                out[pathology] = float(cal.probability(raw))
+        return out
 
     def applicability(self, encoder, image: Image.Image | DecodedImage, metadata: dict | None,
                       vector: np.ndarray | None) -> Decision:

@@ -92,10 +92,13 @@ def indexed_dir(tmp_path_factory, image_dir, tiny_encoder, backend) -> Path:
 
 
 @pytest.fixture(scope="session")
-def engine(indexed_dir, tiny_encoder):
+def engine(indexed_dir, tiny_encoder, tmp_path_factory):
+    """The session's engine, with every pathology declared assessed (tests of findings, filters, reports)."""
     from search.engine import Engine, EngineConfig
+    from tests.tinymodel import write_forced_calibration
 
-    eng = Engine.open(EngineConfig(data_dir=indexed_dir), encoder=tiny_encoder)
+    calibration = write_forced_calibration(tiny_encoder, tmp_path_factory.mktemp("cal") / "calibration.json")
+    eng = Engine.open(EngineConfig(data_dir=indexed_dir, calibration=str(calibration)), encoder=tiny_encoder)
     yield eng
     eng.close()
 

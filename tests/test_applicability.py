@@ -17,6 +17,7 @@ from cxrmodel.reporting.report import compose_report, templates, to_markdown
 from indexer.store import default_db_url
 from tests.databases import dump_database, fetch
 from tests.imagegen import gray_image, shape_image, write_dicom
+from tests.tinymodel import write_forced_calibration
 
 WORDS = ["a chest x-ray", "lateral lumbar spine radiograph", "axial ct of the chest", "mri of the brain with a tumour",
          "a photo of an image", "red circle", "blue square", "green triangle", "yellow cross", "stripes", "dots",
@@ -91,7 +92,8 @@ def test_indexing_stores_not_applicable_without_scores_and_filters_skip_them(tmp
     by_name = {k.rsplit("/", 1)[-1]: v for k, v in rows.items()}
     assert by_name["ct.dcm"] == 0 and by_name["mri.dcm"] == 0 and by_name["cxr.dcm"] == 1
     assert {s.rsplit("/", 1)[-1] for s in scored} <= {n for n, v in by_name.items() if v}
-    engine = Engine.open(EngineConfig(data_dir=data), encoder=tiny_encoder)
+    calibration = write_forced_calibration(tiny_encoder, tmp_path / "calibration.json")
+    engine = Engine.open(EngineConfig(data_dir=data, calibration=str(calibration)), encoder=tiny_encoder)
     for pathology in PATHOLOGIES:
         hits = engine.text("x", k=10, filters=engine.parse_filters([f"{pathology}>=0"]))
         assert all(h.applicability["applicable"] for h in hits)
@@ -105,7 +107,8 @@ def test_indexing_stores_not_applicable_without_scores_and_filters_skip_them(tmp
 
 def _scores(probs: dict) -> list[LabelScore]:
     return [LabelScore(p, probs.get(p, 0.1), 0.05, 0.5, {"original/names": probs.get(p, 0.1),
-                                                            "clahe/pairs": probs.get(p, 0.1) / 2}) for p in PATHOLOGIES]
+                                                            "clahe/pairs": probs.get(p, 0.1) / 2}, assessed=True)
+            for p in PATHOLOGIES]
 
 
 def test_categories_cover_every_pathology_once():

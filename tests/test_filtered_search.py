@@ -27,6 +27,7 @@ from indexer.store import (
 )
 from indexer.vectors import IndexConfig, sync_generation
 from search import knn
+from tests.tinymodel import write_forced_calibration
 
 K = 10
 N = 640
@@ -144,7 +145,8 @@ def typed_engine(request, tmp_path_factory, tiny_encoder, backend):
 
     data = tmp_path_factory.mktemp(f"filtered-{request.param}")
     _build(data, backend.url_for(data), tiny_encoder, INDEX_TYPES[request.param])
-    eng = Engine.open(EngineConfig(data_dir=data), encoder=tiny_encoder)
+    calibration = write_forced_calibration(tiny_encoder, data / "calibration.json")  # score filters: an identity map
+    eng = Engine.open(EngineConfig(data_dir=data, calibration=str(calibration)), encoder=tiny_encoder)
     yield request.param, eng
     eng.close()
 
@@ -246,11 +248,11 @@ def test_selections_are_cached_per_state_and_dropped_when_an_index_run_publishes
     filters = eng.parse_filters(["modality=ct"])
     first = eng.selection(filters)
     assert eng.selection(eng.parse_filters(["MODALITY=CT"])) is first  # normalised key, fetched once
+    old = eng.state()  # before the publish: a state() after it may already have reloaded (reload_interval)
     db = open_db(eng.config.url)
     with Session(db) as s, s.begin():
         publish(s)
     db.dispose()
-    old = eng.state()
     fresh = eng._loader.current(force=True)
     assert fresh is not old and fresh.index is old.index and fresh.scorer is old.scorer  # the index was kept
     assert eng.selection(filters, fresh) is not first and eng.selection(filters, fresh).count == first.count

@@ -88,3 +88,23 @@ def save_tiny_bert(directory: Path, seed: int = 0) -> Path:
     model.save_pretrained(directory)
     tokenizer.save_pretrained(directory)
     return directory
+
+
+def write_forced_calibration(encoder, path: Path, assessed: tuple[str, ...] | None = None) -> Path:
+    """A calibration for `encoder` that declares pathologies assessed without measuring anything (an
+    identity map, threshold 0.5): tests of what RadLens does with assessed pathologies use it. `assessed`
+    None: all 14; the others are written as measured without skill."""
+    from cxrmodel.labels.calibration import Calibration, PathologyCalibration, SkillRule, model_identity, save
+    from cxrmodel.labels.prompts import LabelConfig
+
+    names = list(LabelConfig().pathologies)
+    assessed = tuple(names) if assessed is None else assessed
+    per = {p: PathologyCalibration(p, 50, 50, 0.8, 0.7, 0.9, True, "forced by a test", threshold=0.5,
+                                   raw_threshold=0.5, sensitivity=0.8, specificity=0.8, knots_x=[0.0, 1.0],
+                                   knots_y=[0.0, 1.0])
+           if p in assessed else
+           PathologyCalibration(p, 50, 50, 0.5, 0.4, 0.6, False, "AUROC 0.50 (95% CI 0.40-0.60) does not exclude 0.50")
+           for p in names}
+    save(Calibration(model_identity(encoder), encoder.model_name, {"description": "forced by a test"}, SkillRule(),
+                     per), path)
+    return path

@@ -123,7 +123,8 @@ def image_findings(image_id: int, fmt: str):
         return _download(findings_csv(scores, threshold).encode(), "text/csv", f"findings-{image_id}.csv")
     if fmt == "json":
         rows = [{**s.to_dict(), "threshold": threshold if threshold is not None else s.threshold,
-                 "positive": s.probability >= (threshold if threshold is not None else s.threshold)} for s in scores]
+                 "positive": s.assessed and s.probability >= (threshold if threshold is not None else s.threshold)}
+                for s in scores]
         return _download(json.dumps(rows, indent=2).encode(), "application/json", f"findings-{image_id}.json")
     return jsonify({"error": "format must be csv or json", "status": 400}), 400
 

@@ -34,22 +34,63 @@ class PromptBank:
 
 @dataclass
 class LabelScore:
-    """Probability and uncertainty of one pathology, with each ensemble member's probability."""
+    """One pathology's value and uncertainty, with each ensemble member's raw score.
+
+    `probability` is a calibrated probability only where `assessed` (a calibration showed skill for
+    this pathology); otherwise it is the raw zero-shot score, which is not a probability, and
+    `positive` is always False: an unassessed pathology is never a finding. `skill` says why.
+    """
 
     pathology: str
     probability: float
     uncertainty: float
     threshold: float
     members: dict[str, float] = field(default_factory=dict)
+    assessed: bool = False  # True only through `apply_calibration`, where a calibration showed skill
+    skill: dict = field(default_factory=dict)
+    raw: float | None = None  # the uncalibrated score (what the index stores)
 
     @property
     def positive(self) -> bool:
-        return self.probability >= self.threshold
+        return self.assessed and self.probability >= self.threshold
+
+    @property
+    def kind(self) -> str:
+        """'probability' (calibrated, assessed) or 'score' (raw: not a probability)."""
+        return "probability" if self.assessed else "score"
 
     def to_dict(self) -> dict:
-        return {"pathology": self.pathology, "probability": round(self.probability, 4),
-                "uncertainty": round(self.uncertainty, 4), "threshold": self.threshold,
-                "positive": self.positive, "members": {k: round(v, 4) for k, v in self.members.items()}}
+        return {"pathology": self.pathology, "kind": self.kind, "assessed": self.assessed,
+                "probability" if self.assessed else "score": round(self.probability, 4),
+                "raw_score": round(self.raw if self.raw is not None else self.probability, 4),
+                "uncertainty": round(self.uncertainty, 4), "threshold": self.threshold if self.assessed else None,
+                "positive": self.positive, "skill": self.skill,
+                "members": {k: round(v, 4) for k, v in self.members.items()}}
+
+
+def apply_calibration(scores: list[LabelScore], calibration) -> list[LabelScore]:
+    """Scores as a calibration says they may be read: assessed pathologies get their calibrated
+    probability and threshold; the others (and every one, without a calibration) stay raw scores,
+    marked not assessed with the measured reason. Pure: new objects."""
+    out = []
+    for s in scores:
+        raw = s.raw if s.raw is not None else s.probability
+        cal = calibration.pathologies.get(s.pathology) if calibration is not None else None
+        if cal is None:
+            reason = ("no calibration for this model: its scores are uncalibrated (run `radlens calibrate`)"
+                      if calibration is None else "not in this model's calibration")
+            out.append(LabelScore(s.pathology, raw, s.uncertainty, s.threshold, s.members, False,
+                                  {"reason": reason}, raw))
+            continue
+        skill = {"reason": cal.reason, "auroc": cal.auroc, "auroc_95ci": [cal.auroc_low, cal.auroc_high],
+                 "positives": cal.positives, "negatives": cal.negatives}
+        if cal.assessed:
+            skill.update(sensitivity=cal.sensitivity, specificity=cal.specificity)
+            out.append(LabelScore(s.pathology, float(cal.probability(raw)), s.uncertainty, float(cal.threshold),
+                                  s.members, True, skill, raw))
+        else:
+            out.append(LabelScore(s.pathology, raw, s.uncertainty, s.threshold, s.members, False, skill, raw))
+    return out
 
 
 def _mean_direction(vectors: np.ndarray) -> np.ndarray:
@@ -163,20 +204,27 @@ def image_variants(image: Image.Image, names) -> dict[str, Image.Image]:
 
 
 def label_image(encoder, image: Image.Image, config: LabelConfig) -> list[LabelScore]:
-    """Full ensemble (preprocessing variants x prompt sets) labels for one image.
+    """Raw scores of one image, with the preprocessing x prompt-set ensemble as their uncertainty.
 
-    The variants are made from the image as the model sees it (resized and cropped to its input size),
-    so a 9000 x 9000 upload costs four small images, not four full-resolution copies.
+    The value is the prompt ensemble of the image as the model sees it -- exactly what the index stores
+    for an indexed image (`score_vectors` of its one embedding), so grid, page, JSON, filters and
+    reports show one number. The preprocessing variants (equalised, CLAHE, contrast) only widen the
+    uncertainty: the weighted spread over every (variant, prompt set) member. The variants are made
+    from the image at the model's input size, so a 9000 x 9000 upload costs four small images.
     """
     bank = prompt_bank(encoder, config)
     model_view = encoder.preprocess.resize(image)
-    variants = image_variants(model_view, [v for v, w in config.variants.items() if w > 0])
+    wanted = ["original"] + [v for v, w in config.variants.items() if w > 0 and v != "original"]
+    variants = image_variants(model_view, wanted)
     vectors = encoder.encode_images(list(variants.values()))
     probs = member_probabilities(vectors, bank)  # (variants, sets, P)
+    set_weights = np.array([config.prompt_sets[s].weight for s in bank.set_names])
+    value, _ = combine(probs[0], set_weights)  # variant 0 is the original
     names = [f"{v}/{s}" for v in variants for s in bank.set_names]
-    weights = np.array([config.variants[v] * config.prompt_sets[s].weight for v in variants for s in bank.set_names])
+    weights = np.array([max(config.variants.get(v, 0.0), 1e-9 if v == "original" else 0.0)
+                        * config.prompt_sets[s].weight for v in variants for s in bank.set_names])
     flat = probs.reshape(len(names), len(bank.pathologies))
-    mean, spread = combine(flat, weights)
-    return [LabelScore(p, float(mean[j]), float(spread[j]), float(config.thresholds.get(p, 0.5)),
-                       {n: float(flat[i, j]) for i, n in enumerate(names)})
+    _, spread = combine(flat, weights)
+    return [LabelScore(p, float(value[j]), float(spread[j]), float(config.thresholds.get(p, 0.5)),
+                       {n: float(flat[i, j]) for i, n in enumerate(names)}, raw=float(value[j]))
             for j, p in enumerate(bank.pathologies)]

@@ -104,3 +104,35 @@ def summary_card(scores: list[LabelScore], decision=None, fmt: str = "png", top:
                 weight="bold" if i == 0 else "normal")
     fig.patch.set_facecolor("#f4f6f8")
     return _save(plt, fig, fmt)
+
+
+def reliability_png(curves: dict[str, tuple], assessed: dict[str, bool]) -> bytes:
+    """Reliability diagram per pathology: observed positive rate against the raw score (grey) and the
+    cross-fitted calibrated probability (blue), from `calibration.reliability_bins` tuples."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(curves)
+    cols = 4
+    rows = max(1, -(-len(names) // cols))
+    fig, axes = plt.subplots(rows, cols, figsize=(3 * cols, 2.8 * rows), dpi=90, squeeze=False)
+    for ax in axes.ravel()[len(names):]:
+        ax.axis("off")
+    for ax, name in zip(axes.ravel(), names, strict=False):
+        (raw_x, raw_y, _), (cal_x, cal_y, _) = curves[name]
+        ax.plot([0, 1], [0, 1], color="#bbbbbb", linewidth=0.8)
+        ax.plot(raw_x, raw_y, "o-", color="#888888", markersize=3, label="raw score")
+        ax.plot(cal_x, cal_y, "o-", color="#1f5fa8", markersize=3, label="calibrated")
+        ax.set_xlim(0, 1)
+        ax.set_ylim(0, 1)
+        ax.set_title(f"{name.replace('_', ' ')} ({'assessed' if assessed.get(name) else 'not assessed'})", fontsize=8)
+        ax.tick_params(labelsize=6)
+    axes.ravel()[0].legend(fontsize=6, loc="upper left")
+    fig.suptitle(f"Reliability: observed rate vs predicted {TITLE_NOTE}", fontsize=9)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    plt.close(fig)
+    return buf.getvalue()

@@ -65,6 +65,8 @@ class Report:
     applicability: dict | None = None
     lang: str = "en"
     metadata: dict = field(default_factory=dict)
+    not_assessed: list[dict] = field(default_factory=list)  # pathology, score, skill: never findings
+    calibrated: bool = False  # False: no calibration for this model, every number a raw score
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -142,21 +144,29 @@ def compose_report(scores: list[LabelScore], metadata: dict, config: LabelConfig
         sentence = t["not_applicable"].format(reason=decision.reason, source=decision.source,
                                               confidence=decision.confidence)
         return Report(findings={}, impression=[sentence], confidence=sentence, recommendations=[], **common)
+    assessed = [s for s in scores if s.assessed]
+    calibrated = any(s.skill.get("auroc") is not None or s.assessed for s in scores)
+    not_assessed = [{"pathology": s.pathology, "score": round(s.probability, 4), "skill": s.skill}
+                    for s in scores if not s.assessed]
     findings = [Finding(s.pathology, s.probability, s.uncertainty,
                         threshold if threshold is not None else s.threshold,
                         s.probability >= (threshold if threshold is not None else s.threshold))
-                for s in scores]
+                for s in assessed]
     by_region: dict[str, list[Finding]] = {r: [] for r in REGIONS}
     for f in findings:
         region = config.pathologies[f.pathology].region if f.pathology in config.pathologies else "other"
         by_region.setdefault(region, []).append(f)
     present = sorted((f for f in findings if f.present), key=lambda f: -f.probability)
+    if not assessed:
+        nothing = t["uncalibrated"] if not calibrated else t["none_assessed"]
+        return Report(findings={}, impression=[nothing], confidence=nothing, recommendations=[],
+                      not_assessed=not_assessed, calibrated=calibrated, **common)
     impression = [t["impression_item"].format(name=_name(f.pathology, t), p=f.probability, u=f.uncertainty)
                   for f in present] or [t["no_finding"]]
     recommendations = [f"{_name(f.pathology, t)}: {t['recommendations'][f.pathology]}"
                        for f in present if f.pathology in t["recommendations"]] or [t["recommendation_none"]]
     return Report(findings=by_region, impression=impression, confidence=confidence_statement(findings, t),
-                  recommendations=recommendations, **common)
+                  recommendations=recommendations, not_assessed=not_assessed, calibrated=calibrated, **common)
 
 
 def region_sentence(items: list[Finding], t: dict) -> str:
@@ -175,8 +185,11 @@ def sections(report: Report) -> list[tuple[str, list[str]]]:
     t = text_for(report.lang)
     s = t["sections"]
     findings = [f"{t['regions'].get(r, r)}: {region_sentence(items, t)}" for r, items in report.findings.items()]
+    unassessed = [t["not_assessed_item"].format(name=_name(n["pathology"], t), reason=n["skill"].get("reason", ""))
+                  for n in report.not_assessed]
     return [(s["clinical"], report.clinical_information), (s["technique"], [report.technique]),
             (s["findings"], findings or report.impression), (s["impression"], report.impression),
+            *([(s["not_assessed"], unassessed)] if unassessed and report.calibrated else []),
             (s["recommendations"], report.recommendations or [t["recommendation_none"]]),
             (s["confidence"], [report.confidence]), (s["limitations"], report.limitations),
             (s["disclaimer"], [report.disclaimer])]
@@ -224,17 +237,19 @@ def to_pdf(report: Report) -> bytes:
 
 
 def findings_csv(scores: list[LabelScore], threshold: float | None = None) -> str:
-    """One row per pathology: pathology, probability, uncertainty, threshold, positive."""
+    """One row per pathology: pathology, kind ('probability' where calibrated and assessed, else the raw
+    'score'), value, uncertainty, threshold and positive (assessed pathologies only), and the skill reason."""
     import csv
     import io
 
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
-    writer.writerow(["pathology", "probability", "uncertainty", "threshold", "positive"])
+    writer.writerow(["pathology", "kind", "value", "uncertainty", "threshold", "positive", "skill"])
     for s in scores:
         limit = threshold if threshold is not None else s.threshold
-        writer.writerow([s.pathology, f"{s.probability:.4f}", f"{s.uncertainty:.4f}", f"{limit:.4f}",
-                         int(s.probability >= limit)])
+        writer.writerow([s.pathology, s.kind, f"{s.probability:.4f}", f"{s.uncertainty:.4f}",
+                         f"{limit:.4f}" if s.assessed else "", int(s.assessed and s.probability >= limit),
+                         s.skill.get("reason", "")])
     return buf.getvalue()
 
 

@@ -17,6 +17,8 @@ def _engine_flags(p) -> None:
     add_data_dir(p)
     p.add_argument("--model", default=None, help="override the model the index was built with")
     p.add_argument("--labels", default=None, help="JSON file overriding prompts, weights and thresholds")
+    p.add_argument("--calibration", default=None,
+                   help="calibration.json of the model (default: the model directory's own, if it has one)")
     p.add_argument("--json", action="store_true", help="machine-readable output")
 
 
@@ -53,7 +55,7 @@ def open_engine(args):
     from search.engine import Engine, EngineConfig
 
     return Engine.open(EngineConfig(data_dir=args.data_dir, db_url=args.db_url, model=args.model,
-                                    labels_file=args.labels))
+                                    labels_file=args.labels, calibration=args.calibration))
 
 
 def _print_hits(title: str, hits, args, extra: dict) -> None:
@@ -94,6 +96,23 @@ def run_similar(args) -> int:
     return 0
 
 
+def _print_scores(scores) -> None:
+    """Assessed pathologies as calibrated probabilities (* at or above threshold); the others as raw scores
+    with the measured reason they are not assessed."""
+    assessed = sorted((s for s in scores if s.assessed), key=lambda s: -s.probability)
+    for s in assessed:
+        mark = "*" if s.positive else " "
+        print(f" {mark} {s.pathology:<20} probability {s.probability:.3f} +/- {s.uncertainty:.3f} "
+              f"(threshold {s.threshold:.2f}; {s.skill.get('reason', '')})")
+    others = [s for s in scores if not s.assessed]
+    if others:
+        print("  not assessed by this model (raw zero-shot scores, not probabilities; never findings):"
+              if assessed or others[0].skill.get("auroc") is not None else
+              "  uncalibrated scores (no calibration for this model; not probabilities; never findings):")
+        for s in sorted(others, key=lambda s: -s.probability):
+            print(f"    {s.pathology:<20} score {s.probability:.3f}  {s.skill.get('reason', '')}")
+
+
 def run_label(args) -> int:
     from cxrmodel.reporting.report import text_for, to_json, to_markdown, to_pdf
 
@@ -116,10 +135,7 @@ def run_label(args) -> int:
             return 0
         print(f"Zero-shot labels for {args.image} (chest radiograph{' ' + decision.view if decision.view else ''}, "
               f"decided from {decision.source}):")
-        for s in sorted(scores, key=lambda s: -s.probability):
-            mark = "*" if s.positive else " "
-            print(f" {mark} {s.pathology:<20} {s.probability:.3f} +/- {s.uncertainty:.3f} "
-                  f"(threshold {s.threshold:.2f})")
+        _print_scores(scores)
         return 0
     if args.report == "pdf":
         out = Path(args.out or Path(args.image).with_suffix(".report.pdf").name)

@@ -24,6 +24,8 @@ def register(sub) -> None:
                    help="server processes (more than 1 needs gunicorn: pip install 'radlens[serve]')")
     p.add_argument("--model", default=None, help="override the model the index was built with")
     p.add_argument("--labels", default=None, help="JSON file overriding prompts, weights and thresholds")
+    p.add_argument("--calibration", default=None,
+                   help="calibration.json of the model (default: the model directory's own, if it has one)")
     p.add_argument("--max-upload-mb", type=positive_float, default=32.0, help="largest accepted upload")
     p.add_argument("--heavy-requests", type=positive_int, default=None,
                    help="requests that decode or label a whole image at once, per process (default 2); more "
@@ -39,7 +41,7 @@ def build_app(args):
 
     return_large_buffers_to_the_os()
     engine = Engine.open(EngineConfig(data_dir=args.data_dir, db_url=args.db_url, model=args.model,
-                                      labels_file=args.labels))
+                                      labels_file=args.labels, calibration=args.calibration))
     limits = {"heavy_requests": args.heavy_requests} if args.heavy_requests else {}
     return create_app(ServeConfig(max_upload_bytes=int(args.max_upload_mb * 1024 * 1024), **limits), engine=engine)
 

@@ -6,6 +6,7 @@
     var output = section.querySelector("[data-threshold-value]");
     var list = section.querySelector("[data-findings]");
     var rows = Array.prototype.slice.call(section.querySelectorAll(".bar-row"));
+    if (!slider || !list) { return; }  // not applicable, or no assessed pathology: nothing to threshold
     var perLabel = slider.hasAttribute("data-per-label");
 
     function update() {

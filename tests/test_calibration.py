@@ -1,0 +1,186 @@
+"""Calibration: measured skill decides what is reported; numbers say whether they are probabilities."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from cxrmodel.errors import DataError
+from cxrmodel.labels import calibration as cal
+from cxrmodel.labels.prompts import LabelConfig
+from radlens.cli import main
+from tests.imagegen import gray_image, shape_image
+from tests.tinymodel import write_forced_calibration
+
+PATHOLOGIES = list(LabelConfig().pathologies)
+
+
+def _informative(n: int = 400, positives: int = 80, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    labels = np.zeros(n, dtype=bool)
+    labels[:positives] = True
+    scores = np.clip(0.55 + 0.1 * rng.standard_normal(n) + 0.15 * labels, 0, 1)  # skilled, and too high
+    return scores, labels
+
+
+def test_a_skilled_score_is_assessed_and_its_calibration_helps():
+    scores, labels = _informative()
+    c = cal.calibrate_pathology("Effusion", scores, labels, cal.SkillRule(resamples=1000), tested=14)
+    assert c.assessed and c.auroc > 0.8 and 0.5 < c.decision_low < c.auroc_low < c.auroc < c.auroc_high
+    assert c.ece_calibrated < c.ece_raw / 3  # raw scores sit near 0.6 for a 20% base rate
+    assert 0 < c.sensitivity <= 1 and 0 < c.specificity <= 1
+    probs = c.probability(np.array([0.2, 0.5, 0.9]))
+    assert list(probs) == sorted(probs) and probs[0] >= 0 and probs[-1] <= 1
+    again = cal.calibrate_pathology("Effusion", scores, labels, cal.SkillRule(resamples=1000), tested=14)
+    assert again == c  # seeded: the same numbers every run
+
+
+@pytest.mark.parametrize("case", ["chance", "few positives"])
+def test_no_skill_or_too_few_positives_is_not_assessed_and_says_why(case):
+    rng = np.random.default_rng(1)
+    if case == "chance":
+        scores, labels = rng.random(400), rng.random(400) < 0.2
+    else:
+        scores, labels = _informative(400, positives=12)
+    c = cal.calibrate_pathology("Mass", scores, labels, cal.SkillRule(resamples=1000), tested=14)
+    assert not c.assessed
+    assert ("not shown better than chance" in c.reason) if case == "chance" else ("fewer than the 20" in c.reason)
+
+
+def test_fourteen_chance_pathologies_rarely_pass_the_family_wise_rule():
+    """With the Bonferroni-widened interval, 14 pathologies at chance yield (almost) no assessed one;
+    the plain 95% interval lets about one in 40 through each."""
+    rng = np.random.default_rng(7)
+    scores, labels = rng.random((500, 14)), rng.random((500, 14)) < 0.15
+    strict = cal.calibrate(scores, labels, PATHOLOGIES, cal.SkillRule(resamples=500), model_identity="m",
+                           model_name="m", dataset={})
+    assert strict.assessed == []
+
+
+def test_filters_and_thresholds_follow_the_calibrated_map():
+    c = cal.PathologyCalibration("Effusion", 50, 50, 0.8, 0.7, 0.9, True, "x", threshold=0.4,
+                                 knots_x=[0.2, 0.4, 0.6], knots_y=[0.0, 0.5, 1.0])
+    assert c.raw_at_least(0.5) == pytest.approx(0.4) and c.raw_at_least(0.25) == pytest.approx(0.3)
+    assert c.raw_at_least(0.0) == float("-inf") and c.raw_at_least(1.01) == float("inf")
+    assert float(c.probability(c.raw_at_least(0.75))) == pytest.approx(0.75)
+
+
+def test_a_calibration_of_another_model_is_refused(tmp_path, tiny_encoder, tiny_model_dir):
+    from tests.tinymodel import save_tiny_clip
+
+    path = write_forced_calibration(tiny_encoder, tmp_path / "calibration.json")
+    assert cal.load(path, cal.model_identity(tiny_encoder)).assessed == PATHOLOGIES
+    other = save_tiny_clip(tmp_path / "other", seed=1)
+    from cxrmodel.model.encoder import EncoderConfig, load_encoder
+
+    other_encoder = load_encoder(EncoderConfig(model=str(other), precision="fp32"))
+    with pytest.raises(DataError, match="calibrates another model"):
+        cal.for_encoder(other_encoder, path)
+    (other / "calibration.json").write_bytes(path.read_bytes())  # beside the wrong model: ignored, not used
+    assert cal.for_encoder(other_encoder) is None
+
+
+def test_an_uncalibrated_model_reports_no_finding_and_calls_its_numbers_scores(tmp_path, tiny_encoder, indexed_dir):
+    from search.engine import Engine, EngineConfig
+    from web import ServeConfig, create_app
+
+    engine = Engine.open(EngineConfig(data_dir=indexed_dir), encoder=tiny_encoder)
+    image = gray_image(3, (96, 96))
+    decision, scores = engine.assess(image, {"modality": "X-ray", "body_part": "chest", "view": "PA"})
+    report = engine.report(image, {"modality": "X-ray", "body_part": "chest"}, 0.0, scores, decision)
+    assert decision.applicable and scores and not any(s.assessed or s.positive for s in scores)
+    assert all(s.to_dict()["kind"] == "score" and "probability" not in s.to_dict() for s in scores)
+    assert report.findings == {} and report.recommendations == [] and not report.calibrated
+    assert "uncalibrated" in report.impression[0] and "no pathology is reported as a finding" in report.impression[0]
+    with pytest.raises(DataError, match="cannot filter on Effusion: this model does not assess it"):
+        engine.parse_filters(["effusion>=0.5"])
+    assert all(h.pathologies == {} for h in engine.text("x", k=5))  # no chips without a calibration
+    client = create_app(ServeConfig(), engine=engine).test_client()
+    some_id = engine.text("x", k=1)[0].id
+    page = client.get(f"/image/{some_id}").get_data(as_text=True)
+    api = client.get(f"/api/images/{some_id}").json
+    engine.close()
+    assert "suspected" not in page.lower() and "probability" not in json.dumps(api["scores"])
+    if api["scores"]:
+        assert "This model has no calibration" in page
+
+
+def test_only_assessed_pathologies_become_findings_everywhere(tmp_path, tiny_encoder, indexed_dir):
+    from cxrmodel.reporting.report import findings_csv, to_markdown
+    from search.engine import Engine, EngineConfig
+
+    path = write_forced_calibration(tiny_encoder, tmp_path / "calibration.json", assessed=("Effusion",))
+    engine = Engine.open(EngineConfig(data_dir=indexed_dir, calibration=str(path)), encoder=tiny_encoder)
+    image = shape_image("circle", "red")
+    decision, scores = engine.assess(image, {"modality": "X-ray", "body_part": "chest", "view": "PA"})
+    report = engine.report(image, {}, 0.0, scores, decision)  # threshold 0: every assessed one is a finding
+    engine.parse_filters(["effusion>=0.2"])
+    with pytest.raises(DataError, match="Mass: this model does not assess it .*does not exclude"):
+        engine.parse_filters(["mass>=0.2"])
+    engine.close()
+    assert [s.pathology for s in scores if s.positive] == ["Effusion"]
+    assert report.impression[0].startswith("Effusion") and len(report.impression) == 1
+    assert {n["pathology"] for n in report.not_assessed} == set(PATHOLOGIES) - {"Effusion"}
+    text = to_markdown(report)
+    assert "## Not assessed by this model" in text and "Mass: AUROC 0.50" in text
+    rows = findings_csv(scores, 0.0).splitlines()[1:]
+    assert [r.split(",")[0] for r in rows if r.split(",")[5] == "1"] == ["Effusion"]
+
+
+def test_radlens_calibrate_writes_the_file_the_table_and_the_diagram(tmp_path, tiny_model_dir, capsys):
+    src = tmp_path / "src"
+    src.mkdir()
+    lines = ["path,labels"]
+    for i in range(40):
+        gray_image(i, (48, 48)).save(src / f"{i}.png")
+        lines.append(f"src/{i}.png,{'Effusion|Mass' if i % 4 == 0 else 'No Finding'}")
+    lines.append("src/missing.png,Effusion")
+    (tmp_path / "m.csv").write_text("\n".join(lines) + "\n")
+    out = tmp_path / "cal.json"
+    assert main(["calibrate", str(tmp_path / "m.csv"), "--model", str(tiny_model_dir), "--precision", "fp32",
+                 "--out", str(out), "--resamples", "200"]) == 0
+    printed = capsys.readouterr().out
+    saved = json.loads(out.read_text())
+    assert saved["dataset"]["images"] == 40 and saved["dataset"]["unreadable"] == 1
+    assert saved["pathologies"]["Effusion"]["positives"] == 10 and saved["pathologies"]["Effusion"]["negatives"] == 30
+    assert saved["pathologies"]["Pneumonia"]["reason"].startswith("not measurable")
+    assert not any(p["assessed"] for p in saved["pathologies"].values())  # 10 positives < 20
+    assert "Effusion" in printed and "AUROC [95% CI]" in printed and "0 of 14 pathologies assessed" in printed
+    assert (tmp_path / "cal.png").read_bytes().startswith(b"\x89PNG")
+    (tmp_path / "bad.csv").write_text("path,labels\nsrc/0.png,Dragon pox\n")
+    assert main(["calibrate", str(tmp_path / "bad.csv"), "--model", str(tiny_model_dir), "--out",
+                 str(tmp_path / "x.json")]) == 1
+    assert "unknown label 'dragon pox'" in capsys.readouterr().err
+
+
+def test_the_bundled_model_ships_its_calibration_and_the_demo_report_says_what_it_shows():
+    from cxrmodel.model.bundled import bundled_model_dir
+
+    shipped = json.loads((bundled_model_dir() / "calibration.json").read_text())
+    assert shipped["dataset"]["images"] > 500 and len(shipped["pathologies"]) == 14
+    for name, c in shipped["pathologies"].items():
+        assert c["assessed"] == (c["positives"] >= 20 and c["decision_low"] > 0.5), name
+
+
+def test_grid_page_json_and_filters_show_one_number_per_image_and_pathology(engine, client):
+    """Over the whole test corpus: the grid chip, the API record, the page's bar and the filter agree."""
+    hits = engine.text("x", k=200)
+    checked = 0
+    for hit in hits:
+        if not hit.applicability or not hit.applicability["applicable"]:
+            continue
+        record = client.get(f"/api/images/{hit.id}").json
+        _, scores, _, _ = engine.report_for_id(hit.id)
+        page = client.get(f"/image/{hit.id}").get_data(as_text=True)
+        for s in scores:
+            grid = hit.pathologies[s.pathology]
+            assert record["scores"][s.pathology]["probability"] == pytest.approx(grid, abs=1e-12)
+            assert s.probability == pytest.approx(grid, abs=1e-12)
+            assert f'data-pathology="{s.pathology}" data-probability="{grid:.4f}"' in page
+        found = {h.image["content_hash"] for h in engine.text("x", k=200, filters=engine.parse_filters(
+            [f"Effusion>={hit.pathologies['Effusion']:.6f}"]))}  # exact duplicates collapse to one hit
+        assert hit.image["content_hash"] in found or hit.pathologies["Effusion"] < round(hit.pathologies["Effusion"], 6)
+        checked += 1
+    assert checked >= 10
