@@ -73,11 +73,12 @@ def test_search_open_label_and_upload(browser, live_url, image_dir):
     page.wait_for_function("document.querySelector('img.full').naturalWidth > 0")
     page.wait_for_function("['img.heatmap', 'img.summary'].every(s => document.querySelector(s).naturalWidth > 0)")
     assert "the 14 labels apply" in page.locator("[data-applicability]").inner_text()
-    slider = page.locator("[data-threshold-slider]")
-    slider.fill("0")
+    with page.expect_navigation():  # releasing the slider re-renders the page at that threshold
+        page.locator("[data-threshold-slider]").fill("0")
     assert page.locator("[data-findings] li").count() == 14
     assert page.locator(".bar-row.positive").count() == 14
-    slider.fill("1")
+    with page.expect_navigation():
+        page.locator("[data-threshold-slider]").fill("1")
     assert page.locator("[data-findings] li").inner_text() == "No finding above threshold."
     assert "threshold=1.00" in page.locator("[data-downloads] a").first.get_attribute("href")
     page.screenshot(path=str(ARTIFACTS / "e2e-image.png"), full_page=True)
@@ -95,4 +96,39 @@ def test_search_open_label_and_upload(browser, live_url, image_dir):
 
     assert not errors, errors
     assert not external, external  # everything is served by the app itself
+    page.close()
+
+
+def test_the_threshold_is_one_state_for_report_and_downloads(browser, live_url, engine):
+    """Moving the slider re-renders findings, impression and recommendations and every download at that
+    threshold; the language selector keeps it; the Markdown and PDF downloads list the same findings."""
+    import urllib.parse
+    import urllib.request
+
+    hit = next(h for h in engine.text("x", k=50) if h.applicability and h.applicability["applicable"])
+    page = browser.new_page()
+    errors = []
+    page.on("pageerror", lambda exc: errors.append(str(exc)))
+    page.goto(f"{live_url}/image/{hit.id}")
+    values = sorted(hit.pathologies.values())
+    cut = (values[len(values) // 2] + values[len(values) // 2 + 1]) / 2  # half the assessed ones above
+    with page.expect_navigation():
+        page.locator("[data-threshold-slider]").fill(f"{cut:.2f}")
+        page.locator("[data-threshold-slider]").dispatch_event("change")
+    assert f"threshold={cut:.2f}" in page.url
+    shown = page.locator(".report .impression li").all_inner_texts()
+    expected = sorted(p.lower() for p, v in hit.pathologies.items() if v >= float(f"{cut:.2f}"))
+    assert sorted(line.split(" (")[0].replace(" ", "_").lower() for line in shown) == expected
+    markdown_link = page.locator("[data-downloads] a", has_text="report (Markdown)").get_attribute("href")
+    assert f"threshold={cut:.2f}" in markdown_link
+    for link in page.locator("[data-downloads] a").all():
+        assert f"threshold={cut:.2f}" in link.get_attribute("href")
+    markdown = urllib.request.urlopen(urllib.parse.urljoin(live_url + "/", markdown_link)).read().decode()
+    impression = markdown.split("## Impression")[1].split("##")[0]
+    assert sorted(ln.split(". ", 1)[1].split(" (")[0].replace(" ", "_").lower()
+                  for ln in impression.strip().splitlines()) == expected
+    page.select_option("[data-lang]", "de")
+    page.wait_for_selector("text=Beurteilung")
+    assert f"threshold={cut:.2f}" in page.url  # the language change kept it
+    assert not errors, errors
     page.close()

@@ -39,7 +39,12 @@ def probability_chart(scores: list[LabelScore], fmt: str = "png", threshold: flo
     """Horizontal bars of the pathology probabilities with uncertainty whiskers and thresholds."""
     _check(fmt)
     plt, fig, ax = _figure(6.5, 4.8)
-    ordered = sorted(scores, key=lambda s: s.probability)
+    ordered = sorted((s for s in scores if s.assessed), key=lambda s: s.probability)
+    if not ordered:  # nothing this model may report: say so instead of drawing raw scores as probabilities
+        ax.axis("off")
+        ax.text(0.5, 0.5, "No pathology is assessed by this model\n(see its calibration)", ha="center",
+                va="center", fontsize=11, transform=ax.transAxes)
+        return _save(plt, fig, fmt)
     probs = [s.probability for s in ordered]
     limits = [threshold if threshold is not None else s.threshold for s in ordered]
     colours = ["#c0392b" if p >= t else "#2c7fb8" for p, t in zip(probs, limits, strict=True)]
@@ -48,7 +53,7 @@ def probability_chart(scores: list[LabelScore], fmt: str = "png", threshold: flo
     for y, t in enumerate(limits):
         ax.plot([t, t], [y - 0.4, y + 0.4], color="black", lw=1)
     ax.set_xlim(0, 1)
-    ax.set_xlabel("zero-shot probability (bar), ensemble spread (whisker), threshold (tick)")
+    ax.set_xlabel("calibrated probability (bar), ensemble spread (whisker), threshold (tick)")
     ax.set_title(f"RadLens zero-shot findings {TITLE_NOTE}", fontsize=10)
     fig.tight_layout()
     return _save(plt, fig, fmt)
@@ -77,7 +82,7 @@ def category_heatmap(scores: list[LabelScore], fmt: str = "png") -> bytes:
             ax.text(j, i, f"{matrix[i, j]:.2f}", ha="center", va="center", fontsize=6,
                     color="white" if matrix[i, j] < 0.6 else "black")
     fig.colorbar(image, ax=ax, fraction=0.03)
-    ax.set_title(f"Category x ensemble member {TITLE_NOTE}", fontsize=10)
+    ax.set_title(f"Category x ensemble member: raw scores, not probabilities {TITLE_NOTE}", fontsize=10)
     fig.tight_layout()
     return _save(plt, fig, fmt)
 
@@ -94,10 +99,13 @@ def summary_card(scores: list[LabelScore], decision=None, fmt: str = "png", top:
         lines.append(f"{state}; {decision.source}, confidence {decision.confidence:.2f}")
     if decision is not None and not decision.applicable:
         lines.append(decision.reason)
+    elif not any(s.assessed for s in scores):
+        lines.append("no pathology is assessed by this model:")
+        lines.append("no finding is reported (see its calibration)")
     else:
-        for s in sorted(scores, key=lambda s: -s.probability)[:top]:
+        for s in sorted((s for s in scores if s.assessed), key=lambda s: -s.probability)[:top]:
             flag = "above" if s.positive else "below"
-            lines.append(f"{s.pathology.replace('_', ' ')}: {s.probability:.2f} +/- {s.uncertainty:.2f} "
+            lines.append(f"{s.pathology.replace('_', ' ')}: p={s.probability:.2f} +/- {s.uncertainty:.2f} "
                          f"({flag} {s.threshold:.2f})")
     for i, line in enumerate(lines):
         ax.text(0.02, 0.92 - i * 0.17, line, transform=ax.transAxes, fontsize=10 if i else 11,

@@ -37,6 +37,14 @@
       });
     }
     slider.addEventListener("input", function () { perLabel = false; update(); });
+    // The threshold is one state: releasing the slider reloads the page with ?threshold=, so the report,
+    // impression, recommendations, summary card, heatmap and every download follow the same value.
+    slider.addEventListener("change", function () {
+      if (!section.hasAttribute("data-reload-on-threshold")) { return; }
+      var url = new URL(window.location.href);
+      url.searchParams.set("threshold", parseFloat(slider.value).toFixed(2));
+      window.location.assign(url.toString());
+    });
     update();
   });
 })();
