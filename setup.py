@@ -43,7 +43,8 @@ setup(
     ],
     extras_require={
         "test": ["pytest>=8", "hypothesis>=6.100", "ruff>=0.6", "pypdf>=4", "playwright>=1.40",
-                 "psycopg[binary]>=3.1", "ray[data]>=2.40", "gunicorn>=22"],
+                 "psycopg[binary]>=3.1", "ray[data]>=2.40", "gunicorn>=22",
+                 "scikit-image>=0.22"],
         "postgres": ["psycopg[binary]>=3.1"],
         "ray": ["ray[data]>=2.40"],
         "serve": ["gunicorn>=22"],

@@ -86,11 +86,11 @@ def test_search_open_label_and_upload(browser, live_url, image_dir):
     page.wait_for_selector("text=Beurteilung")
 
     page.goto(live_url + "/upload")
-    page.set_input_files("input[type=file]", str(image_dir / "cross_green_1.png"))
+    page.set_input_files("input[type=file]", str(image_dir / "gray" / "g1.png"))
     page.click("form.upload button")
     page.wait_for_selector("text=Similar cases")
     assert page.locator("#results .card").count() >= 1
-    assert "cross_green_1.png" in page.locator("#results .card img").first.get_attribute("alt")
+    assert "g1.png" in page.locator("#results .card img").first.get_attribute("alt")
     assert page.locator(".bar-row").count() == 14
     page.screenshot(path=str(ARTIFACTS / "e2e-upload.png"), full_page=True)
 

@@ -13,7 +13,7 @@ from cxrmodel.constants import PATHOLOGIES
 from cxrmodel.errors import DataError
 from cxrmodel.reporting.report import text_for, to_json, to_markdown, to_pdf
 from indexer.store import EmbeddingRow, ImageRow, ScoreRow, default_db_url, open_db
-from tests.imagegen import shape_image
+from tests.imagegen import gray_image, shape_image
 
 pytestmark = pytest.mark.usefixtures("on_backend")  # SQLite, and PostgreSQL when RADLENS_TEST_DB_URL is set
 
@@ -126,7 +126,7 @@ def test_report_impression_lists_exactly_the_findings_above_threshold(engine):
 
 
 def test_no_finding_report(engine):
-    image = shape_image("square", "green", seed=5)
+    image = gray_image(5, (96, 96))
     report = engine.report(image, {}, threshold=1.0)
     assert report.impression == ["No finding above threshold."]
 

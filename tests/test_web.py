@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tests.imagegen import png_bytes, shape_image, write_dicom
+from tests.imagegen import gray_image, png_bytes, shape_image, write_dicom
 from web import ServeConfig, create_app
 
 pytestmark = pytest.mark.usefixtures("on_backend")  # SQLite, and PostgreSQL when RADLENS_TEST_DB_URL is set
@@ -60,7 +60,7 @@ def test_similar_api_returns_the_image_itself(client, image_dir):
 
 
 def test_label_api(client):
-    r = client.post("/api/label", data=_upload(png_bytes(shape_image("circle", "red")), threshold="0.4"),
+    r = client.post("/api/label", data=_upload(png_bytes(gray_image(4, (96, 96))), threshold="0.4"),
                     content_type="multipart/form-data")
     assert r.status_code == 200
     assert len(r.json["labels"]) == 14 and r.json["report"]["disclaimer"]
