@@ -28,12 +28,14 @@ class Hit:
     pathologies: dict[str, float] = field(default_factory=dict)
     applicability: dict | None = None
     generation: int | None = None  # the index generation that answered (its model made the score)
+    match: object = None  # search.relevance.Match: how strong this score is against unrelated content
 
     def top_pathologies(self, n: int = 3) -> list[tuple[str, float]]:
         return sorted(self.pathologies.items(), key=lambda kv: -kv[1])[:n]
 
     def to_dict(self) -> dict:
         return {"id": self.id, "score": round(self.score, 6), "generation": self.generation, "image": self.image,
+                "match": self.match.to_dict() if self.match is not None else None,
                 "applicability": self.applicability,
                 "pathologies": {k: round(v, 4) for k, v in self.pathologies.items()},
                 "top_pathologies": [{"pathology": p, "probability": round(v, 4)} for p, v in self.top_pathologies()]}

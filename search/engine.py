@@ -31,6 +31,7 @@ from .catalog import Catalog, Hit
 from .filters import Filters, calibrated_filters, matching_ids_query, parse_filters
 from .knn import Selection, candidate_rounds
 from .labelling import Labeller, pil
+from .relevance import Baseline, build_baseline
 from .served import ServedState, StateLoader
 
 __all__ = ["Engine", "EngineConfig", "Hit"]
@@ -178,7 +179,11 @@ class Engine:
         if not query or not query.strip():
             raise DataError("empty query")
         state = self.state()
-        return self._search(state, state.encoder.encode_texts([query.strip()])[0], k, filters)
+        hits = self._search(state, state.encoder.encode_texts([query.strip()])[0], k, filters)
+        baseline = self.baseline(state)
+        for hit in hits:
+            hit.match = baseline.text_match(hit.score)
+        return hits
 
     def embed(self, image: Image.Image | DecodedImage, state: ServedState | None = None) -> np.ndarray:
         """One image's unit vector (compute it once when several queries need it)."""
@@ -187,7 +192,18 @@ class Engine:
     def image(self, image: Image.Image | DecodedImage, k: int = 10, filters: Filters | None = None) -> list[Hit]:
         """Indexed images most similar to `image`, best first."""
         state = self.state()
-        return self._search(state, self.embed(image, state), k, filters)
+        return self.mark_image_matches(self._search(state, self.embed(image, state), k, filters), state)
+
+    def mark_image_matches(self, hits: list[Hit], state: ServedState | None = None) -> list[Hit]:
+        """Give image-query hits their relevance verdict (`search.relevance`)."""
+        baseline = self.baseline(state or self.state())
+        for hit in hits:
+            hit.match = baseline.image_match(hit.score)
+        return hits
+
+    def baseline(self, state: ServedState) -> Baseline:
+        """What unrelated content scores in the served index (computed once per index and model)."""
+        return state.baseline(lambda: build_baseline(state.encoder, state.index, state.scorer))
 
     def search_vector(self, vector: np.ndarray, k: int = 10, filters: Filters | None = None,
                       state: ServedState | None = None) -> list[Hit]:

@@ -72,22 +72,28 @@ class ServedState:
     meta: IndexMeta
     key: tuple  # (generation, index file stamp, published version): a change means a new state
     scorer: ExactScorer | None = None  # made for the index unless handed over (same index, see below)
+    relevance: LRU | None = None  # the relevance baseline (one entry): index- and model-bound, so handed over
     selections: LRU = field(init=False)
     labels: LRU = field(init=False)
 
     def __post_init__(self):
         self.scorer = self.scorer or ExactScorer(self.index)
+        self.relevance = self.relevance or LRU(1)
         self.selections = LRU(64, max_bytes=256 << 20, size=lambda s: s.nbytes)
         self.labels = LRU(256)
 
     def with_new_caches(self, key: tuple) -> ServedState:
         """The same index and encoder under a new key, with empty caches (metadata changed); the exact
         scorer's ids and direct map belong to the index, so they are kept."""
-        return ServedState(self.generation, self.encoder, self.index, self.meta, key, self.scorer)
+        return ServedState(self.generation, self.encoder, self.index, self.meta, key, self.scorer, self.relevance)
 
     def selection(self, filters: Hashable, fetch_ids: Callable[[], object]) -> Selection:
         """The cached `Selection` of a filter (fetching its ids from the DB once per state)."""
         return self.selections.get_or_make(filters, lambda: Selection.from_ids(fetch_ids()))
+
+    def baseline(self, compute: Callable[[], object]):
+        """The relevance baseline of this index and model (`search.relevance`), computed on first use."""
+        return self.relevance.get_or_make("baseline", compute)
 
     def labels_for(self, image_id: int, compute: Callable[[], list]) -> list:
         """An indexed image's label scores, computed once per state (copies: callers may edit them)."""

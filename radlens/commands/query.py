@@ -24,6 +24,8 @@ def _engine_flags(p) -> None:
 
 def _search_flags(p) -> None:
     p.add_argument("-k", type=positive_int, default=10, help="number of results (default 10)")
+    p.add_argument("--min-match", choices=("none", "weak", "strong"), default="none",
+                   help="drop hits whose relevance verdict is below this (see README: relevance)")
     p.add_argument("--filter", action="append", default=[], metavar="EXPR",
                    help="modality=CT, view=PA, body_part=chest, source=..., or effusion>=0.6 (repeatable)")
     _engine_flags(p)
@@ -58,18 +60,31 @@ def open_engine(args):
                                     labels_file=args.labels, calibration=args.calibration))
 
 
+MATCH_RANK = {"not measured": 0, "none": 0, "weak": 1, "strong": 2}
+
+
+def _kept(hits, args) -> list:
+    """Hits at or above `--min-match` (an unmeasured verdict passes only `none`)."""
+    floor = MATCH_RANK[args.min_match]
+    return [h for h in hits if h.match is None or MATCH_RANK[h.match.verdict] >= floor]
+
+
 def _print_hits(title: str, hits, args, extra: dict) -> None:
+    hits = _kept(hits, args)
     if args.json:
         print_json({**extra, "k": args.k, "filters": list(args.filter), "results": [h.to_dict() for h in hits]})
         return
     print(title)
     if not hits:
-        print("  no results")
+        print("  no results" + (f" at --min-match {args.min_match}" if args.min_match != "none" else ""))
+    elif all(h.match is not None and h.match.verdict != "strong" for h in hits):
+        print(f"  no good match in this index ({hits[0].match.basis}); the closest images:")
     for rank, hit in enumerate(hits, 1):
         img = hit.image
         desc = " ".join(str(img[k]) for k in ("modality", "body_part", "view") if img.get(k))
         chips = ", ".join(f"{p} {v:.2f}" for p, v in hit.top_pathologies())
-        print(f"{rank:>3}. id={hit.id:<6} score={hit.score:.4f}  {img['file_name']}  {desc}"
+        verdict = f" [{hit.match.verdict} match]" if hit.match is not None else ""
+        print(f"{rank:>3}. id={hit.id:<6} score={hit.score:.4f}{verdict}  {img['file_name']}  {desc}"
               + (f"  [{chips}]" if chips else ""))
 
 
