@@ -37,14 +37,18 @@ def browser():
 
 @pytest.fixture(scope="module")
 def live_url(app):
-    """The app on a real WSGI server (waitress) on a free loopback port."""
-    from waitress import create_server
+    """The app on a real threaded HTTP server on a free loopback port. Werkzeug's server stops cleanly
+    (`shutdown` ends `serve_forever` between requests); closing waitress's socket map under its running
+    poll loop raised EBADF in that thread whenever a browser keep-alive connection was still open."""
+    from werkzeug.serving import make_server
 
-    server = create_server(app, host="127.0.0.1", port=0, threads=4)
-    thread = threading.Thread(target=server.run, daemon=True)
+    server = make_server("127.0.0.1", 0, app, threaded=True)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
-    yield f"http://127.0.0.1:{server.effective_port}"
-    server.close()
+    yield f"http://127.0.0.1:{server.server_port}"
+    server.shutdown()
+    thread.join(timeout=10)
+    server.server_close()
 
 
 def test_search_open_label_and_upload(browser, live_url, image_dir):
