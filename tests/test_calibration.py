@@ -184,3 +184,16 @@ def test_grid_page_json_and_filters_show_one_number_per_image_and_pathology(engi
         assert hit.image["content_hash"] in found or hit.pathologies["Effusion"] < round(hit.pathologies["Effusion"], 6)
         checked += 1
     assert checked >= 10
+
+
+@pytest.mark.parametrize("lang", ["en", "de"])
+def test_a_model_decision_never_reads_as_a_confident_word(lang):
+    from cxrmodel.labels.applicability import Decision
+    from cxrmodel.reporting.report import compose_report
+
+    decision = Decision(False, "model", 0.99, "looks like CT, not a chest radiograph", kind="CT")
+    report = compose_report([], {}, LabelConfig(), decision=decision, lang=lang)
+    assert "0.99" in report.impression[0] and ("uncalibrated" in report.impression[0]
+                                               or "unkalibriert" in report.impression[0])
+    assert "confidence 0.99" not in report.impression[0] and "Sicherheit 0.99" not in report.impression[0]
+    assert decision.to_dict()["basis"] == "the model's zero-shot share 0.99 (uncalibrated)"

@@ -34,7 +34,14 @@ class Decision:
     kind: str | None = None
 
     def to_dict(self) -> dict:
-        return {**asdict(self), "confidence": round(self.confidence, 4)}
+        return {**asdict(self), "confidence": round(self.confidence, 4), "basis": self.basis()}
+
+    def basis(self) -> str:
+        """What the decision rests on, in words that say how far to trust `confidence`: a rule on metadata
+        or image statistics, or the model's zero-shot share (a softmax, not a calibrated probability)."""
+        if self.source == "model":
+            return f"the model's zero-shot share {self.confidence:.2f} (uncalibrated)"
+        return self.source
 
 
 @dataclass(frozen=True)

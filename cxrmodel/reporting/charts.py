@@ -96,7 +96,7 @@ def summary_card(scores: list[LabelScore], decision=None, fmt: str = "png", top:
     if decision is not None:
         state = "chest radiograph" + (f" ({decision.view})" if decision.view else "") if decision.applicable \
             else "labels not applicable"
-        lines.append(f"{state}; {decision.source}, confidence {decision.confidence:.2f}")
+        lines.append(f"{state}; from {decision.basis()}")
     if decision is not None and not decision.applicable:
         lines.append(decision.reason)
     elif not any(s.assessed for s in scores):

@@ -141,8 +141,8 @@ def compose_report(scores: list[LabelScore], metadata: dict, config: LabelConfig
                   applicability=decision.to_dict() if decision is not None else None, lang=lang,
                   metadata={k: v for k, v in metadata.items() if k in SAFE_METADATA})
     if decision is not None and not decision.applicable:
-        sentence = t["not_applicable"].format(reason=decision.reason, source=decision.source,
-                                              confidence=decision.confidence)
+        basis = t["basis"].get(decision.source, decision.source).format(confidence=decision.confidence)
+        sentence = t["not_applicable"].format(reason=decision.reason, basis=basis)
         return Report(findings={}, impression=[sentence], confidence=sentence, recommendations=[], **common)
     assessed = [s for s in scores if s.assessed]
     calibrated = any(s.skill.get("auroc") is not None or s.assessed for s in scores)

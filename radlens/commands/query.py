@@ -146,7 +146,7 @@ def run_label(args) -> int:
     if args.report is None:
         if not decision.applicable:
             print(f"{args.image}: the 14 chest X-ray labels do not apply ({decision.reason}; decided from "
-                  f"{decision.source}, confidence {decision.confidence:.2f})")
+                  f"{decision.basis()})")
             return 0
         print(f"Zero-shot labels for {args.image} (chest radiograph{' ' + decision.view if decision.view else ''}, "
               f"decided from {decision.source}):")
