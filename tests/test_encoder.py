@@ -88,3 +88,32 @@ def test_auto_precision_runs_an_int8_text_tower_close_to_fp32(tiny_model_dir):
     cos = np.sum(auto.encode_texts(texts) * exact.encode_texts(texts), axis=1)
     assert cos.min() >= 0.99, cos
     np.testing.assert_allclose(np.linalg.norm(auto.encode_texts(texts), axis=1), 1.0, atol=1e-5)
+
+
+def test_a_checkpoint_saved_by_transformers_5_loads_with_its_processor_config(tiny_model_dir, tmp_path):
+    """`CLIPModel.save_pretrained` + `CLIPProcessor.save_pretrained` (transformers 5) write the image
+    processor inside processor_config.json, not preprocessor_config.json: both layouts load alike."""
+    import json
+    import shutil
+
+    from transformers import CLIPImageProcessor, CLIPModel, CLIPProcessor, CLIPTokenizerFast
+
+    saved = tmp_path / "t5"
+    CLIPModel.from_pretrained(tiny_model_dir).save_pretrained(saved)
+    settings = json.loads((tiny_model_dir / "preprocessor_config.json").read_text())
+    CLIPProcessor(image_processor=CLIPImageProcessor(**settings),
+                  tokenizer=CLIPTokenizerFast.from_pretrained(tiny_model_dir)).save_pretrained(saved)
+    assert (saved / "processor_config.json").exists() and not (saved / "preprocessor_config.json").exists()
+    old, new = (load_encoder(EncoderConfig(model=str(d), precision="fp32")) for d in (tiny_model_dir, saved))
+    images = [gray_image(1, (90, 70)), shape_image("circle", "red")]
+    assert new.preprocess == old.preprocess
+    np.testing.assert_allclose(new.encode_images(images), old.encode_images(images), atol=1e-6)
+
+    broken = tmp_path / "broken"
+    shutil.copytree(saved, broken)
+    (broken / "processor_config.json").write_text('{"processor_class": "CLIPProcessor"}')
+    with pytest.raises(ModelLoadError, match="no image_processor section"):
+        load_encoder(EncoderConfig(model=str(broken), precision="fp32"))
+    (broken / "processor_config.json").unlink()
+    with pytest.raises(ModelLoadError, match="no preprocessor_config.json or processor_config.json"):
+        load_encoder(EncoderConfig(model=str(broken), precision="fp32"))

@@ -16,6 +16,8 @@ import numpy as np
 from PIL import Image
 
 PREPROCESSOR_FILE = "preprocessor_config.json"
+PROCESSOR_FILE = "processor_config.json"  # transformers 5: the image processor nested under "image_processor"
+PROCESSOR_FILES = (PREPROCESSOR_FILE, PROCESSOR_FILE)  # looked for in this order
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
@@ -57,9 +59,25 @@ class ImagePreprocess:
 
     @classmethod
     def from_pretrained(cls, directory: str | Path) -> ImagePreprocess:
-        """Read ``preprocessor_config.json`` from a checkpoint directory."""
-        with open(Path(directory) / PREPROCESSOR_FILE, encoding="utf-8") as f:
-            return cls.from_dict(json.load(f))
+        """Read a checkpoint directory's image-processor settings: ``preprocessor_config.json`` (the
+        layout of older transformers and of the hub), else ``processor_config.json`` with the settings
+        under ``image_processor`` (what transformers 5's ``CLIPProcessor.save_pretrained`` writes)."""
+        for name in PROCESSOR_FILES:
+            path = Path(directory) / name
+            if path.exists():
+                return cls.from_file(path)
+        raise FileNotFoundError(f"{directory} has neither {PREPROCESSOR_FILE} nor {PROCESSOR_FILE}")
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> ImagePreprocess:
+        """Read one of the two processor files (ValueError when it holds no image-processor settings)."""
+        with open(path, encoding="utf-8") as f:
+            cfg = json.load(f)
+        if Path(path).name == PROCESSOR_FILE:
+            if not isinstance(cfg.get("image_processor"), dict):
+                raise ValueError(f"{path} has no image_processor section")
+            cfg = cfg["image_processor"]
+        return cls.from_dict(cfg)
 
     def to_dict(self) -> dict:
         """The keys a Hugging Face image processor config would hold."""

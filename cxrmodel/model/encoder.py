@@ -19,7 +19,7 @@ import torch
 from PIL import Image
 
 from cxrmodel.errors import ModelLoadError
-from cxrmodel.imaging.preprocess import PREPROCESSOR_FILE, ImagePreprocess
+from cxrmodel.imaging.preprocess import PREPROCESSOR_FILE, PROCESSOR_FILE, PROCESSOR_FILES, ImagePreprocess
 from cxrmodel.model.fastpath import apply_fastpaths
 from cxrmodel.model.lora import unwrap
 
@@ -167,14 +167,24 @@ def load_pretrained_parts(name: str, dtype: torch.dtype = torch.float32, revisio
 
 
 def _load_preprocess(source: str, revision: str | None = None) -> ImagePreprocess:
+    """The checkpoint's image-processor settings, from either processor file layout (local or hub)."""
     if Path(source).is_dir():
-        path = Path(source) / PREPROCESSOR_FILE
-        if not path.exists():
-            raise ModelLoadError(f"{source} has no {PREPROCESSOR_FILE}; save the image processor beside the model")
-        return ImagePreprocess.from_pretrained(source)
+        if not any((Path(source) / name).exists() for name in PROCESSOR_FILES):
+            raise ModelLoadError(f"{source} has no {PREPROCESSOR_FILE} or {PROCESSOR_FILE}; save the processor "
+                                 "beside the model (CLIPProcessor.save_pretrained)")
+        try:
+            return ImagePreprocess.from_pretrained(source)
+        except (ValueError, KeyError, TypeError) as exc:
+            raise ModelLoadError(f"cannot read the image processor of {source}: {exc}") from None
     from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import EntryNotFoundError
 
-    return ImagePreprocess.from_pretrained(Path(hf_hub_download(source, PREPROCESSOR_FILE, revision=revision)).parent)
+    for name in PROCESSOR_FILES:
+        try:
+            return ImagePreprocess.from_file(hf_hub_download(source, name, revision=revision))
+        except EntryNotFoundError:
+            continue
+    raise ModelLoadError(f"{source} has no {PREPROCESSOR_FILE} or {PROCESSOR_FILE} on the hub")
 
 
 def attach_adapter(model, adapter_dir: str | Path, merge: bool = False, trainable: bool = False):
