@@ -6,7 +6,7 @@ import pytest
 
 from radlens.cli import build_parser, main
 
-SUBCOMMANDS = ("index", "search", "similar", "label", "train", "eval", "serve", "check")
+SUBCOMMANDS = ("index", "search", "similar", "label", "calibrate", "train", "eval", "serve", "check")
 
 
 def test_help_lists_all_subcommands(capsys):
@@ -106,3 +106,20 @@ def test_bad_arguments_are_one_line_errors_with_exit_1(argv, words, capsys):
     err = capsys.readouterr().err
     assert err.startswith("radlens: error:") and words in err and len(err.strip().splitlines()) == 1
     assert "usage:" not in err
+
+
+def test_label_needs_no_index_and_takes_what_the_user_knows(tmp_path, tiny_model_dir, capsys):
+    """`radlens label` on a fresh machine: no data dir, no index; --modality/--body-part/--view decide where
+    the labels apply instead of the model's guess, and the report's technique says so."""
+    from tests.imagegen import gray_image
+
+    gray_image(2, (128, 128)).save(tmp_path / "cxr.png")
+    empty = tmp_path / "radlens-data"
+    argv = ["label", str(tmp_path / "cxr.png"), "--model", str(tiny_model_dir), "--precision", "fp32",
+            "--data-dir", str(empty), "--report", "md"]
+    assert main([*argv, "--modality", "CR", "--body-part", "chest", "--view", "PA"]) == 0
+    out = capsys.readouterr().out
+    assert "## Technique\nCR of the chest (PA view)" in out and "no RadLens index" not in out
+    assert not empty.exists()  # labelling one file writes nothing
+    assert main([*argv, "--modality", "CT", "--body-part", "head"]) == 0
+    assert "do not apply" in capsys.readouterr().out

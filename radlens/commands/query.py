@@ -49,7 +49,12 @@ def register(sub) -> None:
     p.add_argument("--out", default=None, help="report file (default: stdout for md/json, IMAGE.pdf for pdf)")
     p.add_argument("--threshold", type=probability, default=None, help="one threshold for all pathologies, in [0, 1]")
     p.add_argument("--lang", default="en", help="report language: en or de")
+    p.add_argument("--modality", default=None, help="what the image is, if you know (e.g. CR, DX, CT): decides "
+                                                    "where the labels apply instead of the model's guess")
+    p.add_argument("--body-part", default=None, help="e.g. chest")
+    p.add_argument("--view", default=None, help="e.g. PA, AP, LATERAL")
     _engine_flags(p)
+    p.add_argument("--precision", default="auto", help="without an index: auto, bf16 or fp32")
     p.set_defaults(run=run_label)
 
 
@@ -128,14 +133,54 @@ def _print_scores(scores) -> None:
             print(f"    {s.pathology:<20} score {s.probability:.3f}  {s.skill.get('reason', '')}")
 
 
+class IndexlessLabeller:
+    """`radlens label` where the data dir holds no index: the model named by --model (else $RADLENS_MODEL,
+    else the default) labels the file directly, with the same labeller and calibration an engine uses."""
+
+    def __init__(self, args):
+        from cxrmodel.imaging.decode import ImageLimits
+        from cxrmodel.labels.prompts import load_label_config
+        from cxrmodel.model.encoder import EncoderConfig, load_encoder, resolve_model_name
+        from search.labelling import Labeller
+
+        self.encoder = load_encoder(EncoderConfig(model=resolve_model_name(args.model), precision=args.precision))
+        self.labeller = Labeller(load_label_config(args.labels), args.calibration)
+        self.limits = ImageLimits()
+        if args.calibration:
+            self.labeller.calibration(self.encoder)  # another model's file is refused before any work
+
+    def assess(self, image, metadata: dict):
+        return self.labeller.assess(self.encoder, image, metadata)
+
+    def report(self, image, metadata: dict, threshold, scores, decision, lang: str):
+        meta = {**image.metadata, "width": image.width, "height": image.height, **metadata}
+        return self.labeller.report(scores, decision, meta, threshold, lang)
+
+
+def _labeller_for(args):
+    """The data dir's engine when it holds an index, else an `IndexlessLabeller`."""
+    from indexer.store import has_database
+
+    if args.db_url or has_database(args.data_dir):
+        engine = open_engine(args)
+        return engine, engine.config.limits
+    labeller = IndexlessLabeller(args)
+    return labeller, labeller.limits
+
+
 def run_label(args) -> int:
+    from cxrmodel.imaging.decode import load_image
     from cxrmodel.reporting.report import text_for, to_json, to_markdown, to_pdf
 
     text_for(args.lang)  # an unknown language fails before the model loads
-    engine = open_engine(args)
-    image = _read(args.image, engine)
-    decision, scores = engine.assess(image)
-    report = engine.report(image, {"file_name": Path(args.image).name}, args.threshold, scores, decision, args.lang)
+    if not Path(args.image).is_file():
+        raise DataError(f"{args.image}: no such file")
+    labeller, limits = _labeller_for(args)
+    image = load_image(args.image, limits)
+    given = {k: v for k, v in (("modality", args.modality), ("body_part", args.body_part), ("view", args.view)) if v}
+    decision, scores = labeller.assess(image, given)
+    report = labeller.report(image, {"file_name": Path(args.image).name, **given}, args.threshold, scores, decision,
+                             args.lang)
     if args.threshold is not None:
         for s in scores:
             s.threshold = args.threshold
