@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from bench.common import table
+from bench.common import cpu_kind, table
 from bench.models import vit_b32_dir
 
 
@@ -125,6 +125,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ray-actors", type=int, default=0,
                         help="also run `radlens index --engine ray` on a local Ray with this many embedding actors")
     args = parser.parse_args(argv)
+    print(f"CPU: {cpu_kind()}")  # every speed figure names the machine kind it was measured on
     model_dir = vit_b32_dir(args.out / "vit-b32")
     paths = make_images(args.out / f"images-{args.size}", args.images, args.size) if args.source == "generated" \
         else corpus_images(args.out / f"corpus-{args.size}", args.images, args.size)

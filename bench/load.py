@@ -25,7 +25,7 @@ import urllib.request
 import uuid
 from pathlib import Path
 
-from bench.common import CORPUS, free_port, table
+from bench.common import CORPUS, cpu_kind, free_port, table
 
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLES = ROOT / "examples" / "sample"
@@ -74,6 +74,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seconds", type=float, default=30)
     parser.add_argument("--out", type=Path, default=Path("bench-out/load"))
     args = parser.parse_args(argv)
+    print(f"CPU: {cpu_kind()}")  # every speed figure names the machine kind it was measured on
     data = args.out / "data"
     if data.exists():
         shutil.rmtree(data)

@@ -29,7 +29,7 @@ import numpy as np
 from sqlalchemy import insert
 from sqlalchemy.orm import Session
 
-from bench.common import table
+from bench.common import cpu_kind, table
 from bench.models import vit_b32_dir
 from indexer.compressed import recall_at_k
 from indexer.store import Generation, ImageRow, default_db_url, open_db
@@ -155,6 +155,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=Path("bench-out/query"))
     parser.add_argument("--filters", action="store_true", help="filtered queries on the approximate index")
     args = parser.parse_args(argv)
+    print(f"CPU: {cpu_kind()}")  # every speed figure names the machine kind it was measured on
     from cxrmodel.model.encoder import EncoderConfig, load_encoder
     from search.engine import Engine, EngineConfig
 

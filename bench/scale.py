@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bench.common import table
+from bench.common import cpu_kind, table
 from indexer import compressed as C
 
 CHUNK = 250_000
@@ -133,6 +133,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--work", default="/tmp/radlens-scale", help="scratch dir (needs ~1.1 KB per vector)")
     p.add_argument("--serve-only", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    print(f"CPU: {cpu_kind()}")  # every speed figure names the machine kind it was measured on
     work = Path(args.work)
     if args.serve_only:
         print(json.dumps(serve_and_measure(work, args.target_recall)))

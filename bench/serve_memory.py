@@ -21,7 +21,7 @@ import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from bench.common import free_port, table
+from bench.common import cpu_kind, free_port, table
 from bench.models import vit_b32_dir
 from bench.query import build, clustered_vectors, make_data_dir
 
@@ -70,6 +70,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--workers", default="1,2,4")
     p.add_argument("--out", type=Path, default=Path("bench-out/serve-memory"))
     args = p.parse_args(argv)
+    print(f"CPU: {cpu_kind()}")  # every speed figure names the machine kind it was measured on
     model = vit_b32_dir(args.out.parent / "indexing" / "vit-b32")
     data = args.out / "data"
     index, _ = build(clustered_vectors(args.vectors, seed=0), "Flat")

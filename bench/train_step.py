@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from bench.common import table
+from bench.common import cpu_kind, table
 from bench.models import vit_b32_dir
 from cxrmodel.model.encoder import choose_dtype, features
 from cxrmodel.model.fastpath import apply_fastpaths
@@ -84,6 +84,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--out", type=Path, default=Path("bench-out/indexing"))
     args = parser.parse_args(argv)
+    print(f"CPU: {cpu_kind()}")  # every speed figure names the machine kind it was measured on
     model_dir = vit_b32_dir(args.out / "vit-b32")
     dtype = choose_dtype("auto", torch.device("cpu"))
     ours_name = f"radlens ({str(dtype).replace('torch.', '')} autocast + fastpaths)"

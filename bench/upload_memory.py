@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from bench.common import free_port, table
+from bench.common import cpu_kind, free_port, table
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -92,6 +92,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--heavy", default="2,8", help="--heavy-requests values to compare")
     p.add_argument("--out", type=Path, default=Path("bench-out/upload-memory"))
     args = p.parse_args(argv)
+    print(f"CPU: {cpu_kind()}")  # every speed figure names the machine kind it was measured on
     data_dir = args.out / "data"
     if not (data_dir / "radlens.db").exists():
         subprocess.run([sys.executable, "-m", "radlens", "index", str(ROOT / "examples" / "sample"), "--data-dir",

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bench.common import table
+from bench.common import cpu_kind, table
 
 
 def measure(url: str | None, images: int, chunk: int, data_dir: Path, encoder) -> float:
@@ -58,6 +58,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--images", type=int, default=5120)
     p.add_argument("--chunk", type=int, default=256)
     args = p.parse_args(argv)
+    print(f"CPU: {cpu_kind()}")  # every speed figure names the machine kind it was measured on
     from cxrmodel.model.encoder import EncoderConfig, load_encoder
 
     encoder = load_encoder(EncoderConfig(model="radlens-mini"))
