@@ -139,13 +139,8 @@ def percentile_interval(values: np.ndarray, level: float) -> tuple[float, float]
 
 def expected_calibration_error(probs: np.ndarray, labels: np.ndarray, bins: int = 10) -> float:
     """Weighted mean |observed rate - mean probability| over equal-width probability bins."""
-    probs, labels = np.asarray(probs, dtype=float), np.asarray(labels, dtype=float)
-    which = np.minimum((probs * bins).astype(int), bins - 1)
-    total = 0.0
-    for b in range(bins):
-        mask = which == b
-        if mask.any():
-            total += mask.sum() * abs(labels[mask].mean() - probs[mask].mean())
+    predicted, observed, counts = reliability_bins(probs, labels, bins)
+    total = sum(n * abs(o - p) for p, o, n in zip(predicted, observed, counts, strict=True))
     return float(total / max(len(probs), 1))
 
 

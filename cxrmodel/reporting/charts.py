@@ -14,13 +14,14 @@ FORMATS = ("png", "svg")
 TITLE_NOTE = "(not for clinical use)"
 
 
-def _figure(width: float, height: float):
+def _figure(width: float, height: float, rows: int = 1, cols: int = 1):
+    """(pyplot, figure, axes): one axis, or a rows x cols array of them."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    return plt, *plt.subplots(figsize=(width, height), dpi=110)
+    return plt, *plt.subplots(rows, cols, figsize=(width, height), dpi=110, squeeze=rows == cols == 1)
 
 
 def _check(fmt: str) -> None:
@@ -117,15 +118,10 @@ def summary_card(scores: list[LabelScore], decision=None, fmt: str = "png", top:
 def reliability_png(curves: dict[str, tuple], assessed: dict[str, bool]) -> bytes:
     """Reliability diagram per pathology: observed positive rate against the raw score (grey) and the
     cross-fitted calibrated probability (blue), from `calibration.reliability_bins` tuples."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     names = list(curves)
     cols = 4
     rows = max(1, -(-len(names) // cols))
-    fig, axes = plt.subplots(rows, cols, figsize=(3 * cols, 2.8 * rows), dpi=90, squeeze=False)
+    plt, fig, axes = _figure(3 * cols, 2.8 * rows, rows, cols)
     for ax in axes.ravel()[len(names):]:
         ax.axis("off")
     for ax, name in zip(axes.ravel(), names, strict=False):
@@ -140,7 +136,4 @@ def reliability_png(curves: dict[str, tuple], assessed: dict[str, bool]) -> byte
     axes.ravel()[0].legend(fontsize=6, loc="upper left")
     fig.suptitle(f"Reliability: observed rate vs predicted {TITLE_NOTE}", fontsize=9)
     fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    plt.close(fig)
-    return buf.getvalue()
+    return _save(plt, fig, "png")
