@@ -115,7 +115,7 @@ class ExactScorer:
                 self._capable = False
             else:
                 try:
-                    held = self._held_ids()
+                    held = self.held_ids()
                     if len(held):
                         self.index.reconstruct_batch(held[:1])
                     self._capable = True
@@ -127,7 +127,7 @@ class ExactScorer:
         """(ids present in the index, their inner products with `query`)."""
         if hasattr(self.index, "exact_scores"):
             return self.index.exact_scores(query, ids)
-        held = self._held_ids()
+        held = self.held_ids()
         pos = np.minimum(np.searchsorted(held, ids), max(0, len(held) - 1))
         present = ids[held[pos] == ids] if len(held) else ids[:0]
         out = np.empty(len(present), dtype=np.float32)
@@ -136,7 +136,7 @@ class ExactScorer:
             out[lo:lo + len(rows)] = rows @ query
         return present, out
 
-    def _held_ids(self) -> np.ndarray:
+    def held_ids(self) -> np.ndarray:
         """The sorted ids of the index (a filter may allow rows the served file does not hold yet);
         made once, with the IVF's direct map that reconstruction needs."""
         if self._held is None:

@@ -76,7 +76,7 @@ def build_baseline(encoder, index, scorer, seed: int = 0) -> Baseline:
     text_null = np.sort(top[:, 0][np.isfinite(top[:, 0])])
     image_null = None
     if scorer is not None and scorer.capable and not hasattr(index, "exact_scores"):
-        held = scorer._held_ids()
+        held = scorer.held_ids()
         if len(held) > 1:
             pick = np.sort(np.random.default_rng(seed).choice(held, size=min(IMAGE_SAMPLE, len(held)), replace=False))
             vectors = np.asarray(index.reconstruct_batch(pick), dtype=np.float32)
