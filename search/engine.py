@@ -30,7 +30,7 @@ from indexer.store import Generation, active_generation, default_db_url, has_dat
 from .catalog import Catalog, Hit
 from .filters import Filters, calibrated_filters, matching_ids_query, parse_filters
 from .knn import Selection, candidate_rounds
-from .labelling import Labeller, pil
+from .labelling import Labeller, pil, report_metadata
 from .relevance import Baseline, build_baseline
 from .served import ServedState, StateLoader
 
@@ -281,9 +281,7 @@ class Engine:
                threshold: float | None = None, scores: list[LabelScore] | None = None,
                decision: Decision | None = None, lang: str = "en") -> Report:
         """Structured report for one image (applicability and scores computed unless given)."""
-        meta = dict(metadata or {})
-        if isinstance(image, DecodedImage):
-            meta = {**image.metadata, "width": image.width, "height": image.height, **meta}
+        meta = report_metadata(image, metadata)
         if scores is None:
             decision, scores = self.assess(image, meta)
         return self.labeller.report(scores, decision, meta, threshold, lang)

@@ -23,6 +23,14 @@ def pil(image: Image.Image | DecodedImage) -> Image.Image:
     return image.image if isinstance(image, DecodedImage) else image
 
 
+def report_metadata(image: Image.Image | DecodedImage, metadata: dict | None) -> dict:
+    """What a report knows of an image: a decoded file's own metadata and size, overlaid by `metadata`."""
+    meta = dict(metadata or {})
+    if isinstance(image, DecodedImage):
+        meta = {**image.metadata, "width": image.width, "height": image.height, **meta}
+    return meta
+
+
 class Labeller:
     """Applicability, zero-shot labels and reports under one `LabelConfig` and, per encoder, the
     calibration that applies to it (`cxrmodel.labels.calibration.for_encoder`)."""

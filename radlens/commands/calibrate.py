@@ -39,18 +39,17 @@ def register(sub) -> None:
 def read_labelled(manifest: Path, pathologies: list[str]) -> tuple[list[str], list[list[bool]], int]:
     """(image paths, per-image positives over `pathologies`, rows without labels) of a labelled manifest."""
     from cxrmodel.tables import ERROR_KEY, find_column, read_rows
-    from indexer.sources import PATH_COLUMNS
+    from indexer.sources import manifest_path_column
 
     by_lower = {p.lower(): p for p in pathologies}
     paths, rows, unlabelled = [], [], 0
-    path_col = label_col = None
+    path_col, label_col = manifest_path_column(manifest), None
     for line, row in read_rows(manifest):
         if ERROR_KEY in row:
             continue
-        path_col = path_col or find_column(row, PATH_COLUMNS)
         label_col = label_col or find_column(row, ("labels", "finding_labels", "finding labels"))
-        if path_col is None or label_col is None:
-            raise DataError(f"{manifest}: needs a path column ({', '.join(PATH_COLUMNS)}) and a `labels` column")
+        if label_col is None:
+            raise DataError(f"{manifest}: needs a `labels` column (NIH style: 'Effusion|Mass', or 'No Finding')")
         names = [n.strip().lower() for n in str(row.get(label_col) or "").replace(";", "|").split("|") if n.strip()]
         if not names:
             unlabelled += 1

@@ -153,8 +153,9 @@ class IndexlessLabeller:
         return self.labeller.assess(self.encoder, image, metadata)
 
     def report(self, image, metadata: dict, threshold, scores, decision, lang: str):
-        meta = {**image.metadata, "width": image.width, "height": image.height, **metadata}
-        return self.labeller.report(scores, decision, meta, threshold, lang)
+        from search.labelling import report_metadata
+
+        return self.labeller.report(scores, decision, report_metadata(image, metadata), threshold, lang)
 
 
 def _labeller_for(args):
