@@ -256,3 +256,24 @@ def test_selections_are_cached_per_state_and_dropped_when_an_index_run_publishes
     fresh = eng._loader.current(force=True)
     assert fresh is not old and fresh.index is old.index and fresh.scorer is old.scorer  # the index was kept
     assert eng.selection(filters, fresh) is not first and eng.selection(filters, fresh).count == first.count
+
+
+def test_relevance_verdicts_on_every_index_type(typed_engine):
+    """The relevance null is measured on each index type; an index that cannot give back its vectors
+    (the compressed one) says `not measured` for image queries instead of guessing."""
+    from search.relevance import PROBES
+    from tests.imagegen import shape_image
+
+    name, eng = typed_engine
+    state = eng.state()
+    baseline = eng.baseline(state)
+    assert len(baseline.text_null) == len(PROBES) and np.all(np.isfinite(baseline.text_null))
+    hits = eng.text("a chest x-ray with pleural effusion", k=5, filters=eng.parse_filters(["modality=ct"]))
+    assert hits and all(h.match.verdict in ("strong", "weak", "none") for h in hits)
+    vector = state.encoder.encode_images([shape_image("circle", "red")])[0]
+    image_hits = eng.mark_image_matches(eng.search_vector(vector, k=3, state=state), state)
+    if name == "compressed":
+        assert {h.match.verdict for h in image_hits} == {"not measured"}
+    else:
+        assert len(baseline.image_null) > 10
+        assert all(h.match.verdict in ("strong", "weak", "none") for h in image_hits)
