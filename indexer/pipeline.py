@@ -31,6 +31,7 @@ from cxrmodel.constants import DEFAULT_DATA_DIR, THUMBS_DIR
 from cxrmodel.errors import DataError
 from cxrmodel.imaging.decode import ImageLimits
 from cxrmodel.labels.applicability import class_bank, decide
+from cxrmodel.labels.calibration import for_encoder
 from cxrmodel.labels.prompts import LabelConfig
 from cxrmodel.labels.zeroshot import prompt_bank, score_vectors
 
@@ -349,6 +350,8 @@ class ChunkWriter:
         self.generation = generation
         self.encoder = encoder
         self.labels = labels
+        calibration = for_encoder(encoder)  # the model's own, as pages without --calibration read it
+        self.applicability_calibration = calibration.applicability if calibration else None
         self.pending: dict[str, PendingFile] = {}  # files handed to decoding, until their chunk is written
 
     def plan(self, items: Iterable[SourceRecord | ManifestProblem], summary: IndexSummary) -> list[PrepareTask]:
@@ -439,7 +442,8 @@ class ChunkWriter:
         vectors = np.asarray(vectors, dtype=np.float32).reshape(len(fresh_at), self.encoder.dim)[picked]
         probs, spread = score_vectors(vectors, prompt_bank(self.encoder, self.labels), self.labels) \
             if fresh else (None, None)
-        decisions = decide(self.encoder, vectors, [self._metadata(p) for p in fresh], self.labels.applicability)
+        decisions = decide(self.encoder, vectors, [self._metadata(p) for p in fresh], self.labels.applicability,
+                           self.applicability_calibration)
         pathologies = list(self.labels.pathologies)
         now = utcnow()
         with Session(self.db) as session, session.begin():

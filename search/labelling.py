@@ -87,7 +87,9 @@ class Labeller:
             return Decision(False, "image statistics", 1.0, f"not a radiological image: {plausible.reason}",
                             kind="not a radiological image")
         vec = encoder.encode_images([pil(image)])[0] if vector is None else vector
-        return decide_from_model(encoder, vec[None, :], self.labels.applicability)[0]
+        calibration = self.calibration(encoder)
+        return decide_from_model(encoder, vec[None, :], self.labels.applicability,
+                                 calibration.applicability if calibration else None)[0]
 
     def assess(self, encoder, image: Image.Image | DecodedImage, metadata: dict | None = None,
                vector: np.ndarray | None = None) -> tuple[Decision, list[LabelScore]]:

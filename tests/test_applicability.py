@@ -68,7 +68,8 @@ def test_model_path_decides_with_arranged_prompts(tiny_encoder, image, chest):
     config = arranged_config(tiny_encoder, image, chest)
     decision = decide_from_model(tiny_encoder, tiny_encoder.encode_images([image]), config)[0]
     assert decision.applicable is chest and decision.source == "model" and 0.5 <= decision.confidence <= 1.0
-    assert (decision.view == "PA") if chest else (decision.view is None)
+    assert decision.view is None  # an uncalibrated view guess is not shown
+    assert ("view not assessed" in decision.reason) if chest else ("looks like" in decision.reason)
 
 
 def test_indexing_stores_not_applicable_without_scores_and_filters_skip_them(tmp_path, tiny_encoder):
@@ -102,6 +103,41 @@ def test_indexing_stores_not_applicable_without_scores_and_filters_skip_them(tmp
     report, scores, decision, _ = engine.report_for_id(ct_id)
     assert not decision.applicable and scores == [] and "do not apply" in report.impression[0]
     assert engine.get(ct_id)["applicability"]["source"] == "metadata"
+    engine.close()
+
+
+def test_the_index_and_an_upload_read_the_check_through_the_models_own_calibration(tmp_path, tiny_model_dir):
+    """A model directory's calibration.json that measured the chest-radiograph check decides at index time and
+    for uploads alike; metadata still decide where they can."""
+    import dataclasses
+    import shutil
+
+    from cxrmodel.labels.calibration import ApplicabilityCalibration, load, save
+    from cxrmodel.model.encoder import EncoderConfig, load_encoder
+    from indexer.pipeline import IndexJob, run_index
+    from search.engine import Engine, EngineConfig
+
+    model = shutil.copytree(tiny_model_dir, tmp_path / "model")
+    encoder = load_encoder(EncoderConfig(model=str(model), precision="fp32", batch_size=16))
+    forced = load(write_forced_calibration(encoder, tmp_path / "forced.json"))
+    always = ApplicabilityCalibration(200, 100, 0.9, 0.85, 0.95, True, "measured by a test", 0.9, 0.8,
+                                      [0.0, 1.0], [0.6, 1.0])
+    save(dataclasses.replace(forced, applicability=always), model / "calibration.json")
+    src = tmp_path / "src"
+    src.mkdir()
+    gray_image(3, (64, 64)).save(src / "film.png")
+    write_dicom(src / "ct.dcm", (np.arange(64 * 64).reshape(64, 64) % 4096).astype(np.uint16), Modality="CT",
+                BodyPartExamined="CHEST")
+    data = tmp_path / "data"
+    run_index(IndexJob(sources=[str(src)], data_dir=data, workers=0, progress=False), encoder)
+    stored = {path.rsplit("/", 1)[-1]: (source, applicable, confidence) for path, source, applicable, confidence in
+              fetch(default_db_url(data), "select i.path, a.source, a.applicable, a.confidence from images i "
+                                          "join applicability a on a.image_id = i.id")}
+    assert stored["ct.dcm"][:2] == ("metadata", 0)
+    assert stored["film.png"][:2] == ("calibrated", 1) and stored["film.png"][2] >= 0.6
+    engine = Engine.open(EngineConfig(data_dir=data), encoder=encoder)
+    upload = engine.applicability(Image.open(src / "film.png"))
+    assert upload.source == "calibrated" and upload.confidence == pytest.approx(stored["film.png"][2], abs=1e-4)
     engine.close()
 
 

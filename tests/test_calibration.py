@@ -197,3 +197,84 @@ def test_a_model_decision_never_reads_as_a_confident_word(lang):
                                                or "unkalibriert" in report.impression[0])
     assert "confidence 0.99" not in report.impression[0] and "Sicherheit 0.99" not in report.impression[0]
     assert decision.to_dict()["basis"] == "the model's zero-shot share 0.99 (uncalibrated)"
+
+
+def test_the_chest_radiograph_check_is_measured_and_a_skilled_one_is_calibrated():
+    rng = np.random.default_rng(3)
+    chest = np.arange(300) < 200
+    shares = np.clip(0.45 + 0.25 * chest + 0.1 * rng.standard_normal(300), 0, 1)  # skilled, not a probability
+    views = [("PA", "PA")] * 80 + [("PA", "AP")] * 20 + [("lateral", "lateral")] * 5
+    check = cal.calibrate_applicability(shares, chest, cal.SkillRule(resamples=1000), views)
+    assert check.assessed and check.positives == 200 and check.negatives == 100
+    assert 0.5 < check.auroc_low < check.auroc < check.auroc_high and check.sensitivity > 0.8
+    assert check.views == 105 and check.views_correct == 85 and check.view_low < 85 / 105 < check.view_high
+    assert check.view_confusion == {"PA": {"PA": 80, "AP": 20}, "lateral": {"lateral": 5}}
+    probs = check.probability(np.array([0.3, 0.5, 0.8]))
+    assert list(probs) == sorted(probs) and probs[0] < 0.2 and probs[-1] > 0.9
+    assert "view guess right on 85 of 105 (81%" in check.summary()
+    chance = cal.calibrate_applicability(rng.random(300), chest, cal.SkillRule(resamples=1000))
+    assert not chance.assessed and "not shown better than chance" in chance.reason
+    one_class = cal.calibrate_applicability(shares[:200], chest[:200], cal.SkillRule(resamples=1000))
+    assert not one_class.assessed and one_class.reason.startswith("not measurable")
+
+
+def _applicability(knots_y: list[float], view_low: float = 0.6) -> cal.ApplicabilityCalibration:
+    return cal.ApplicabilityCalibration(200, 100, 0.9, 0.85, 0.95, True, "measured by a test", 0.9, 0.8,
+                                        [0.0, 1.0], knots_y, 10, 9, view_low, 0.98)
+
+
+@pytest.mark.parametrize("lang", ["en", "de"])
+def test_a_calibrated_check_decides_on_its_probability_and_says_what_was_measured(tiny_encoder, lang):
+    from cxrmodel.labels.applicability import ApplicabilityConfig, chest_shares, decide_from_model
+    from cxrmodel.reporting.report import compose_report
+
+    image = gray_image(5, (48, 48))
+    vec = tiny_encoder.encode_images([image])
+    config = ApplicabilityConfig()
+    share = float(chest_shares(tiny_encoder, vec, config).chest[0])
+    uncalibrated = decide_from_model(tiny_encoder, vec, config)[0]
+    assert uncalibrated.source == "model" and "uncalibrated" in uncalibrated.basis()
+    never = decide_from_model(tiny_encoder, vec, config, _applicability([0.0, 0.0]))[0]  # measured: never chest
+    assert not never.applicable and never.source == "calibrated" and never.confidence == pytest.approx(1.0)
+    assert "AUROC 0.90 [0.85-0.95], sensitivity 0.90, specificity 0.80" in never.reason
+    always = decide_from_model(tiny_encoder, vec, config, _applicability([0.6, 1.0]))[0]
+    assert always.applicable and always.confidence == pytest.approx(0.6 + 0.4 * share)
+    assert always.basis() == f"a calibrated probability {always.confidence:.2f} (measured by radlens calibrate)"
+    assert always.view is None and "view not assessed: view guess right on 9 of 10" in always.reason
+    trusted_view = decide_from_model(tiny_encoder, vec, config, _applicability([0.6, 1.0], view_low=0.85))[0]
+    assert trusted_view.view in {"PA", "AP", "lateral"} and "view from the model's guess" in trusted_view.reason
+    unassessed = cal.ApplicabilityCalibration(20, 5, 0.6, 0.3, 0.9, False, "too few", knots_x=[0.0, 1.0],
+                                              knots_y=[0.0, 0.0])
+    assert decide_from_model(tiny_encoder, vec, config, unassessed)[0] == uncalibrated  # no skill: no map
+    impression = compose_report([], {}, LabelConfig(), decision=never, lang=lang).impression[0]
+    assert "1.00" in impression and ("calibrated" in impression or "kalibriert" in impression)
+    assert "uncalibrated" not in impression and "unkalibriert" not in impression
+
+
+def test_radlens_calibrate_measures_the_chest_radiograph_check_from_modality_columns(
+        tmp_path, tiny_model_dir, tiny_encoder, capsys):
+    src = tmp_path / "src"
+    src.mkdir()
+    lines = ["path,modality,anatomy,view,labels"]
+    for i in range(30):
+        gray_image(i, (48, 48)).save(src / f"{i}.png")
+        kind = ("X-ray,chest,PA" if i % 3 == 0 else "X-ray,chest,AP supine") if i < 20 else "MRI,brain,"
+        lines.append(f"src/{i}.png,{kind},{'No Finding' if i < 10 else ''}")
+    (tmp_path / "m.csv").write_text("\n".join(lines) + "\n")
+    out = tmp_path / "cal.json"
+    assert main(["calibrate", str(tmp_path / "m.csv"), "--model", str(tiny_model_dir), "--precision", "fp32",
+                 "--out", str(out), "--resamples", "200", "--min-positives", "5"]) == 0
+    printed = capsys.readouterr().out
+    saved = json.loads(out.read_text())
+    check = saved["applicability"]
+    assert (check["positives"], check["negatives"], check["views"]) == (20, 10, 20)
+    assert sum(sum(v.values()) for v in check["view_confusion"].values()) == 20
+    assert set(check["view_confusion"]) == {"PA", "AP"}
+    assert saved["dataset"]["labelled_images"] == 10 and saved["dataset"]["unlabelled_rows"] == 20
+    assert "chest-radiograph check: " in printed and "on 20 chest radiographs and 10 other images" in printed
+    loaded = cal.load(out, cal.model_identity(tiny_encoder))
+    assert loaded.applicability == cal.ApplicabilityCalibration(**check)
+    (tmp_path / "none.csv").write_text("path,caption\nsrc/0.png,a film\n")
+    assert main(["calibrate", str(tmp_path / "none.csv"), "--model", str(tiny_model_dir), "--out",
+                 str(tmp_path / "x.json")]) == 1
+    assert "needs a `labels` column" in capsys.readouterr().err

@@ -27,7 +27,7 @@ class Decision:
     """Whether the pathology labels apply, why, and how sure RadLens is."""
 
     applicable: bool
-    source: str  # "metadata" or "model"
+    source: str  # "metadata", "image statistics", "model" (uncalibrated share) or "calibrated"
     confidence: float
     reason: str
     view: str | None = None
@@ -41,6 +41,8 @@ class Decision:
         or image statistics, or the model's zero-shot share (a softmax, not a calibrated probability)."""
         if self.source == "model":
             return f"the model's zero-shot share {self.confidence:.2f} (uncalibrated)"
+        if self.source == "calibrated":
+            return f"a calibrated probability {self.confidence:.2f} (measured by radlens calibrate)"
         return self.source
 
 
@@ -60,6 +62,11 @@ class ApplicabilityConfig:
     })
     chest_views: dict[str, str] = field(default_factory=lambda: {
         "chest_pa": "PA", "chest_ap": "AP", "chest_lateral": "lateral"})
+    # the model's view guess is shown only when a calibration measured it right this often (the lower
+    # bound of its 95% interval); otherwise the view is "not assessed"
+    min_view_accuracy: float = 0.8
+    kind_words: dict[str, str] = field(default_factory=lambda: {
+        "ct": "CT", "mri": "MRI", "other_xray": "another radiograph", "not_medical": "not a medical image"})
 
 
 def _norm(value) -> str:
@@ -67,11 +74,16 @@ def _norm(value) -> str:
     return " ".join(str(value or "").upper().replace("-", " ").replace("_", " ").split())
 
 
+def stated_view(metadata: dict) -> str | None:
+    """PA, AP or lateral when the metadata's view says so (DICOM ViewPosition or a manifest's spelling)."""
+    return VIEW_ALIASES.get(_norm(metadata.get("view")))
+
+
 def decide_from_metadata(metadata: dict) -> Decision | None:
     """A decision when modality/body part/view settle it; None when the model must decide."""
     modality = _norm(metadata.get("modality"))
     body = _norm(metadata.get("body_part"))
-    view = VIEW_ALIASES.get(_norm(metadata.get("view")))
+    view = stated_view(metadata)
     if modality in OTHER_MODALITIES and OTHER_MODALITIES[modality]:
         return Decision(False, "metadata", 1.0, f"modality is {OTHER_MODALITIES[modality]}, not a chest radiograph",
                         kind=OTHER_MODALITIES[modality])
@@ -99,33 +111,62 @@ def class_bank(encoder, config: ApplicabilityConfig):
         return cache[key]
 
 
-def decide_from_model(encoder, image_vectors: np.ndarray, config: ApplicabilityConfig) -> list[Decision]:
-    """Zero-shot decisions for embedded images (softmax over the classes at the model's temperature)."""
+@dataclass(frozen=True)
+class ChestShares:
+    """The model's zero-shot view of embedded images: its share for "chest radiograph" (softmax mass of the
+    chest classes at the model's temperature), its most likely class, and its view guess."""
+
+    chest: np.ndarray  # (n,) in [0, 1]
+    best: list[str]
+    view: list[str]
+
+
+def chest_shares(encoder, image_vectors: np.ndarray, config: ApplicabilityConfig) -> ChestShares:
+    """Zero-shot shares of embedded images over the classes of `config`."""
     names, bank = class_bank(encoder, config)
     logits = encoder.logit_scale * (np.asarray(image_vectors) @ bank.T)
     logits -= logits.max(axis=1, keepdims=True)
     probs = np.exp(logits)
     probs /= probs.sum(axis=1, keepdims=True)
     chest = [i for i, n in enumerate(names) if n in config.chest_views]
+    return ChestShares(probs[:, chest].sum(axis=1), [names[int(i)] for i in probs.argmax(axis=1)],
+                       [config.chest_views[names[chest[int(i)]]] for i in probs[:, chest].argmax(axis=1)])
+
+
+def decide_from_model(encoder, image_vectors: np.ndarray, config: ApplicabilityConfig,
+                      calibration=None) -> list[Decision]:
+    """Zero-shot decisions for embedded images. With an assessed `calibration` (`ApplicabilityCalibration`)
+    the decision is its calibrated probability >= 0.5 and says what was measured; otherwise the
+    uncalibrated share >= 0.5, called a share. The view guess is kept only where the calibration measured
+    it right often enough (`config.min_view_accuracy`)."""
+    shares = chest_shares(encoder, image_vectors, config)
+    calibrated = calibration is not None and calibration.assessed
+    source = "calibrated" if calibrated else "model"
+    measured = f" ({calibration.check_summary()})" if calibrated else ""
+    view_known = calibrated and calibration.views and (calibration.view_low or 0.0) >= config.min_view_accuracy
+    view_note = ("; view from the model's guess, " if view_known else "; view not assessed: ") + (
+        calibration.view_summary() if calibrated else "the model's view guess is not calibrated")
     out = []
-    for row in probs:
-        p_chest = float(row[chest].sum())
-        best = names[int(np.argmax(row))]
+    for share, best, view in zip(shares.chest, shares.best, shares.view, strict=True):
+        p_chest = float(calibration.probability(share)) if calibrated else float(share)
         if p_chest >= 0.5:
-            top = names[chest[int(np.argmax(row[chest]))]]
-            out.append(Decision(True, "model", p_chest, "looks like a chest radiograph", view=config.chest_views[top],
-                                kind="chest radiograph"))
+            out.append(Decision(True, source, p_chest, "looks like a chest radiograph" + measured + view_note,
+                                view=view if view_known else None, kind="chest radiograph"))
         else:
-            out.append(Decision(False, "model", 1.0 - p_chest, f"looks like {best.replace('_', ' ')}, not a chest "
-                                                              "radiograph", kind=best))
+            closest = config.kind_words.get(best, best.replace("_", " "))
+            reason = (f"not a chest radiograph{measured}; closest zero-shot class: {closest} (not calibrated)"
+                      if calibrated else f"looks like {closest}, not a chest radiograph")
+            out.append(Decision(False, source, 1.0 - p_chest, reason, kind=best))
     return out
 
 
-def decide(encoder, image_vectors: np.ndarray, metadatas: list[dict], config: ApplicabilityConfig) -> list[Decision]:
-    """Metadata first, the model for the rest."""
+def decide(encoder, image_vectors: np.ndarray, metadatas: list[dict], config: ApplicabilityConfig,
+           calibration=None) -> list[Decision]:
+    """Metadata first, the model (read through `calibration` when it measured the check) for the rest."""
     decisions: list[Decision | None] = [decide_from_metadata(m) for m in metadatas]
     undecided = [i for i, d in enumerate(decisions) if d is None]
     if undecided:
-        for i, d in zip(undecided, decide_from_model(encoder, image_vectors[undecided], config), strict=True):
+        decided = decide_from_model(encoder, image_vectors[undecided], config, calibration)
+        for i, d in zip(undecided, decided, strict=True):
             decisions[i] = d
     return decisions  # type: ignore[return-value]

@@ -26,6 +26,16 @@ from pathlib import Path
 import numpy as np
 
 from cxrmodel.errors import DataError
+from cxrmodel.labels.measures import (
+    auroc,
+    bootstrap_aurocs,
+    cross_fitted,
+    expected_calibration_error,
+    fit_isotonic,
+    percentile_interval,
+    wilson_interval,
+    youden_threshold,
+)
 
 FORMAT_VERSION = 1
 
@@ -83,6 +93,58 @@ class PathologyCalibration:
 
 
 @dataclass(frozen=True)
+class ApplicabilityCalibration:
+    """How far the model's chest-radiograph check can be trusted, measured on images whose modality and body
+    part say what they are: the AUROC of its zero-shot share for "chest radiograph", an isotonic map from
+    share to probability, the sensitivity/specificity of the decision it then takes (calibrated probability
+    >= 0.5, cross-fitted), and how often its view guess matches a stated PA/AP/lateral view."""
+
+    positives: int  # chest radiographs
+    negatives: int  # other images
+    auroc: float | None
+    auroc_low: float | None
+    auroc_high: float | None
+    assessed: bool
+    reason: str
+    sensitivity: float | None = None
+    specificity: float | None = None
+    knots_x: list[float] = field(default_factory=list)
+    knots_y: list[float] = field(default_factory=list)
+    views: int = 0  # chest radiographs with a stated view
+    views_correct: int = 0
+    view_low: float | None = None  # Wilson 95% interval of the view guess's accuracy
+    view_high: float | None = None
+    view_confusion: dict[str, dict[str, int]] = field(default_factory=dict)  # stated view -> guessed -> count
+
+    def probability(self, share: np.ndarray | float) -> np.ndarray | float:
+        """The calibrated probability that an image is a chest radiograph, from the model's share."""
+        return np.interp(share, self.knots_x, self.knots_y) if self.knots_x else share
+
+    def summary(self) -> str:
+        """One line: what was measured, in words."""
+        if self.auroc is None:
+            return self.reason
+        text = (f"chest radiograph vs other: AUROC {self.auroc:.2f} (95% CI {self.auroc_low:.2f}-"
+                f"{self.auroc_high:.2f}) on {self.positives} chest radiographs and {self.negatives} other images")
+        if self.assessed:
+            text += f"; sensitivity {self.sensitivity:.2f}, specificity {self.specificity:.2f}"
+        return text + "; " + self.view_summary()
+
+    def check_summary(self) -> str:
+        """The chest-radiograph check's measured skill in a short clause."""
+        return (f"check measured on {self.positives + self.negatives} images: AUROC {self.auroc:.2f} "
+                f"[{self.auroc_low:.2f}-{self.auroc_high:.2f}], sensitivity {self.sensitivity:.2f}, "
+                f"specificity {self.specificity:.2f}")
+
+    def view_summary(self) -> str:
+        """The view guess's measured accuracy, or that it was not measured."""
+        if not self.views:
+            return "view guess not measured (no stated PA/AP/lateral view)"
+        return (f"view guess right on {self.views_correct} of {self.views} "
+                f"({self.views_correct / self.views:.0%}, 95% CI {self.view_low:.0%}-{self.view_high:.0%})")
+
+
+@dataclass(frozen=True)
 class Calibration:
     """A model's calibration: per-pathology measurements, the rule, and what it was measured on."""
 
@@ -93,6 +155,7 @@ class Calibration:
     pathologies: dict[str, PathologyCalibration]
     created: str = ""
     version: int = FORMAT_VERSION
+    applicability: ApplicabilityCalibration | None = None
 
     @property
     def assessed(self) -> list[str]:
@@ -102,80 +165,22 @@ class Calibration:
     def to_dict(self) -> dict:
         return {"version": self.version, "model_identity": self.model_identity, "model_name": self.model_name,
                 "created": self.created, "dataset": self.dataset, "rule": asdict(self.rule),
-                "pathologies": {p: asdict(c) for p, c in self.pathologies.items()}}
+                "pathologies": {p: asdict(c) for p, c in self.pathologies.items()},
+                "applicability": asdict(self.applicability) if self.applicability else None}
 
 
-def auroc(scores: np.ndarray, labels: np.ndarray) -> float | None:
-    """Area under the ROC curve (ties count half); None without both classes."""
-    labels = np.asarray(labels, dtype=bool)
-    pos, neg = int(labels.sum()), int((~labels).sum())
-    if pos == 0 or neg == 0:
-        return None
-    from scipy.stats import rankdata
-
-    ranks = rankdata(scores)
-    return float((ranks[labels].sum() - pos * (pos + 1) / 2) / (pos * neg))
 
 
-def bootstrap_aurocs(scores: np.ndarray, labels: np.ndarray, resamples: int, seed: int) -> np.ndarray:
-    """AUROCs of `resamples` bootstrap resamples of the images (seeded; resamples without both classes dropped)."""
-    rng = np.random.default_rng(seed)
-    n = len(scores)
-    values = []
-    for _ in range(resamples):
-        idx = rng.integers(0, n, n)
-        value = auroc(scores[idx], labels[idx])
-        if value is not None:
-            values.append(value)
-    return np.asarray(values)
 
 
-def percentile_interval(values: np.ndarray, level: float) -> tuple[float, float]:
-    """The central `level` percentile interval of bootstrap values."""
-    tail = (1 - level) / 2 * 100
-    low, high = np.percentile(values, [tail, 100 - tail])
-    return float(low), float(high)
 
 
-def expected_calibration_error(probs: np.ndarray, labels: np.ndarray, bins: int = 10) -> float:
-    """Weighted mean |observed rate - mean probability| over equal-width probability bins."""
-    predicted, observed, counts = reliability_bins(probs, labels, bins)
-    total = sum(n * abs(o - p) for p, o, n in zip(predicted, observed, counts, strict=True))
-    return float(total / max(len(probs), 1))
 
 
-def fit_isotonic(scores: np.ndarray, labels: np.ndarray) -> tuple[list[float], list[float]]:
-    """Knots of a non-decreasing map from raw score to observed positive rate."""
-    from sklearn.isotonic import IsotonicRegression
-
-    iso = IsotonicRegression(y_min=0.0, y_max=1.0, out_of_bounds="clip").fit(scores, labels.astype(float))
-    return [float(x) for x in iso.X_thresholds_], [float(y) for y in iso.y_thresholds_]
 
 
-def cross_fitted(scores: np.ndarray, labels: np.ndarray, folds: int, seed: int) -> np.ndarray:
-    """Each image's calibrated probability from a map fitted without it (k folds)."""
-    order = np.random.default_rng(seed).permutation(len(scores))
-    out = np.empty(len(scores))
-    for k in range(folds):
-        held = order[k::folds]
-        train = np.setdiff1d(order, held)
-        xs, ys = fit_isotonic(scores[train], labels[train])
-        out[held] = np.interp(scores[held], xs, ys)
-    return out
 
 
-def youden_threshold(scores: np.ndarray, labels: np.ndarray) -> tuple[float, float, float]:
-    """(raw threshold, sensitivity, specificity) where sensitivity + specificity - 1 is largest."""
-    labels = np.asarray(labels, dtype=bool)
-    best = (float(np.max(scores)), 0.0, 1.0)
-    best_j = -1.0
-    for t in np.unique(scores):
-        predicted = scores >= t
-        sens = float((predicted & labels).sum() / labels.sum())
-        spec = float((~predicted & ~labels).sum() / (~labels).sum())
-        if sens + spec - 1 > best_j:
-            best_j, best = sens + spec - 1, (float(t), sens, spec)
-    return best
 
 
 def calibrate_pathology(name: str, scores: np.ndarray, labels: np.ndarray, rule: SkillRule,
@@ -219,6 +224,44 @@ def calibrate(scores: np.ndarray, labels: np.ndarray, pathologies: list[str], ru
     return Calibration(model_identity, model_name, dataset, rule, per, created=created)
 
 
+def calibrate_applicability(shares: np.ndarray, chest: np.ndarray, rule: SkillRule,
+                            views: list[tuple[str, str]] = ()) -> ApplicabilityCalibration:
+    """Measure the chest-radiograph check: `shares` are the model's zero-shot shares for "chest radiograph",
+    `chest` the truth from metadata; `views` (stated view, guessed view) pairs of chest radiographs. Assessed
+    when both classes have `rule.min_positives` images and the AUROC's 95% interval lies above
+    `rule.min_auroc_lower` (one test: no family-wise widening)."""
+    chest = np.asarray(chest, dtype=bool)
+    pos, neg = int(chest.sum()), int((~chest).sum())
+    confusion: dict[str, dict[str, int]] = {}
+    for stated, guessed in views:
+        confusion.setdefault(stated, {}).setdefault(guessed, 0)
+        confusion[stated][guessed] += 1
+    right = sum(1 for stated, guessed in views if stated == guessed)
+    view_low, view_high = wilson_interval(right, len(views)) if views else (None, None)
+    view_fields = dict(views=len(views), views_correct=right, view_low=view_low, view_high=view_high,
+                       view_confusion=confusion)
+    value = auroc(shares, chest)
+    resampled = bootstrap_aurocs(shares, chest, rule.resamples, rule.seed) if value is not None else np.array([])
+    if value is None or len(resampled) < rule.resamples // 2:
+        return ApplicabilityCalibration(pos, neg, value, None, None, False, "not measurable: the data set needs "
+                                        "both chest radiographs and other images", **view_fields)
+    low, high = percentile_interval(resampled, 0.95)
+    measured = f"AUROC {value:.2f} (95% CI {low:.2f}-{high:.2f}) on {pos} chest radiographs and {neg} others"
+    if min(pos, neg) < rule.min_positives:
+        assessed, reason = False, f"fewer than {rule.min_positives} images of one class ({measured})"
+    elif low <= rule.min_auroc_lower:
+        assessed, reason = False, f"{measured}: not shown better than chance"
+    else:
+        assessed, reason = True, measured
+    xs, ys = fit_isotonic(shares, chest)
+    decided = (cross_fitted(shares, chest, folds=5, seed=rule.seed) if len(shares) >= 10
+               else np.interp(shares, xs, ys)) >= 0.5
+    sensitivity = float((decided & chest).sum() / pos)
+    specificity = float((~decided & ~chest).sum() / neg)
+    return ApplicabilityCalibration(pos, neg, value, low, high, assessed, reason, sensitivity, specificity,
+                                    xs, ys, **view_fields)
+
+
 def save(calibration: Calibration, path: str | Path) -> None:
     """Write `calibration.json`."""
     Path(path).write_text(json.dumps(calibration.to_dict(), indent=1) + "\n", encoding="utf-8")
@@ -233,7 +276,8 @@ def load(path: str | Path, model_identity: str | None = None) -> Calibration:
             raise DataError(f"{path}: calibration format {raw.get('version')!r}, this RadLens reads {FORMAT_VERSION}")
         calibration = Calibration(
             raw["model_identity"], raw.get("model_name", ""), raw.get("dataset", {}), SkillRule(**raw["rule"]),
-            {p: PathologyCalibration(**c) for p, c in raw["pathologies"].items()}, created=raw.get("created", ""))
+            {p: PathologyCalibration(**c) for p, c in raw["pathologies"].items()}, created=raw.get("created", ""),
+            applicability=ApplicabilityCalibration(**raw["applicability"]) if raw.get("applicability") else None)
     except DataError:
         raise
     except (OSError, ValueError, KeyError, TypeError) as exc:
@@ -288,17 +332,3 @@ def for_encoder(encoder, explicit: str | Path | None = None) -> Calibration | No
     except DataError:
         return None
 
-
-def reliability_bins(probs: np.ndarray, labels: np.ndarray, bins: int = 10
-                     ) -> tuple[list[float], list[float], list[int]]:
-    """(mean predicted, observed rate, count) of every non-empty equal-width probability bin."""
-    probs, labels = np.asarray(probs, dtype=float), np.asarray(labels, dtype=float)
-    which = np.minimum((probs * bins).astype(int), bins - 1)
-    out: tuple[list[float], list[float], list[int]] = ([], [], [])
-    for b in range(bins):
-        mask = which == b
-        if mask.any():
-            out[0].append(float(probs[mask].mean()))
-            out[1].append(float(labels[mask].mean()))
-            out[2].append(int(mask.sum()))
-    return out

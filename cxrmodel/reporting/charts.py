@@ -133,7 +133,10 @@ def reliability_png(curves: dict[str, tuple], assessed: dict[str, bool]) -> byte
         ax.set_ylim(0, 1)
         ax.set_title(f"{name.replace('_', ' ')} ({'assessed' if assessed.get(name) else 'not assessed'})", fontsize=8)
         ax.tick_params(labelsize=6)
-    axes.ravel()[0].legend(fontsize=6, loc="upper left")
+    if names:
+        axes.ravel()[0].legend(fontsize=6, loc="upper left")
+    else:
+        axes.ravel()[0].text(0.5, 0.5, "nothing measurable: no label with both classes", ha="center", fontsize=8)
     fig.suptitle(f"Reliability: observed rate vs predicted {TITLE_NOTE}", fontsize=9)
     fig.tight_layout()
     return _save(plt, fig, "png")

@@ -195,7 +195,7 @@ def run_label(args) -> int:
                   f"{decision.basis()})")
             return 0
         print(f"Zero-shot labels for {args.image} (chest radiograph{' ' + decision.view if decision.view else ''}, "
-              f"decided from {decision.source}):")
+              f"decided from {decision.basis()}):")
         _print_scores(scores)
         return 0
     if args.report == "pdf":
