@@ -168,7 +168,7 @@ def test_every_template_key_exists_in_every_language():
         out = set()
         for k, v in d.items():
             out.add(prefix + k)
-            if isinstance(v, dict):
+            if isinstance(v, dict) and k not in ("terms", "views"):  # vocabularies: as many words as a language needs
                 out |= keys(v, prefix + k + ".")
         return out
 
@@ -236,3 +236,12 @@ def test_priors_in_date_order_with_changes_and_no_raw_key_or_date(tmp_path, tiny
     assert "+990" in page.get_data(as_text=True) or "-990" in page.get_data(as_text=True)
     assert key_file.stat().st_mode & 0o077 == 0 and not list(data.rglob("*key*"))
     engine.close()
+
+
+def test_the_german_technique_line_uses_german_words():
+    from cxrmodel.reporting.report import describe_technique, text_for
+
+    meta = {"modality": "X-ray", "body_part": "chest", "view": "AP supine"}
+    assert describe_technique(meta, text_for("en")) == "X-ray of the chest (AP supine view)."
+    german = describe_technique(meta, text_for("de"))
+    assert german == "Röntgen, Region Thorax (a.p.-Projektion im Liegen)." and "chest" not in german

@@ -283,9 +283,12 @@ def test_the_pixel_limit_that_applies_is_the_one_stated():
     from cxrmodel.errors import ImageTooLargeError
 
     assert ImageLimits().max_pixels == 89_478_485
-    with pytest.raises(ImageTooLargeError, match="89478485-pixel limit"):
+    with pytest.raises(ImageTooLargeError, match="89,478,485-pixel limit"):
         decode_bytes(png_with_dimensions(9460, 9460), "big.png")  # 89,491,600 pixels: just over
     raised = ImageLimits(max_pixels=100_000_000)
     with pytest.raises(ImageDecodeError) as caught:  # past the size check: its few pixel bytes are truncated
         decode_bytes(png_with_dimensions(9460, 9460), "big.png", limits=raised)
     assert not isinstance(caught.value, ImageTooLargeError)
+    with pytest.raises(ImageTooLargeError) as bomb:  # Pillow's own check (over twice its limit) fires first
+        decode_bytes(png_with_dimensions(30000, 30000), "bomb.png")
+    assert str(bomb.value) == "bomb.png: 900,000,000 pixels, over the 89,478,485-pixel limit"

@@ -99,6 +99,27 @@ def test_oversized_upload_is_413_json(client):
     assert r.status_code == 413 and r.is_json
 
 
+def test_a_too_large_upload_on_the_page_keeps_the_form_and_says_the_limit(client):
+    big = b"\x89PNG" + b"0" * (3 * 1024 * 1024)
+    body = (b"--XyZ\r\nContent-Disposition: form-data; name=\"image\"; filename=\"big.png\"\r\n"
+            b"Content-Type: image/png\r\n\r\n" + big + b"\r\n--XyZ--\r\n")
+    r = client.post("/upload", data=body, content_type="multipart/form-data; boundary=XyZ")
+    page = r.get_data(as_text=True)
+    limit = client.application.extensions["radlens_config"].max_upload_bytes / 2**20
+    assert r.status_code == 413 and '<form class="upload"' in page and f"upload limit of {limit:.0f} MB" in page
+    assert 'href="/upload"' in page  # navigation kept
+
+
+def test_every_page_has_one_h1_a_skip_link_and_a_favicon(client, some_id):
+    for url in ("/", "/?q=chest", "/upload", f"/image/{some_id}", "/no-such-page"):
+        page = client.get(url).get_data(as_text=True)
+        assert page.count("<h1") == 1 and 'href="#main"' in page and 'id="main"' in page, url
+        assert 'rel="icon"' in page, url
+    icon = client.get("/static/favicon.svg")
+    assert icon.status_code == 200 and icon.get_data().startswith(b"<svg")
+    icon.close()
+
+
 def test_missing_file_field(client):
     r = client.post("/api/label", data={"k": "3"}, content_type="multipart/form-data")
     assert r.status_code == 400 and "image" in r.json["error"]

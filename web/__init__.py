@@ -104,8 +104,13 @@ def create_app(config: ServeConfig | None = None, engine=None) -> Flask:
 
     @app.errorhandler(HTTPException)
     def on_werkzeug(exc: HTTPException):
-        message = "upload too large" if exc.code == 413 else exc.description or exc.name
-        return _error(exc.code or 500, message)
+        if exc.code == 413:  # the request body passed MAX_CONTENT_LENGTH before any view ran
+            from .context import upload_limit_message
+
+            if request.path == "/upload":  # keep the form: the user picks another file
+                return render_template("upload.html", result=None, error=upload_limit_message()), 413
+            return _error(413, upload_limit_message())
+        return _error(exc.code or 500, exc.description or exc.name)
 
     @app.errorhandler(Exception)
     def on_unexpected(exc: Exception):

@@ -18,6 +18,12 @@ def config() -> ServeConfig:
     return current_app.extensions["radlens_config"]
 
 
+def upload_limit_message() -> str:
+    """What a too-large upload is told, with the limit in plain words."""
+    return (f"the file is larger than this server's upload limit of {config().max_upload_bytes / 2**20:.0f} MB; "
+            "choose a smaller file (e.g. a PNG or DICOM export at a lower resolution)")
+
+
 def read_upload(field: str = "image"):
     """Decode the uploaded file of a multipart request; HTTPError 400/413/415 when unusable."""
     upload = request.files.get(field)
@@ -25,7 +31,7 @@ def read_upload(field: str = "image"):
         raise HTTPError(400, f"no file in the multipart field {field!r}")
     data = upload.read(config().max_upload_bytes + 1)
     if len(data) > config().max_upload_bytes:
-        raise HTTPError(413, "upload too large")
+        raise HTTPError(413, upload_limit_message())
     name = "upload.dcm" if (upload.filename or "").lower().endswith((".dcm", ".dicom")) else "upload"
     return engine().decode_upload(data, name=name)
 

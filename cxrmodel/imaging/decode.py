@@ -12,6 +12,7 @@ for colour ones. Grayscale is kept as one channel because it is three times chea
 from __future__ import annotations
 
 import io
+import re
 import struct
 import warnings
 from dataclasses import dataclass, field
@@ -131,7 +132,10 @@ def _decode_raster(data: bytes, name: str, limits: ImageLimits) -> DecodedImage:
     except ImageDecodeError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        raise ImageTooLargeError(f"{name}: image too large ({exc})") from None
+        # Pillow's own check fired first (at open, for images over twice its limit): say it in plain words
+        found = re.search(r"\((\d+) pixels\)", str(exc))
+        count = f"{int(found.group(1)):,} pixels" if found else "too many pixels"
+        raise ImageTooLargeError(f"{name}: {count}, over the {limits.max_pixels:,}-pixel limit") from None
     except UnidentifiedImageError:
         raise UnsupportedImageError(f"{name}: not a recognised image format") from None
     except (OSError, SyntaxError, ValueError, TypeError, EOFError, struct.error) as exc:
@@ -156,7 +160,7 @@ def shrink_to_fit(im: Image.Image, box: int) -> Image.Image:
 
 def _check_pixels(count: int, name: str, limits: ImageLimits) -> None:
     if count > limits.max_pixels:
-        raise ImageTooLargeError(f"{name}: {count} pixels, over the {limits.max_pixels}-pixel limit")
+        raise ImageTooLargeError(f"{name}: {count:,} pixels, over the {limits.max_pixels:,}-pixel limit")
 
 
 def _to_display_mode(im: Image.Image) -> Image.Image:

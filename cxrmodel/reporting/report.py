@@ -86,12 +86,18 @@ def age_band(age) -> str | None:
 
 def describe_technique(metadata: dict, t: dict) -> str:
     """One sentence from modality, body part and view (whatever the metadata has)."""
-    parts = [str(metadata.get("modality") or t["technique_default"])]
+    terms = t.get("terms", {})
+
+    def term(value) -> str:  # a language's word for a modality or body part, else the value as given
+        return terms.get(str(value).strip().lower(), str(value))
+
+    text = term(metadata.get("modality") or t["technique_default"])
     if metadata.get("body_part"):
-        parts.append(t["technique_of"].format(body_part=str(metadata["body_part"]).lower()))
+        text += t.get("technique_separator", " ") + t["technique_of"].format(
+            body_part=term(str(metadata["body_part"]).lower()))
     if metadata.get("view"):
-        parts.append(t["technique_view"].format(view=metadata["view"]))
-    text = " ".join(parts)
+        view = str(metadata["view"])
+        text += " " + t.get("views", {}).get(view, t["technique_view"].format(view=view))
     if metadata.get("width") and metadata.get("height"):
         text += f", {metadata['width']}x{metadata['height']} px"
     return text + "."
