@@ -8,12 +8,13 @@ import itertools
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 from sqlalchemy import select
 from sqlalchemy.engine import Engine as DB
 from sqlalchemy.orm import Session
 
 from cxrmodel.errors import NotFoundError
-from indexer.store import DecisionRow, ImageRow, ScoreRow
+from indexer.store import DecisionRow, EmbeddingRow, ImageRow, ScoreRow
 
 MAX_ID = {"postgresql": 2**31 - 1}  # images.id is INTEGER: 32-bit there, 64-bit on SQLite
 
@@ -96,6 +97,14 @@ class Catalog:
             decision = session.get(DecisionRow, (generation, row.id))
             out["applicability"] = decision.to_dict() if decision else None
         return out
+
+    def vector(self, image_id: int, generation: int) -> np.ndarray | None:
+        """The embedding stored for an image in `generation` (exact, whatever the index compresses), or None."""
+        if not self.valid_id(image_id):
+            return None
+        with Session(self.db) as session:
+            row = session.get(EmbeddingRow, (generation, int(image_id)))
+            return np.frombuffer(row.vector, dtype="<f4").astype(np.float32) if row is not None else None
 
     def path(self, image_id: int) -> str:
         """The file an image was indexed from (server side only; never sent to clients)."""

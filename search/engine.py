@@ -194,6 +194,19 @@ class Engine:
         state = self.state()
         return self.mark_image_matches(self._search(state, self.embed(image, state), k, filters), state)
 
+    def similar_to(self, image_id: int, k: int = 10, filters: Filters | None = None) -> list[Hit]:
+        """"More like this": the indexed images most similar to indexed image `image_id` (by its stored
+        embedding, no decoding), best first, without the image itself or its exact duplicates.
+        NotFoundError when the id is not in the served index."""
+        state = self.state()
+        vector = self.catalog.vector(image_id, state.generation)
+        record = self.catalog.record(image_id, state.generation) if vector is not None else None
+        if record is None:
+            raise NotFoundError(f"no image {image_id} in the served index")
+        hits = self._search(state, vector, k + 1, filters)
+        hits = [h for h in hits if h.id != image_id and h.image["content_hash"] != record["content_hash"]][:k]
+        return self.mark_image_matches(hits, state)
+
     def mark_image_matches(self, hits: list[Hit], state: ServedState | None = None) -> list[Hit]:
         """Give image-query hits their relevance verdict (`search.relevance`)."""
         baseline = self.baseline(state or self.state())

@@ -123,3 +123,18 @@ def test_label_needs_no_index_and_takes_what_the_user_knows(tmp_path, tiny_model
     assert not empty.exists()  # labelling one file writes nothing
     assert main([*argv, "--modality", "CT", "--body-part", "head"]) == 0
     assert "do not apply" in capsys.readouterr().out
+
+
+def test_similar_by_indexed_id(engine, indexed_dir, monkeypatch, capsys):
+    import json
+
+    from radlens.commands import query
+
+    monkeypatch.setattr(query, "open_engine", lambda args: engine)
+    some = engine.text("x", k=1)[0]
+    assert main(["similar", "--id", str(some.id), "-k", "4", "--json", "--data-dir", str(indexed_dir)]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["image_id"] == some.id and len(out["results"]) == 4
+    assert some.id not in {r["id"] for r in out["results"]}
+    assert main(["similar", "--data-dir", str(indexed_dir)]) == 1
+    assert "give an image file or --id N" in capsys.readouterr().err

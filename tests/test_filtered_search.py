@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 from sqlalchemy.orm import Session
 
+from cxrmodel.errors import NotFoundError
 from indexer.store import (
     EmbeddingRow,
     Generation,
@@ -277,3 +278,22 @@ def test_relevance_verdicts_on_every_index_type(typed_engine):
     else:
         assert len(baseline.image_null) > 10
         assert all(h.match.verdict in ("strong", "weak", "none") for h in image_hits)
+
+
+@pytest.mark.parametrize("filter_name", ["everything", "many", "duplicates", "one"])
+def test_more_like_this_equals_brute_force_without_the_image_on_every_index_type(typed_engine, filter_name):
+    """`similar_to(id)`: the stored vector as the query; the image itself and its exact copies never come
+    back; filtered (and Flat) answers are brute force's."""
+    index_type, eng = typed_engine
+    filters, _ = FILTERS[filter_name]
+    vecs, rows = _corpus(dim=eng.encoder.dim)
+    dup_id = next(i + 1 for i, r in enumerate(rows) if r.get("source") == "dups")
+    for image_id in (1, 23, dup_id):
+        own = rows[image_id - 1]["hash"]
+        hits = eng.similar_to(image_id, k=K, filters=eng.parse_filters(filters))
+        assert all(h.id != image_id and h.image["content_hash"] != own for h in hits)
+        ranked = [r for r in _brute_force(vecs[image_id - 1], filters, N) if r[2] != own]
+        _check(f"{index_type}/{filter_name}/{image_id}", index_type, hits, ranked, K,
+               exact=bool(filters) or index_type == "Flat")
+    with pytest.raises(NotFoundError):
+        eng.similar_to(10**6)

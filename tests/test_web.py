@@ -302,3 +302,15 @@ def test_status_codes_come_from_error_types_not_messages():
     assert status_for(ImageTooLargeError("x")) == 413 and status_for(UnsupportedImageError("x")) == 415
     assert status_for(ImageDecodeError("over the limit, not a recognised format")) == 400  # words decide nothing
     assert status_for(DataError("no image with id 3")) == 400
+
+
+def test_more_like_this_from_the_api_the_page_and_the_card(client, some_id):
+    r = client.get(f"/api/images/{some_id}/similar", query_string={"k": 3})
+    assert r.status_code == 200 and len(r.json["results"]) == 3
+    assert some_id not in {h["id"] for h in r.json["results"]} and r.json["results"][0]["match"]
+    assert client.get("/api/images/999999/similar").status_code == 404
+    page = client.get("/", query_string={"like": some_id, "k": 3}).get_data(as_text=True)
+    assert "Images like" in page and page.count('class="card"') == 3
+    assert f'href="/?like={r.json["results"][0]["id"]}"' in page  # every card offers it again
+    assert client.get("/", query_string={"like": "999999"}).status_code == 400
+    assert f'href="/?like={some_id}"' in client.get(f"/image/{some_id}").get_data(as_text=True)

@@ -94,6 +94,15 @@ def image_labels(image_id: int):
     return jsonify(label_payload(scores, report, decision))
 
 
+@api.get("/images/<image_id:image_id>/similar")
+def image_similar(image_id: int):
+    """More like this: indexed images similar to an indexed one (its stored embedding; no upload)."""
+    k = k_param(request.args.get("k"))
+    hits = engine().similar_to(image_id, k=k, filters=_filters())
+    return jsonify({"image_id": image_id, "k": k, "filters": request.args.getlist("filter"),
+                    "results": [h.to_dict() for h in hits]})
+
+
 @api.get("/images/<image_id:image_id>/priors")
 def image_priors(image_id: int):
     return jsonify(engine().priors(image_id))

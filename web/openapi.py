@@ -70,6 +70,8 @@ def openapi_document() -> dict:
             "/api/images/{image_id}/report": _get(
                 "report as JSON, Markdown or PDF",
                 [_ID, _THRESHOLD, _LANG, _param("format", schema={"enum": ["json", "md", "pdf"]})], errors=HEAVY),
+            "/api/images/{image_id}/similar": _get("more like this: indexed images similar to an indexed one",
+                                                   [_ID, _K, _FILTER]),
             "/api/images/{image_id}/priors": _get("the same patient's studies in date order with score changes",
                                                   [_ID]),
             "/api/images/{image_id}/heatmap.{fmt}": _get(

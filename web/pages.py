@@ -7,7 +7,7 @@ import io
 
 from flask import Blueprint, render_template, request
 
-from cxrmodel.errors import RadLensError
+from cxrmodel.errors import NotFoundError, RadLensError
 from cxrmodel.imaging.decode import shrink_to_fit
 from cxrmodel.reporting.report import languages, sections
 
@@ -22,13 +22,19 @@ pages = Blueprint("pages", __name__)
 def index():
     query = (request.args.get("q") or "").strip()
     filters = [f for f in request.args.getlist("filter") if f.strip()]
-    hits, error = [], None
-    if query:
-        try:
+    like = request.args.get("like", "").strip()  # "more like this": an indexed image's id
+    hits, error, like_meta = [], None, None
+    try:
+        if like:
+            if not like.isdigit() or (like_meta := engine().get(int(like))) is None:
+                raise NotFoundError(f"no indexed image with id {like!r}")
+            hits = engine().similar_to(int(like), k=k_param(request.args.get("k")),
+                                       filters=engine().parse_filters(filters))
+        elif query:
             hits = engine().text(query, k=k_param(request.args.get("k")), filters=engine().parse_filters(filters))
-        except RadLensError as exc:
-            error = str(exc)
-    return render_template("search.html", query=query, filters=filters, hits=hits, error=error,
+    except (RadLensError, HTTPError) as exc:
+        error = exc.message if isinstance(exc, HTTPError) else str(exc)
+    return render_template("search.html", query=query, filters=filters, hits=hits, error=error, like=like_meta,
                            stats=engine().stats()), (400 if error else 200)
 
 

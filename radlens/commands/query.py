@@ -37,8 +37,11 @@ def register(sub) -> None:
     _search_flags(p)
     p.set_defaults(run=run_search)
 
-    p = sub.add_parser("similar", help="image-to-image search", description="Find indexed images like IMAGE.")
-    p.add_argument("image", help="an image or DICOM file")
+    p = sub.add_parser("similar", help="image-to-image search",
+                       description="Find indexed images like IMAGE, or like indexed image --id N (more like this).")
+    p.add_argument("image", nargs="?", help="an image or DICOM file")
+    p.add_argument("--id", type=int, default=None, dest="image_id",
+                   help="an indexed image's id (as `radlens search --json` prints it) instead of a file")
     _search_flags(p)
     p.set_defaults(run=run_similar)
 
@@ -109,8 +112,14 @@ def _read(path: str, engine):
 
 
 def run_similar(args) -> int:
+    if (args.image is None) == (args.image_id is None):
+        raise DataError("give an image file or --id N (not both)")
     engine = open_engine(args)
     filters = engine.parse_filters(args.filter)
+    if args.image_id is not None:
+        hits = engine.similar_to(args.image_id, k=args.k, filters=filters)
+        _print_hits(f"Images similar to indexed image {args.image_id}:", hits, args, {"image_id": args.image_id})
+        return 0
     hits = engine.image(_read(args.image, engine), k=args.k, filters=filters)
     _print_hits(f"Images similar to {args.image}:", hits, args, {"image": Path(args.image).name})
     return 0
