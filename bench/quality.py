@@ -27,10 +27,9 @@ import torch
 from bench.common import CORPUS, require, table
 from cxrmodel.imaging.decode import load_image
 from cxrmodel.labels.prompts import LabelConfig
-from cxrmodel.model.dualencoder import ScratchSpec, build_scratch_model
+from cxrmodel.model.dualencoder import ScratchSpec
 from cxrmodel.model.encoder import Encoder, EncoderConfig, load_encoder
-from cxrmodel.training.evaluate import neighbour_precision, query_retrieval, zero_shot_auroc
-from cxrmodel.training.pairs import Pair
+from cxrmodel.training.evaluate import neighbour_precision, query_retrieval
 from cxrmodel.training.train import TrainConfig, train
 
 CAPTION_TEMPLATE = "{view} {modality} of the {anatomy}: {labels}"
@@ -59,6 +58,27 @@ def split_by_patient(rows: list[dict], fraction: float, seed: int) -> tuple[list
             [r for r in rows if (r["patient_id"] or r["id"]) in held])
 
 
+def grown_split(rows: list[dict], seed: int, fractions: tuple[float, float] = (0.4, 0.2)
+                ) -> tuple[list[dict], list[dict], list[dict]]:
+    """(train, validation, test) by patient, with the test part unseen by today's radlens-mini as well:
+    today's model trained on the training-era rows less `split_by_patient(era, 0.2, 0)`'s held-out part.
+    Every image of a patient it trained on stays in training; the patients it never saw are shuffled
+    (seeded) and split `fractions` (train, validation) and the rest test. Hyper-parameters are chosen on
+    validation; test is for the final figures, before (today's model) and after, once."""
+    from bench.calibration_set import HELD_OUT_FRACTION, HELD_OUT_SEED, TRAINING_ERA_SOURCES
+
+    era = [r for r in rows if r["source_repo"].startswith(TRAINING_ERA_SOURCES)]
+    era_train, _ = split_by_patient(era, HELD_OUT_FRACTION, HELD_OUT_SEED)
+    seen = {r["patient_id"] or r["id"] for r in era_train}
+    train_rows = [r for r in rows if (r["patient_id"] or r["id"]) in seen]
+    unseen = sorted({r["patient_id"] or r["id"] for r in rows} - seen)
+    random.Random(seed).shuffle(unseen)
+    cut1, cut2 = int(round(len(unseen) * fractions[0])), int(round(len(unseen) * sum(fractions)))
+    part = {p: 0 for p in unseen[:cut1]} | {p: 1 for p in unseen[cut1:cut2]} | {p: 2 for p in unseen[cut2:]}
+    by = [[r for r in rows if part.get(r["patient_id"] or r["id"]) == k] for k in range(3)]
+    return train_rows + by[0], by[1], by[2]
+
+
 def write_rows(rows: list[dict], path: Path, corpus: Path) -> Path:
     """A manifest with absolute image paths."""
     with open(path, "w", newline="", encoding="utf-8") as f:
@@ -70,7 +90,11 @@ def write_rows(rows: list[dict], path: Path, corpus: Path) -> Path:
 
 
 def evaluate(encoder: Encoder, rows: list[dict], corpus: Path, labels: LabelConfig) -> dict:
-    """All held-out figures for one encoder."""
+    """All held-out figures for one encoder: retrieval, image->image, and per-pathology zero-shot AUROC with
+    its bootstrap 95% interval and ECE before/after calibration (`radlens calibrate`'s own computation)."""
+    from cxrmodel.labels.calibration import SkillRule, calibrate
+    from cxrmodel.labels.zeroshot import prompt_bank, score_vectors
+
     images = [load_image(corpus / r["file"]).image for r in rows]
     vecs = encoder.encode_images(images)
     queries = list(STRUCTURED_QUERIES)
@@ -79,23 +103,30 @@ def evaluate(encoder: Encoder, rows: list[dict], corpus: Path, labels: LabelConf
     per_query = {q: m for q, m in zip(queries, qr["per_query"], strict=True)}
     classes = [f"{r['modality']}/{r['view'] or 'unstated'}" for r in rows]
     nih = [i for i, r in enumerate(rows) if r["id"].startswith("nih_")]
-    nih_pairs = [Pair(Path(rows[i]["file"]), "", tuple(rows[i]["labels"].split(";"))) for i in nih]
-    auc = zero_shot_auroc(encoder, vecs[nih], nih_pairs, labels) if nih else None
+    zero_shot = None
+    if nih:
+        pathologies = list(labels.pathologies)
+        raw, _ = score_vectors(vecs[nih], prompt_bank(encoder, labels), labels)
+        truth = np.array([[p in rows[i]["labels"].split(";") for p in pathologies] for i in nih])
+        measured = calibrate(raw, truth, pathologies, SkillRule(resamples=1000), model_identity="",
+                             model_name="", dataset={})
+        per = {p: {"positives": c.positives, "n": len(nih), "auroc": c.auroc, "low": c.auroc_low,
+                   "high": c.auroc_high, "ece_raw": c.ece_raw, "ece_calibrated": c.ece_calibrated,
+                   "assessed": c.assessed} for p, c in measured.pathologies.items()}
+        values = [v["auroc"] for v in per.values() if v["auroc"] is not None]
+        zero_shot = {"per_pathology": per, "mean": float(np.mean(values)) if values else None,
+                     "above_chance": [p for p, v in per.items() if v["low"] is not None and v["low"] > 0.5
+                                      and v["positives"] >= 20],
+                     "assessed": [p for p, v in per.items() if v["assessed"]]}
     return {"queries": per_query, "image_to_image": neighbour_precision(vecs, classes, 10),
-            "modality_only": neighbour_precision(vecs, [r["modality"] for r in rows], 10), "zero_shot": auc}
+            "modality_only": neighbour_precision(vecs, [r["modality"] for r in rows], 10), "zero_shot": zero_shot}
 
 
-def untrained_encoder(spec: ScratchSpec, seed: int) -> Encoder:
-    """The model as training starts (same seed, no steps)."""
-    torch.manual_seed(seed)
-    model, tokenizer, preprocess, _ = build_scratch_model(spec)
-    return Encoder(model.eval(), tokenizer, preprocess, model_name="untrained")
-
-
-def print_report(before: dict, after: dict, meta: dict) -> None:
-    print(f"\nheld-out: {meta['heldout_images']} images from {meta['heldout_patients']} patients "
+def print_report(before: dict, after: dict, meta: dict, part: str) -> None:
+    print(f"\n{part}: {meta[part + '_images']} images of {meta[part + '_patients']} patients "
           f"(train: {meta['train_images']} images); trainable {meta['trainable_percent']:.2f}% of "
-          f"{meta['total_parameters']:,} parameters; wall time {meta['wall_seconds'] / 60:.1f} min\n")
+          f"{meta['total_parameters']:,} parameters; wall time {meta['wall_seconds'] / 60:.1f} min; "
+          f"before: {meta['before']}\n")
     rows = []
     for q, m in after["queries"].items():
         b = before["queries"][q]
@@ -105,7 +136,7 @@ def print_report(before: dict, after: dict, meta: dict) -> None:
     print(table(["query", "relevant", "R@1 before", "R@1", "R@5", "R@10", "P@10 before", "P@10", "chance P@10"],
                 rows))
     print("\nimage -> image precision@10 by modality/view")
-    rows = [[c, v["n"], before["image_to_image"]["per_class"][c]["P@10"], v["P@10"], v["chance"]]
+    rows = [[c, v["n"], before["image_to_image"]["per_class"].get(c, {}).get("P@10", "n/a"), v["P@10"], v["chance"]]
             for c, v in after["image_to_image"]["per_class"].items()]
     rows.append(["ALL (mean over queries)", sum(v["n"] for v in after["image_to_image"]["per_class"].values()),
                  before["image_to_image"]["P@10"], after["image_to_image"]["P@10"], after["image_to_image"]["chance"]])
@@ -113,14 +144,24 @@ def print_report(before: dict, after: dict, meta: dict) -> None:
                  after["modality_only"]["chance"]])
     print(table(["class", "n", "P@10 before", "P@10 after", "chance"], rows))
     if after["zero_shot"]:
-        print("\nzero-shot AUROC on held-out NIH rows (chance 0.5)")
+        print(f"\nzero-shot AUROC [bootstrap 95% CI] on {part} NIH rows (chance 0.5); ECE raw -> calibrated "
+              "(cross-fitted)")
         rows = []
         for p, v in after["zero_shot"]["per_pathology"].items():
-            b = before["zero_shot"]["per_pathology"][p]["auroc"]
-            rows.append([p, v["positives"], v["n"], "n/a" if b is None else b,
-                         "n/a" if v["auroc"] is None else v["auroc"]])
-        rows.append(["mean", "", "", before["zero_shot"]["mean"], after["zero_shot"]["mean"]])
-        print(table(["pathology", "positives", "n", "AUROC before", "AUROC after"], rows))
+            b = before["zero_shot"]["per_pathology"][p]
+            rows.append([p, v["positives"], v["n"], _interval(b), _interval(v),
+                         "" if v["ece_raw"] is None else f"{v['ece_raw']:.3f} -> {v['ece_calibrated']:.3f}"])
+        rows.append(["mean", "", "", before["zero_shot"]["mean"], after["zero_shot"]["mean"], ""])
+        print(table(["pathology", "positives", "n", "AUROC before", "AUROC after", "ECE after"], rows))
+        print(f"interval above 0.5 with >= 20 positives: before {before['zero_shot']['above_chance'] or 'none'}, "
+              f"after {after['zero_shot']['above_chance'] or 'none'}; assessed by radlens calibrate's family-wise "
+              f"rule: after {after['zero_shot']['assessed'] or 'none'}")
+
+
+def _interval(v: dict) -> str:
+    if v["auroc"] is None:
+        return "n/a"
+    return f"{v['auroc']:.2f} [{v['low']:.2f}-{v['high']:.2f}]" if v["low"] is not None else f"{v['auroc']:.2f}"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -130,9 +171,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--epochs", type=int, default=30)
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--lr", type=float, default=5e-4)
-    parser.add_argument("--heldout", type=float, default=0.2, help="share of patients held out")
+    parser.add_argument("--label-loss", type=float, default=0.0, help="radlens train --label-loss WEIGHT")
+    parser.add_argument("--caption-template", default=CAPTION_TEMPLATE)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--workers", type=int, default=1)
+    parser.add_argument("--test", action="store_true",
+                        help="also report the test part (do this once, for the configuration chosen on validation)")
     parser.add_argument("--export-mini", type=Path, default=None, help="also write the model here (radlens-mini)")
     args = parser.parse_args(argv)
 
@@ -141,39 +185,49 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(max(1, torch.get_num_threads()))
     with open(corpus / "manifest.csv", encoding="utf-8") as f:
         rows = list(csv.DictReader(f))
-    train_rows, held_rows = split_by_patient(rows, args.heldout, args.seed)
+    train_rows, val_rows, test_rows = grown_split(rows, args.seed)
     args.out.mkdir(parents=True, exist_ok=True)
     train_csv = write_rows(train_rows, args.out / "train.csv", corpus)
-    held_csv = write_rows(held_rows, args.out / "heldout.csv", corpus)
-    spec = ScratchSpec()
+    val_csv = write_rows(val_rows, args.out / "validation.csv", corpus)
+    write_rows(test_rows, args.out / "test.csv", corpus)
     labels = LabelConfig()
+    from cxrmodel.model.bundled import bundled_model_dir
 
-    before = evaluate(untrained_encoder(spec, args.seed), held_rows, corpus, labels)
+    today = load_encoder(EncoderConfig(model=str(bundled_model_dir())))  # before: today's radlens-mini
+    before = {"validation": evaluate(today, val_rows, corpus, labels)}
+    if args.test:
+        before["test"] = evaluate(today, test_rows, corpus, labels)
     model_dir = args.out / "model"
     if model_dir.exists():
         shutil.rmtree(model_dir)
-    cfg = TrainConfig(pairs=str(train_csv), val_pairs=str(held_csv), out=model_dir, init="scratch", scratch=spec,
-                      caption_template=CAPTION_TEMPLATE, encoder=EncoderConfig(batch_size=args.batch_size),
-                      epochs=args.epochs, lr=args.lr, warmup=0.05, seed=args.seed, workers=args.workers,
+    cfg = TrainConfig(pairs=str(train_csv), val_pairs=str(val_csv), out=model_dir, init="scratch",
+                      scratch=ScratchSpec(), caption_template=args.caption_template,
+                      encoder=EncoderConfig(batch_size=args.batch_size), epochs=args.epochs, lr=args.lr, warmup=0.05,
+                      seed=args.seed, workers=args.workers, label_loss=args.label_loss,
                       progress=sys.stderr.isatty())
     result = train(cfg, log=print)
     encoder = load_encoder(EncoderConfig(model=str(model_dir)))
-    after = evaluate(encoder, held_rows, corpus, labels)
-    meta = {"train_images": len(train_rows), "heldout_images": len(held_rows),
-            "heldout_patients": len({r["patient_id"] or r["id"] for r in held_rows}),
+    after = {part: evaluate(encoder, part_rows, corpus, labels)
+             for part, part_rows in (("validation", val_rows), ("test", test_rows)) if part in before}
+    meta = {"train_images": len(train_rows), "validation_images": len(val_rows), "test_images": len(test_rows),
+            "validation_patients": len({r["patient_id"] or r["id"] for r in val_rows}),
+            "test_patients": len({r["patient_id"] or r["id"] for r in test_rows}),
+            "heldout_images": len(test_rows), "heldout_patients": len({r["patient_id"] or r["id"] for r in test_rows}),
+            "before": "today's bundled radlens-mini (never trained on the validation or test patients)",
             "trainable_percent": result.metrics["parameters"]["trainable_percent"],
             "total_parameters": result.metrics["parameters"]["total"], "seed": args.seed, "epochs": args.epochs,
-            "caption_template": CAPTION_TEMPLATE,
+            "lr": args.lr, "label_loss": args.label_loss, "caption_template": args.caption_template,
             "command": "python -m bench.quality " + " ".join(argv if argv is not None else sys.argv[1:]),
             "wall_seconds": time.perf_counter() - started,
             "pair_recall_before": result.metrics["before"], "pair_recall_after": result.metrics["after"]}
-    print_report(before, after, meta)
+    for part in after:
+        print_report(before[part], after[part], meta, part)
     (args.out / "quality.json").write_text(json.dumps({"meta": meta, "before": before, "after": after}, indent=2))
     print(f"\nfigures written to {args.out / 'quality.json'}")
     if args.export_mini:
         from bench.mini import export_mini
 
-        export_mini(model_dir, args.export_mini, meta, after)
+        export_mini(model_dir, args.export_mini, meta, after.get("test", after["validation"]))
         print(f"radlens-mini written to {args.export_mini}")
     return 0
 

@@ -125,3 +125,34 @@ def test_plain_vision_text_dual_encoder_checkpoint_loads(tiny_bert_dir, tmp_path
     enc = load_encoder(EncoderConfig(model=str(tmp_path / "vtde"), precision="fp32"))
     assert enc.encode_images([shape_image("circle", "red")]).shape == (1, 8)
     assert enc.encode_texts(["a red circle"]).shape == (1, 8)
+
+
+def test_the_label_loss_lifts_the_zero_shot_auroc_of_labelled_findings(tiny_bert_dir, tmp_path):
+    """Same data, seed and steps: with --label-loss the held-out zero-shot AUROC of the labelled findings
+    (circles are 'Mass', squares 'Nodule', the rest 'No Finding') is clearly higher than with InfoNCE alone."""
+    from cxrmodel.labels.prompts import LabelConfig
+    from cxrmodel.training.evaluate import evaluate_pairs
+    from cxrmodel.training.pairs import split_pairs
+
+    rows, i = ["file,colour,shape,labels"], 0
+    for _ in range(10):
+        for shape in SHAPES:
+            for colour in COLOURS:
+                shape_image(shape, colour, seed=500 + i, jitter=6).save(tmp_path / f"{i}.png")
+                label = "Mass" if shape == "circle" else "Nodule" if shape == "square" else "No Finding"
+                rows.append(f"{i}.png,{colour},{shape},{label}")
+                i += 1
+    (tmp_path / "m.csv").write_text("\n".join(rows) + "\n")
+    _, val = split_pairs(load_pairs(tmp_path / "m.csv", caption_template="a {colour} {shape}").rows, 0.25, 0)
+    aurocs = {}
+    for weight in (0.0, 5.0):
+        cfg = TrainConfig(pairs=str(tmp_path / "m.csv"), out=tmp_path / f"m{weight}", init="scratch",
+                          scratch=ScratchSpec(text_model=str(tiny_bert_dir), **TINY_VIT),
+                          caption_template="a {colour} {shape}", encoder=EncoderConfig(precision="fp32", batch_size=32),
+                          epochs=15, lr=3e-3, val_fraction=0.25, seed=0, workers=0, progress=False, augment=False,
+                          label_loss=weight)
+        result = train(cfg, log=lambda _: None)
+        table = evaluate_pairs(result.encoder, val, LabelConfig())["zero_shot_auroc"]["per_pathology"]
+        aurocs[weight] = np.mean([table[p]["auroc"] for p in ("Mass", "Nodule")])
+        assert result.metrics["label_loss"] == weight
+    assert aurocs[5.0] > 0.6 and aurocs[5.0] > aurocs[0.0] + 0.1, aurocs

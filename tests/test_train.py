@@ -236,3 +236,38 @@ def test_each_training_step_is_a_function_a_test_can_call(shapes_pairs, tiny_mod
     save_outputs(cfg, built, {"after": metrics}, {"loss_per_epoch": [float(np.mean(losses))], "step_losses": losses,
                                                   "images_per_second": [seen / seconds]})
     assert (tmp_path / "out" / "adapter_config.json").exists() and (tmp_path / "out" / "metrics.json").exists()
+
+
+def test_the_label_loss_scores_exactly_as_the_index_does(tiny_encoder):
+    """The training-time zero-shot probability equals `score_vectors` (the index's) for the same model."""
+    import math
+
+    import torch
+
+    from cxrmodel.labels.prompts import LabelConfig
+    from cxrmodel.labels.zeroshot import prompt_bank, score_vectors
+    from cxrmodel.training.label_loss import PromptTokens, zero_shot_probabilities
+
+    config = LabelConfig()
+    prompts = PromptTokens.build(config, tiny_encoder.tokenize)
+    images = np.random.default_rng(0).standard_normal((5, tiny_encoder.dim)).astype(np.float32)
+    images /= np.linalg.norm(images, axis=1, keepdims=True)
+    expected, _ = score_vectors(images, prompt_bank(tiny_encoder, config), config)
+    got = zero_shot_probabilities(torch.from_numpy(images), torch.from_numpy(tiny_encoder.encode_texts(prompts.texts)),
+                                  prompts, torch.tensor(math.log(tiny_encoder.logit_scale)))
+    assert np.allclose(got.numpy(), expected, atol=1e-5)
+
+
+def test_label_vectors_and_positive_weights():
+    import torch
+
+    from cxrmodel.training.label_loss import label_vector, positive_weights
+
+    names = ["Mass", "Nodule", "Hernia"]
+    assert label_vector(("mass", " Hernia"), names) == ([1.0, 0.0, 1.0], True)
+    assert label_vector(("No Finding",), names) == ([0.0, 0.0, 0.0], True)  # labelled: all absent
+    assert label_vector((), names) == ([0.0, 0.0, 0.0], False)  # unlabelled: masked out
+    targets = torch.tensor([[1.0, 0, 0], [0, 0, 0], [0, 0, 0], [1.0, 1.0, 0]])
+    weights = positive_weights(targets, torch.tensor([True, True, True, False]))
+    assert weights.tolist() == [2.0, 1.0, 1.0]  # Mass: 2 negatives / 1 positive; no positives: 1
+

@@ -22,14 +22,23 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from cxrmodel.constants import PATHOLOGIES
 from cxrmodel.errors import DataError, ImageDecodeError
 from cxrmodel.imaging.decode import load_image
 from cxrmodel.imaging.preprocess import ImagePreprocess
+from cxrmodel.labels.prompts import LabelConfig
 from cxrmodel.model.dualencoder import ScratchSpec, build_scratch_model, own_parameters, save_model_dir
 from cxrmodel.model.encoder import Encoder, EncoderConfig, choose_device, choose_dtype, features, load_pretrained_parts
 from cxrmodel.model.fastpath import apply_fastpaths
 from cxrmodel.model.lora import LoraSettings, apply_lora, count_parameters, unwrap
 from cxrmodel.training.evaluate import embed_pairs, retrieval_metrics
+from cxrmodel.training.label_loss import (
+    PromptTokens,
+    label_loss,
+    label_vector,
+    positive_weights,
+    zero_shot_probabilities,
+)
 from cxrmodel.training.pairs import Pair, load_pairs, split_pairs
 
 log_ = logging.getLogger(__name__)
@@ -69,6 +78,9 @@ class TrainConfig:
     resume: bool = False
     progress: bool = True
     learn_temperature: bool = True
+    label_loss: float = field(default=0.0, metadata={
+        "help": "Weight of the prompt-supervised label loss on pairs with labels (0: InfoNCE only); "
+                "see cxrmodel/training/label_loss.py."})
 
 
 @dataclass
@@ -118,11 +130,14 @@ def augment_image(image, rng: random.Random):
 
 
 class PairImages(torch.utils.data.Dataset):
-    """Decoded, model-sized pixels and the caption of each pair (None for unreadable images)."""
+    """Decoded, model-sized pixels, the caption and the label vector of each pair (None for unreadable
+    images)."""
 
-    def __init__(self, pairs: list[Pair], preprocess: ImagePreprocess, augment: bool = False, seed: int = 0):
+    def __init__(self, pairs: list[Pair], preprocess: ImagePreprocess, augment: bool = False, seed: int = 0,
+                 pathologies: list[str] | None = None):
         self.pairs, self.preprocess, self.augment, self.seed = pairs, preprocess, augment, seed
         self.epoch = 0
+        self.targets = [label_vector(p.labels, pathologies or list(PATHOLOGIES)) for p in pairs]
 
     def __len__(self) -> int:
         return len(self.pairs)
@@ -135,11 +150,11 @@ class PairImages(torch.utils.data.Dataset):
             return None
         if self.augment:
             image = augment_image(image, random.Random(f"{self.seed}/{self.epoch}/{i}"))
-        return self.preprocess.pixels(image), pair.caption
+        return self.preprocess.pixels(image), pair.caption, self.targets[i]
 
 
 class Collate:
-    """Batch pixels and tokenise captions; drops unreadable images."""
+    """Batch pixels, tokenise captions, stack label vectors; drops unreadable images."""
 
     def __init__(self, preprocess: ImagePreprocess, tokenize: Callable):
         self.preprocess, self.tokenize = preprocess, tokenize
@@ -148,11 +163,13 @@ class Collate:
         items = [it for it in items if it is not None]
         if not items:
             return None
-        captions = [c for _, c in items]
+        captions = [c for _, c, _ in items]
         codes = {c: i for i, c in enumerate(dict.fromkeys(captions))}
-        return {"pixel_values": self.preprocess.batch_tensor([p for p, _ in items]),
+        return {"pixel_values": self.preprocess.batch_tensor([p for p, _, _ in items]),
                 "text": self.tokenize(captions),
-                "caption_ids": torch.tensor([codes[c] for c in captions])}
+                "caption_ids": torch.tensor([codes[c] for c in captions]),
+                "targets": torch.tensor([t for _, _, (t, _) in items], dtype=torch.float32),
+                "labelled": torch.tensor([labelled for _, _, (_, labelled) in items], dtype=torch.bool)}
 
 
 def _seed_everything(seed: int) -> None:
@@ -210,6 +227,8 @@ class TrainLoop:
     history: dict
     start_epoch: int
     augment: bool
+    prompts: PromptTokens | None = None  # --label-loss: the zero-shot prompts, tokenised
+    label_weights: torch.Tensor | None = None
 
 
 def build_data(cfg: TrainConfig, log: Callable[[str], None] = log_.info) -> TrainData:
@@ -271,7 +290,9 @@ def build_loop(cfg: TrainConfig, built: TrainModel, data: TrainData, encoder: En
     the checkpoint state when resuming."""
     workers = cfg.workers if cfg.workers is not None else min(4, max(0, (os.cpu_count() or 2) - 1))
     augment = cfg.augment if cfg.augment is not None else built.scratch
-    dataset = PairImages(data.train, built.preprocess, augment=augment, seed=cfg.seed)
+    labels = LabelConfig()
+    dataset = PairImages(data.train, built.preprocess, augment=augment, seed=cfg.seed,
+                         pathologies=list(labels.pathologies))
     generator = torch.Generator().manual_seed(cfg.seed)
     loader = torch.utils.data.DataLoader(
         dataset, batch_size=cfg.encoder.batch_size, shuffle=True, generator=generator,
@@ -292,7 +313,13 @@ def build_loop(cfg: TrainConfig, built: TrainModel, data: TrainData, encoder: En
         start_epoch = state["epoch"]
         generator.set_state(state["generator"])
         torch.set_rng_state(state["torch_rng"])
-    return TrainLoop(dataset, loader, generator, trainable, optimizer, scheduler, history, start_epoch, augment)
+    prompts = weights = None
+    if cfg.label_loss > 0:
+        prompts = PromptTokens.build(labels, encoder.tokenize)
+        targets = torch.tensor([t for t, _ in dataset.targets], dtype=torch.float32)
+        weights = positive_weights(targets, torch.tensor([lab for _, lab in dataset.targets], dtype=torch.bool))
+    return TrainLoop(dataset, loader, generator, trainable, optimizer, scheduler, history, start_epoch, augment,
+                     prompts, weights)
 
 
 def train_one_epoch(cfg: TrainConfig, built: TrainModel, loop: TrainLoop, epoch: int, device: torch.device,
@@ -316,6 +343,12 @@ def train_one_epoch(cfg: TrainConfig, built: TrainModel, loop: TrainLoop, epoch:
             img = features(model.get_image_features(pixel_values=pixels))
             txt = features(model.get_text_features(**text))
         loss = contrastive_loss(img, txt, base.logit_scale, batch["caption_ids"].to(device))
+        if loop.prompts is not None:
+            with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype != torch.float32):
+                prompt_vecs = features(model.get_text_features(**loop.prompts.tokens))
+            probs = zero_shot_probabilities(img, prompt_vecs, loop.prompts, base.logit_scale)
+            loss = loss + cfg.label_loss * label_loss(probs, batch["targets"].to(device),
+                                                      batch["labelled"].to(device), loop.label_weights.to(device))
         (loss / cfg.accumulate).backward()
         if (step + 1) % cfg.accumulate == 0 or step + 1 == len(loop.loader):
             torch.nn.utils.clip_grad_norm_(loop.trainable, cfg.max_grad_norm)
@@ -383,7 +416,7 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = log_.info) -> TrainResu
     metrics = {
         "init": cfg.init, "base_model": "scratch" if built.scratch else cfg.encoder.model,
         "scratch": asdict(cfg.scratch) if built.scratch else None, "caption_template": cfg.caption_template,
-        "augment": loop.augment, "parameters": params, "lora": asdict(built.lora),
+        "augment": loop.augment, "label_loss": cfg.label_loss, "parameters": params, "lora": asdict(built.lora),
         "epochs": cfg.epochs, "batch_size": cfg.encoder.batch_size, "accumulate": cfg.accumulate, "lr": cfg.lr,
         "seed": cfg.seed, "precision": str(autocast_dtype).replace("torch.", ""),
         "train_pairs": len(data.train), "val_pairs": len(data.val), "skipped_rows": data.skipped_rows,

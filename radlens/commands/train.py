@@ -31,6 +31,9 @@ def register(sub) -> None:
                    help="compose captions from columns, e.g. '{view} {modality} of the {anatomy}: {labels}'")
     p.add_argument("--augment", action=argparse.BooleanOptionalAction, default=None,
                    help="random crop/rotation/contrast (default: on with --init scratch)")
+    p.add_argument("--label-loss", type=float, default=0.0, metavar="WEIGHT",
+                   help="add WEIGHT x a prompt-supervised loss on rows with `labels`: the zero-shot score of the "
+                        "14 pathologies (the index's own computation) against the labels (default 0: off)")
     p.add_argument("--epochs", type=int, default=3)
     p.add_argument("--lr", type=float, default=1e-4)
     p.add_argument("--weight-decay", type=float, default=0.01)
@@ -70,7 +73,8 @@ def run_train(args) -> int:
                           text_model=args.text_model)
     cfg = TrainConfig(pairs=args.pairs, images=args.images, out=Path(args.out), encoder=encoder_config(args),
                       lora=lora, init=args.init, scratch=scratch, caption_template=args.caption_template,
-                      augment=args.augment, val_pairs=args.val_pairs, epochs=args.epochs, lr=args.lr,
+                      augment=args.augment, label_loss=args.label_loss, val_pairs=args.val_pairs,
+                      epochs=args.epochs, lr=args.lr,
                       weight_decay=args.weight_decay, warmup=args.warmup,
                       accumulate=args.accumulate, val_fraction=args.val_fraction, seed=args.seed,
                       workers=args.workers, resume=args.resume, progress=not args.no_progress)
