@@ -178,6 +178,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--test", action="store_true",
                         help="also report the test part (do this once, for the configuration chosen on validation)")
     parser.add_argument("--export-mini", type=Path, default=None, help="also write the model here (radlens-mini)")
+    parser.add_argument("--evaluate", type=Path, default=None, metavar="MODEL_DIR",
+                        help="no training: evaluate a model this bench trained before (e.g. OUT/model) on the "
+                             "same split, e.g. with --test once it is the configuration chosen on validation")
     args = parser.parse_args(argv)
 
     corpus = require(args.corpus, "shared corpus")
@@ -197,15 +200,19 @@ def main(argv: list[str] | None = None) -> int:
     before = {"validation": evaluate(today, val_rows, corpus, labels)}
     if args.test:
         before["test"] = evaluate(today, test_rows, corpus, labels)
-    model_dir = args.out / "model"
-    if model_dir.exists():
-        shutil.rmtree(model_dir)
-    cfg = TrainConfig(pairs=str(train_csv), val_pairs=str(val_csv), out=model_dir, init="scratch",
-                      scratch=ScratchSpec(), caption_template=args.caption_template,
-                      encoder=EncoderConfig(batch_size=args.batch_size), epochs=args.epochs, lr=args.lr, warmup=0.05,
-                      seed=args.seed, workers=args.workers, label_loss=args.label_loss,
-                      progress=sys.stderr.isatty())
-    result = train(cfg, log=print)
+    if args.evaluate:
+        model_dir = args.evaluate
+        trained = json.loads((model_dir / "metrics.json").read_text())
+    else:
+        model_dir = args.out / "model"
+        if model_dir.exists():
+            shutil.rmtree(model_dir)
+        cfg = TrainConfig(pairs=str(train_csv), val_pairs=str(val_csv), out=model_dir, init="scratch",
+                          scratch=ScratchSpec(), caption_template=args.caption_template,
+                          encoder=EncoderConfig(batch_size=args.batch_size), epochs=args.epochs, lr=args.lr,
+                          warmup=0.05, seed=args.seed, workers=args.workers, label_loss=args.label_loss,
+                          progress=sys.stderr.isatty())
+        trained = train(cfg, log=print).metrics
     encoder = load_encoder(EncoderConfig(model=str(model_dir)))
     after = {part: evaluate(encoder, part_rows, corpus, labels)
              for part, part_rows in (("validation", val_rows), ("test", test_rows)) if part in before}
@@ -214,12 +221,13 @@ def main(argv: list[str] | None = None) -> int:
             "test_patients": len({r["patient_id"] or r["id"] for r in test_rows}),
             "heldout_images": len(test_rows), "heldout_patients": len({r["patient_id"] or r["id"] for r in test_rows}),
             "before": "today's bundled radlens-mini (never trained on the validation or test patients)",
-            "trainable_percent": result.metrics["parameters"]["trainable_percent"],
-            "total_parameters": result.metrics["parameters"]["total"], "seed": args.seed, "epochs": args.epochs,
-            "lr": args.lr, "label_loss": args.label_loss, "caption_template": args.caption_template,
+            "trainable_percent": trained["parameters"]["trainable_percent"],
+            "total_parameters": trained["parameters"]["total"], "seed": args.seed, "epochs": trained["epochs"],
+            "lr": trained["lr"], "label_loss": trained.get("label_loss", 0.0),
+            "caption_template": trained["caption_template"],
             "command": "python -m bench.quality " + " ".join(argv if argv is not None else sys.argv[1:]),
             "wall_seconds": time.perf_counter() - started,
-            "pair_recall_before": result.metrics["before"], "pair_recall_after": result.metrics["after"]}
+            "pair_recall_before": trained["before"], "pair_recall_after": trained["after"]}
     for part in after:
         print_report(before[part], after[part], meta, part)
     (args.out / "quality.json").write_text(json.dumps({"meta": meta, "before": before, "after": after}, indent=2))

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from sqlalchemy import select
+from sqlalchemy import func, select
 from sqlalchemy.engine import Engine as DB
 from sqlalchemy.orm import Session
 
@@ -97,6 +97,13 @@ class Catalog:
             decision = session.get(DecisionRow, (generation, row.id))
             out["applicability"] = decision.to_dict() if decision else None
         return out
+
+    def value_counts(self, column: str) -> dict[str, int]:
+        """How many images have each value of a metadata column (`search.filters.METADATA_FILTERS`)."""
+        field = getattr(ImageRow, column)
+        with Session(self.db) as session:
+            return {value: count for value, count in session.execute(
+                select(field, func.count()).where(field.is_not(None)).group_by(field))}
 
     def vector(self, image_id: int, generation: int) -> np.ndarray | None:
         """The embedding stored for an image in `generation` (exact, whatever the index compresses), or None."""

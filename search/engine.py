@@ -28,7 +28,7 @@ from indexer.skipped import skipped_count
 from indexer.store import Generation, active_generation, default_db_url, has_database, open_db
 
 from .catalog import Catalog, Hit
-from .filters import Filters, calibrated_filters, matching_ids_query, parse_filters
+from .filters import Filters, calibrated_filters, matching_ids_query, parse_filters, suggest_value
 from .knn import Selection, candidate_rounds
 from .labelling import Labeller, pil, report_metadata
 from .relevance import Baseline, build_baseline
@@ -193,6 +193,19 @@ class Engine:
         """Indexed images most similar to `image`, best first."""
         state = self.state()
         return self.mark_image_matches(self._search(state, self.embed(image, state), k, filters), state)
+
+    def filter_hint(self, filters: Filters) -> str | None:
+        """Why a metadata filter matches nothing, with the closest value present: "no image has modality
+        'xray'; did you mean 'X-ray'?" (None when every metadata value exists)."""
+        for key, value in filters.metadata:
+            counts = self.catalog.value_counts(key)
+            if any(v.strip().lower() == value.strip().lower() for v in counts):
+                continue
+            closest = suggest_value(value, list(counts))
+            present = ", ".join(f"{v} ({n})" for v, n in sorted(counts.items(), key=lambda kv: -kv[1])[:8])
+            return (f"no image has {key} {value!r}" + (f"; did you mean {closest!r}?" if closest else "")
+                    + (f" Values present: {present}." if present else ""))
+        return None
 
     def similar_to(self, image_id: int, k: int = 10, filters: Filters | None = None) -> list[Hit]:
         """"More like this": the indexed images most similar to indexed image `image_id` (by its stored

@@ -48,6 +48,43 @@ class Filters:
                 "scores": [{"pathology": s.pathology, "op": s.op, "value": s.value} for s in self.scores]}
 
 
+_KEY = re.compile(r"^[A-Za-z_][A-Za-z0-9_\-]*$")
+_KEY_WITH_OP = re.compile(r"^[A-Za-z_][A-Za-z0-9_\-]*\s*(>=|<=|>|<|=)")
+_OP_FIRST = re.compile(r"^(>=|<=|>|<|=)")
+
+
+def split_filter_text(text: str) -> list[str]:
+    """Several filters typed in one box, as separate expressions: split on commas, and on spaces where the
+    next word starts a new `key=value` or `pathology >= x` (so `view=AP supine` stays one filter)."""
+    out = []
+    for part in (text or "").split(","):
+        words, current = part.split(), []
+        for i, word in enumerate(words):
+            starts = _KEY_WITH_OP.match(word) or (
+                _KEY.match(word) and i + 1 < len(words) and _OP_FIRST.match(words[i + 1]))
+            if current and starts:
+                out.append(" ".join(current))
+                current = []
+            current.append(word)
+        if current:
+            out.append(" ".join(current))
+    return out
+
+
+def suggest_value(value: str, present: list[str]) -> str | None:
+    """The value in `present` closest to a `value` no image has (case, '-' and spaces aside), or None."""
+    import difflib
+
+    def norm(v: str) -> str:
+        return re.sub(r"[\s_\-]+", "", v.lower())
+
+    by_norm = {norm(v): v for v in present if v}
+    if norm(value) in by_norm:
+        return by_norm[norm(value)]
+    close = difflib.get_close_matches(norm(value), list(by_norm), n=1, cutoff=0.6)
+    return by_norm[close[0]] if close else None
+
+
 def parse_filters(expressions: list[str] | None, pathologies: list[str]) -> Filters:
     """Parse `modality=CT`, `view=PA`, `effusion>=0.6` ... (pathology `=` means `>=`)."""
     by_lower = {p.lower(): p for p in pathologies}

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 
 import numpy as np
 import pytest
@@ -314,3 +315,36 @@ def test_more_like_this_from_the_api_the_page_and_the_card(client, some_id):
     assert f'href="/?like={r.json["results"][0]["id"]}"' in page  # every card offers it again
     assert client.get("/", query_string={"like": "999999"}).status_code == 400
     assert f'href="/?like={some_id}"' in client.get(f"/image/{some_id}").get_data(as_text=True)
+
+
+def test_result_pages_are_slices_of_one_ranking_with_counts_and_links(client):
+    one = client.get("/", query_string={"q": "x", "k": 3}).get_data(as_text=True)
+    two = client.get("/", query_string={"q": "x", "k": 3, "page": 2}).get_data(as_text=True)
+    six = client.get("/api/search", query_string={"q": "x", "k": 6}).json["results"]
+    ids = [re.findall(r'href="/image/(\d+)"', page) for page in (one, two)]
+    assert [int(i) for i in ids[0] + ids[1]] == [h["id"] for h in six]  # page 2 continues page 1
+    assert "Showing 1–3 of" in one and "Showing 4–6 of" in two and 'rel="next"' in one and 'rel="prev"' in two
+    assert 'name="k" value="3"' in one  # k is on the form
+    assert client.get("/", query_string={"q": "x", "k": 100, "page": 11}).status_code == 400
+
+
+def test_several_filters_in_one_box_and_a_hint_for_a_value_no_image_has(client):
+    both = client.get("/", query_string={"q": "x", "filter": "modality=CT, view=PA", "k": 50}).get_data(as_text=True)
+    assert "of the" in both and "images the filters allow" in both
+    api = client.get("/api/search", query_string={"q": "x", "k": 50, "filter": ["modality=CT", "view=PA"]}).json
+    assert both.count('class="card"') == len(api["results"]) > 0
+    spaced = client.get("/", query_string={"q": "x", "filter": "modality=CT view=PA", "k": 50}).get_data(as_text=True)
+    assert spaced.count('class="card"') == len(api["results"])
+    hint = client.get("/", query_string={"q": "x", "filter": "modality=c-t"}).get_data(as_text=True)
+    assert "no image has modality &#39;c-t&#39;; did you mean &#39;CT&#39;?" in hint
+
+
+@pytest.mark.parametrize("text, parts", [
+    ("modality=CT, view=PA", ["modality=CT", "view=PA"]),
+    ("modality=CT view=AP supine effusion >= 0.6", ["modality=CT", "view=AP supine", "effusion >= 0.6"]),
+    ("  ", []),
+])
+def test_split_filter_text(text, parts):
+    from search.filters import split_filter_text
+
+    assert split_filter_text(text) == parts

@@ -10,6 +10,7 @@ from flask import Blueprint, render_template, request
 from cxrmodel.errors import NotFoundError, RadLensError
 from cxrmodel.imaging.decode import shrink_to_fit
 from cxrmodel.reporting.report import languages, sections
+from search.filters import split_filter_text
 
 from . import HTTPError, status_for
 from .context import engine, id_labels, k_param, lang_param, read_upload, threshold_param, upload_labels
@@ -18,24 +19,51 @@ from .limits import heavy
 pages = Blueprint("pages", __name__)
 
 
+MAX_RESULTS = 1000  # the deepest page reaches this many results (the engine's own cap)
+
+
 @pages.get("/")
 def index():
     query = (request.args.get("q") or "").strip()
-    filters = [f for f in request.args.getlist("filter") if f.strip()]
+    typed = [f for f in request.args.getlist("filter") if f.strip()]
+    filters = [part for f in typed for part in split_filter_text(f)]  # several filters in one box
     like = request.args.get("like", "").strip()  # "more like this": an indexed image's id
-    hits, error, like_meta = [], None, None
+    hits, error, like_meta, hint, page, k, more, allowed = [], None, None, None, 1, None, False, None
     try:
+        k = k_param(request.args.get("k"))
+        page = _page_param(request.args.get("page"), k)
+        parsed = engine().parse_filters(filters)
+        wanted = k * page  # one ranked list, sliced: the same query gives the same pages
         if like:
             if not like.isdigit() or (like_meta := engine().get(int(like))) is None:
                 raise NotFoundError(f"no indexed image with id {like!r}")
-            hits = engine().similar_to(int(like), k=k_param(request.args.get("k")),
-                                       filters=engine().parse_filters(filters))
+            ranked = engine().similar_to(int(like), k=wanted, filters=parsed)
         elif query:
-            hits = engine().text(query, k=k_param(request.args.get("k")), filters=engine().parse_filters(filters))
+            ranked = engine().text(query, k=wanted, filters=parsed)
+        else:
+            ranked = []
+        hits, more = ranked[(page - 1) * k:], len(ranked) == wanted and wanted < MAX_RESULTS
+        if (query or like) and parsed:
+            allowed = engine().selection(parsed).count
+            if not ranked:
+                hint = engine().filter_hint(parsed)
     except (RadLensError, HTTPError) as exc:
         error = exc.message if isinstance(exc, HTTPError) else str(exc)
     return render_template("search.html", query=query, filters=filters, hits=hits, error=error, like=like_meta,
+                           hint=hint, page=page, k=k or 12, more=more, allowed=allowed, first=(page - 1) * (k or 0) + 1,
                            stats=engine().stats()), (400 if error else 200)
+
+
+def _page_param(value, k: int) -> int:
+    """A 1-based page number whose results stay within MAX_RESULTS."""
+    try:
+        page = int(value) if value not in (None, "") else 1
+    except (TypeError, ValueError):
+        raise HTTPError(400, "page must be an integer") from None
+    last = max(1, MAX_RESULTS // k)
+    if not 1 <= page <= last:
+        raise HTTPError(400, f"page must be between 1 and {last} at {k} results per page")
+    return page
 
 
 @pages.route("/upload", methods=["GET", "POST"])
