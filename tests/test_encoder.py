@@ -117,3 +117,26 @@ def test_a_checkpoint_saved_by_transformers_5_loads_with_its_processor_config(ti
     (broken / "processor_config.json").unlink()
     with pytest.raises(ModelLoadError, match="no preprocessor_config.json or processor_config.json"):
         load_encoder(EncoderConfig(model=str(broken), precision="fp32"))
+
+
+def test_an_unreachable_hub_reads_the_cache_only_and_says_so(monkeypatch, tmp_path):
+    """No half-minute of retries: with the hub unreachable, a hub id loads from the local cache or fails at
+    once with the reason and how to point at a local copy."""
+    import socket
+    import time
+
+    from cxrmodel.errors import ModelLoadError
+    from cxrmodel.model import encoder as enc
+
+    with socket.socket() as closed:  # a free loopback port nothing listens on
+        closed.bind(("127.0.0.1", 0))
+        port = closed.getsockname()[1]
+    monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{port}")
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))  # an empty cache
+    assert enc.hub_reachable(timeout=1.0) is False
+    started = time.monotonic()
+    with pytest.raises(ModelLoadError) as caught:
+        enc.load_pretrained_parts("someone/some-clip")
+    assert time.monotonic() - started < 10
+    assert "not reachable from this machine" in str(caught.value) and "--model DIR" in str(caught.value)

@@ -118,6 +118,22 @@ def _hub_hint(name: str) -> str:
     )
 
 
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether a TCP connection to the Hugging Face endpoint (HF_ENDPOINT, default huggingface.co:443) opens
+    within `timeout`: when it does not, loading by hub id reads the local cache only, at once, instead of
+    retrying for half a minute."""
+    import os
+    import socket
+    from urllib.parse import urlparse
+
+    url = urlparse(os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
+    try:
+        socket.create_connection((url.hostname or "huggingface.co", url.port or 443), timeout=timeout).close()
+    except OSError:
+        return False
+    return True
+
+
 def _model_class(model_type: str):
     from transformers import CLIPModel, VisionTextDualEncoderModel
 
@@ -150,6 +166,9 @@ def load_pretrained_parts(name: str, dtype: torch.dtype = torch.float32, revisio
         raise ModelLoadError(f"model directory {name!r} does not exist. " + _hub_hint(name))
     source = str(local) if local.is_dir() else name
     pinned = {"revision": revision} if revision and not local.is_dir() else {}
+    offline = not local.is_dir() and not os.environ.get("HF_HUB_OFFLINE") and not hub_reachable()
+    if offline:
+        pinned["local_files_only"] = True  # the cache, if it has the checkpoint; no retries against the network
     try:
         config = AutoConfig.from_pretrained(source, **pinned)
         model = _model_class(config.model_type).from_pretrained(source, dtype=dtype, **pinned)
@@ -160,13 +179,14 @@ def load_pretrained_parts(name: str, dtype: torch.dtype = torch.float32, revisio
     except (OSError, ValueError, KeyError, RuntimeError, SafetensorError) as exc:  # junk or mismatched weights too
         first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         hint = ("Its files are damaged or incomplete: copy the checkpoint again." if local.is_dir()
-                else _hub_hint(name))
+                else ("The Hugging Face hub is not reachable from this machine and the checkpoint is not in "
+                      "its local cache. " if offline else "") + _hub_hint(name))
         raise ModelLoadError(f"cannot load model {name!r}: {first_line}. {hint}") from None
     model.eval()
     return model, tokenizer, preprocess
 
 
-def _load_preprocess(source: str, revision: str | None = None) -> ImagePreprocess:
+def _load_preprocess(source: str, revision: str | None = None, local_files_only: bool = False) -> ImagePreprocess:
     """The checkpoint's image-processor settings, from either processor file layout (local or hub)."""
     if Path(source).is_dir():
         if not any((Path(source) / name).exists() for name in PROCESSOR_FILES):
@@ -177,12 +197,13 @@ def _load_preprocess(source: str, revision: str | None = None) -> ImagePreproces
         except (ValueError, KeyError, TypeError) as exc:
             raise ModelLoadError(f"cannot read the image processor of {source}: {exc}") from None
     from huggingface_hub import hf_hub_download
-    from huggingface_hub.errors import EntryNotFoundError
+    from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
 
     for name in PROCESSOR_FILES:
         try:
-            return ImagePreprocess.from_file(hf_hub_download(source, name, revision=revision))
-        except EntryNotFoundError:
+            return ImagePreprocess.from_file(hf_hub_download(source, name, revision=revision,
+                                                             local_files_only=local_files_only))
+        except (EntryNotFoundError, LocalEntryNotFoundError):
             continue
     raise ModelLoadError(f"{source} has no {PREPROCESSOR_FILE} or {PROCESSOR_FILE} on the hub")
 
