@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from sqlalchemy import func, select
+from sqlalchemy import Select, func, select
 from sqlalchemy.engine import Engine as DB
 from sqlalchemy.orm import Session
 
@@ -96,6 +96,18 @@ class Catalog:
                                  ScoreRow.generation_id == generation, ScoreRow.image_id == row.id))}
             decision = session.get(DecisionRow, (generation, row.id))
             out["applicability"] = decision.to_dict() if decision else None
+        return out
+
+    def facet_counts(self, columns: tuple[str, ...], ids: Select, generation: int) -> dict[str, dict[str, int]]:
+        """Per column, how many of the images `ids` selects (and `generation` embeds) have each value."""
+        embedded = select(EmbeddingRow.image_id).where(EmbeddingRow.generation_id == generation)
+        out = {}
+        with Session(self.db) as session:
+            for column in columns:
+                field = getattr(ImageRow, column)
+                rows = session.execute(select(field, func.count()).where(
+                    field.is_not(None), ImageRow.id.in_(ids), ImageRow.id.in_(embedded)).group_by(field))
+                out[column] = dict(sorted(((v, n) for v, n in rows if str(v).strip()), key=lambda kv: -kv[1]))
         return out
 
     def value_counts(self, column: str) -> dict[str, int]:

@@ -28,7 +28,14 @@ from indexer.skipped import skipped_count
 from indexer.store import Generation, active_generation, default_db_url, has_database, open_db
 
 from .catalog import Catalog, Hit
-from .filters import Filters, calibrated_filters, matching_ids_query, parse_filters, suggest_value
+from .filters import (
+    METADATA_FILTERS,
+    Filters,
+    calibrated_filters,
+    matching_ids_query,
+    parse_filters,
+    suggest_value,
+)
 from .knn import Selection, candidate_rounds
 from .labelling import Labeller, pil, report_metadata
 from .relevance import Baseline, build_baseline
@@ -193,6 +200,13 @@ class Engine:
         """Indexed images most similar to `image`, best first."""
         state = self.state()
         return self.mark_image_matches(self._search(state, self.embed(image, state), k, filters), state)
+
+    def facets(self, filters: Filters | None = None) -> dict[str, dict[str, int]]:
+        """Counts of each modality, body part, view, source and format among the images `filters` allow in
+        the served index (all of them without filters), most frequent first."""
+        state = self.state()
+        return self.catalog.facet_counts(METADATA_FILTERS, matching_ids_query(filters or Filters(), state.generation),
+                                         state.generation)
 
     def filter_hint(self, filters: Filters) -> str | None:
         """Why a metadata filter matches nothing, with the closest value present: "no image has modality

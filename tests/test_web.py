@@ -348,3 +348,15 @@ def test_split_filter_text(text, parts):
     from search.filters import split_filter_text
 
     assert split_filter_text(text) == parts
+
+
+def test_facets_count_under_the_filters_and_chips_remove_them(client, engine):
+    page = client.get("/", query_string={"q": "x"}).get_data(as_text=True)
+    everything = engine.facets()
+    assert "data-facets" in page and f"CT</a> <span class=\"count\">({everything['modality']['CT']})" in page
+    narrowed = client.get("/", query_string={"q": "x", "filter": "modality=CT"}).get_data(as_text=True)
+    ct = engine.facets(engine.parse_filters(["modality=CT"]))
+    assert set(ct["modality"]) == {"CT"} and sum(ct["view"].values()) == everything["modality"]["CT"]
+    assert f"PA</a> <span class=\"count\">({ct['view']['PA']})" in narrowed  # counts under the filter
+    assert 'href="/?q=x&amp;k=12"' in narrowed and "remove filter modality=CT" in narrowed  # the chip
+    assert 'filter=modality%3DCT,+view%3DPA"' in narrowed  # a facet adds its filter to the active ones

@@ -5,7 +5,7 @@ from __future__ import annotations
 import base64
 import io
 
-from flask import Blueprint, render_template, request
+from flask import Blueprint, render_template, request, url_for
 
 from cxrmodel.errors import NotFoundError, RadLensError
 from cxrmodel.imaging.decode import shrink_to_fit
@@ -47,10 +47,22 @@ def index():
             allowed = engine().selection(parsed).count
             if not ranked:
                 hint = engine().filter_hint(parsed)
+        facets = engine().facets(parsed) if (query or like) else {}
     except (RadLensError, HTTPError) as exc:
-        error = exc.message if isinstance(exc, HTTPError) else str(exc)
+        error, facets = (exc.message if isinstance(exc, HTTPError) else str(exc)), {}
+
+    def link(with_filters: list[str]) -> str:  # this search with other filters, from page 1
+        return url_for("pages.index", q=query or None, like=like or None, k=k or None,
+                       filter=", ".join(with_filters) or None)
+
+    facet_links = {field: [(value, count, link(filters + [f"{field}={value}"]))
+                           for value, count in values.items() if f"{field}={value}".lower() not in
+                           {f.lower() for f in filters}]
+                   for field, values in facets.items()}
+    chips = [(f, link([g for g in filters if g != f])) for f in filters]
     return render_template("search.html", query=query, filters=filters, hits=hits, error=error, like=like_meta,
                            hint=hint, page=page, k=k or 12, more=more, allowed=allowed, first=(page - 1) * (k or 0) + 1,
+                           facets={f: v for f, v in facet_links.items() if v}, chips=chips,
                            stats=engine().stats()), (400 if error else 200)
 
 
