@@ -123,6 +123,14 @@ def test_label_needs_no_index_and_takes_what_the_user_knows(tmp_path, tiny_model
     assert not empty.exists()  # labelling one file writes nothing
     assert main([*argv, "--modality", "CT", "--body-part", "head"]) == 0
     assert "do not apply" in capsys.readouterr().out
+    pdf = tmp_path / "cxr.pdf"
+    argv[argv.index("md")] = "pdf"
+    assert main([*argv, "--modality", "CR", "--body-part", "chest", "--out", str(pdf)]) == 0
+    from pypdf import PdfReader
+
+    text = PdfReader(pdf).pages[0].extract_text()
+    assert "File: cxr.png" in text and str(tiny_model_dir.name) in text and "Threshold:" in text
+    assert PdfReader(pdf).pages[0].images  # the thumbnail
 
 
 def test_similar_by_indexed_id(engine, indexed_dir, monkeypatch, capsys):

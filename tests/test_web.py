@@ -360,3 +360,44 @@ def test_facets_count_under_the_filters_and_chips_remove_them(client, engine):
     assert f"PA</a> <span class=\"count\">({ct['view']['PA']})" in narrowed  # counts under the filter
     assert 'href="/?q=x&amp;k=12"' in narrowed and "remove filter modality=CT" in narrowed  # the chip
     assert 'filter=modality%3DCT,+view%3DPA"' in narrowed  # a facet adds its filter to the active ones
+
+
+def _render_first_page(pdf: bytes) -> tuple[np.ndarray, str]:
+    """(grayscale pixels at 72 dpi, text) of a PDF's first page, rendered by PDFium."""
+    import pypdfium2 as pdfium
+
+    doc = pdfium.PdfDocument(pdf)
+    page = doc[0]
+    pixels = np.asarray(page.render(scale=1).to_pil().convert("L"))
+    text = page.get_textpage().get_text_range()
+    doc.close()
+    return pixels, text
+
+
+def test_the_pdf_report_stands_alone_with_image_provenance_and_figures(client, engine, some_id):
+    pdf = client.get(f"/api/images/{some_id}/report", query_string={"format": "pdf", "threshold": "0.4"}).data
+    pixels, text = _render_first_page(pdf)
+    meta = engine.get(some_id)
+    assert meta["file_name"] in text and meta["content_hash"][:12] in text
+    assert "Threshold: 0.40" in text and "Model: " in text and engine.encoder.fingerprint[:12] in text
+    assert "Generated: " in text and "Language: en" in text
+    width = pixels.shape[1]
+    thumbnail = pixels[40:200, width - 170:width - 40]  # top right, where the thumbnail sits (55 mm wide)
+    assert thumbnail.std() > 10 and (thumbnail < 250).mean() > 0.5  # an image there, not blank paper
+    import pypdfium2 as pdfium
+
+    assert len(pdfium.PdfDocument(pdf)) >= 3  # the report, then the chart and the heatmap pages
+
+
+def test_the_upload_page_offers_the_same_downloads(client):
+    r = client.post("/upload", data=_upload(png_bytes(gray_image(4, (96, 96))), "film.png"),
+                    content_type="multipart/form-data")
+    page = r.get_data(as_text=True)
+    links = {name: (mime, data) for mime, data, name in
+             re.findall(r'href="data:([^;]+);base64,([^"]+)" download="([^"]+)"', page)}
+    assert set(links) == {"report.pdf", "report.md", "findings.csv"}
+    import base64
+
+    _, text = _render_first_page(base64.b64decode(links["report.pdf"][1]))
+    assert "film.png" in text and "RadLens report" in text
+    assert base64.b64decode(links["report.md"][1]).decode().startswith("# RadLens report")

@@ -9,6 +9,7 @@ from flask import Blueprint, Response, jsonify, request
 
 from cxrmodel.constants import VERSION
 from cxrmodel.reporting.charts import category_heatmap, probability_chart, summary_card
+from cxrmodel.reporting.documents import pdf_context
 from cxrmodel.reporting.report import findings_csv, to_markdown, to_pdf
 
 from .auth import authorized
@@ -112,14 +113,17 @@ def image_priors(image_id: int):
 @heavy
 def image_report(image_id: int):
     fmt = request.args.get("format", "json")
-    _, _, report, _ = id_labels(image_id, threshold_param(request.args.get("threshold")),
-                                lang_param(request.args.get("lang")))
+    threshold, lang = threshold_param(request.args.get("threshold")), lang_param(request.args.get("lang"))
+    meta, scores, report, decision = id_labels(image_id, threshold, lang)
     if fmt == "json":
         return jsonify(report.to_dict())
     if fmt == "md":
         return _download(to_markdown(report).encode(), "text/markdown; charset=utf-8", f"report-{image_id}.md")
     if fmt == "pdf":
-        return _download(to_pdf(report), "application/pdf", f"report-{image_id}.pdf")
+        context = pdf_context(scores, decision, threshold, lang, image=engine().thumbnail(image_id, 384),
+                              file_name=meta.get("file_name"), content_hash=meta.get("content_hash"),
+                              encoder=engine().encoder)
+        return _download(to_pdf(report, context), "application/pdf", f"report-{image_id}.pdf")
     return jsonify({"error": "format must be json, md or pdf", "status": 400}), 400
 
 

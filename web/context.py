@@ -36,6 +36,19 @@ def read_upload(field: str = "image"):
     return engine().decode_upload(data, name=name)
 
 
+def upload_provenance(field: str = "image") -> tuple[str | None, str | None]:
+    """(base name as the browser sent it, SHA-256 of the content) of an upload, for the report's provenance."""
+    import hashlib
+
+    upload = request.files.get(field)
+    if upload is None:
+        return None, None
+    upload.stream.seek(0)
+    digest = hashlib.sha256(upload.stream.read(config().max_upload_bytes + 1)).hexdigest()
+    name = (upload.filename or "").replace("\\", "/").rsplit("/", 1)[-1][:200]
+    return name or None, digest
+
+
 def k_param(value) -> int:
     """Parse k within the configured bounds."""
     try:

@@ -9,11 +9,21 @@ from flask import Blueprint, render_template, request, url_for
 
 from cxrmodel.errors import NotFoundError, RadLensError
 from cxrmodel.imaging.decode import shrink_to_fit
-from cxrmodel.reporting.report import languages, sections
+from cxrmodel.reporting.documents import pdf_context
+from cxrmodel.reporting.report import findings_csv, languages, sections, to_markdown, to_pdf
 from search.filters import split_filter_text
 
 from . import HTTPError, status_for
-from .context import engine, id_labels, k_param, lang_param, read_upload, threshold_param, upload_labels
+from .context import (
+    engine,
+    id_labels,
+    k_param,
+    lang_param,
+    read_upload,
+    threshold_param,
+    upload_labels,
+    upload_provenance,
+)
 from .limits import heavy
 
 pages = Blueprint("pages", __name__)
@@ -103,8 +113,16 @@ def _labelled_upload():
     preview = shrink_to_fit(image.image, 384)
     buf = io.BytesIO()
     preview.save(buf, format="PNG")
+    name, digest = upload_provenance()
+    context = pdf_context(scores, decision, threshold, lang, image=buf.getvalue(), file_name=name,
+                          content_hash=digest, encoder=state.encoder)
+    downloads = [("report (PDF)", "report.pdf", "application/pdf", to_pdf(report, context)),
+                 ("report (Markdown)", "report.md", "text/markdown", to_markdown(report).encode()),
+                 ("findings (CSV)", "findings.csv", "text/csv", findings_csv(scores, threshold).encode())]
     result = {"hits": hits, "scores": scores, "report": report, "sections": sections(report),
-              "decision": decision, "preview": base64.b64encode(buf.getvalue()).decode()}
+              "decision": decision, "preview": base64.b64encode(buf.getvalue()).decode(),
+              "downloads": [(label, name, f"data:{mime};base64,{base64.b64encode(data).decode()}")
+                            for label, name, mime, data in downloads]}
     return render_template("upload.html", result=result, error=None, languages=languages(), lang=lang)
 
 

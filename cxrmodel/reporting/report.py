@@ -223,15 +223,57 @@ def to_json(report: Report) -> str:
     return json.dumps(report.to_dict(), indent=2, ensure_ascii=False)
 
 
-def to_pdf(report: Report) -> bytes:
-    """The report as a PDF document (fpdf2 core fonts, so it works offline)."""
+@dataclass
+class PdfContext:
+    """What makes a PDF report stand alone: the image, where it came from, when, by which model and at
+    which threshold, and the figures the page shows."""
+
+    image_png: bytes | None = None
+    file_name: str | None = None
+    content_hash: str | None = None
+    model: str | None = None
+    model_fingerprint: str | None = None
+    threshold: float | None = None  # None: each assessed pathology's own calibrated threshold
+    generated: str = ""  # e.g. "2026-12-02 07:10 UTC"
+    figures: list[tuple[str, bytes]] = field(default_factory=list)  # (caption, PNG)
+
+    def lines(self, t: dict, lang: str) -> list[str]:
+        """The provenance lines printed under the title."""
+        out = []
+        if self.file_name or self.content_hash:
+            out.append(t["pdf_file"].format(name=self.file_name or "-", hash=(self.content_hash or "-")[:12]))
+        if self.generated:
+            out.append(t["pdf_generated"].format(when=self.generated))
+        if self.model:
+            out.append(t["pdf_model"].format(model=self.model, fingerprint=(self.model_fingerprint or "-")[:12]))
+        out.append(t["pdf_threshold"].format(value=f"{self.threshold:.2f}") if self.threshold is not None
+                   else t["pdf_threshold_per_label"])
+        out.append(t["pdf_language"].format(lang=lang))
+        return out
+
+
+def to_pdf(report: Report, context: PdfContext | None = None) -> bytes:
+    """The report as a PDF document (fpdf2 core fonts, so it works offline); with a `context`, the image
+    thumbnail, its provenance (file, content hash, date, model, threshold, language) and the figures too."""
+    import io
+
     from fpdf import FPDF
 
+    t = text_for(report.lang)
     pdf = FPDF(format="A4")
     pdf.set_auto_page_break(auto=True, margin=15)
     pdf.add_page()
     pdf.set_font("Helvetica", "B", 16)
-    pdf.cell(0, 10, _latin1(text_for(report.lang)["title"]), new_x="LMARGIN", new_y="NEXT")
+    pdf.cell(0, 10, _latin1(t["title"]), new_x="LMARGIN", new_y="NEXT")
+    if context is not None:
+        pdf.set_font("Helvetica", "", 9)
+        top = pdf.get_y()
+        for line in context.lines(t, report.lang):
+            pdf.cell(110, 5, _latin1(line), new_x="LMARGIN", new_y="NEXT")
+        if context.image_png:
+            pdf.image(io.BytesIO(context.image_png), x=pdf.w - pdf.r_margin - 55, y=top, w=55)
+            pdf.set_y(max(pdf.get_y(), top + 60))
+        pdf.ln(3)
     for title, paragraphs in sections(report):
         pdf.set_font("Helvetica", "B", 12)
         pdf.cell(0, 8, _latin1(title), new_x="LMARGIN", new_y="NEXT")
@@ -239,6 +281,11 @@ def to_pdf(report: Report) -> bytes:
         for text in paragraphs:
             pdf.multi_cell(0, 5, _latin1(text), new_x="LMARGIN", new_y="NEXT")
         pdf.ln(2)
+    for caption, png in (context.figures if context is not None else []):
+        pdf.add_page()
+        pdf.set_font("Helvetica", "B", 12)
+        pdf.cell(0, 8, _latin1(caption), new_x="LMARGIN", new_y="NEXT")
+        pdf.image(io.BytesIO(png), w=pdf.w - pdf.l_margin - pdf.r_margin)
     return bytes(pdf.output())
 
 

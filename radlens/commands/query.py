@@ -208,8 +208,16 @@ def run_label(args) -> int:
         _print_scores(scores)
         return 0
     if args.report == "pdf":
+        import hashlib
+
+        from cxrmodel.reporting.documents import pdf_context
+
+        context = pdf_context(scores, decision, args.threshold, args.lang, image=image.image,
+                              file_name=Path(args.image).name,
+                              content_hash=hashlib.sha256(Path(args.image).read_bytes()).hexdigest(),
+                              encoder=labeller.encoder)
         out = Path(args.out or Path(args.image).with_suffix(".report.pdf").name)
-        out.write_bytes(to_pdf(report))
+        out.write_bytes(to_pdf(report, context))
         print(f"wrote {out}")
         return 0
     text = to_markdown(report) if args.report == "md" else to_json(report)
