@@ -293,9 +293,10 @@ class Engine:
                 for p, v in record["scores"].items()}
         return record
 
-    def load(self, image_id: int) -> DecodedImage:
-        """Decode an indexed image from its stored path (by DB id only)."""
-        return load_image(self.catalog.path(image_id), self.config.limits)
+    def load(self, image_id: int, window: str | None = None) -> DecodedImage:
+        """Decode an indexed image from its stored path (by DB id only); `window`: a DICOM display window
+        (`cxrmodel.imaging.decode.WINDOW_PRESETS`, "file" or "full")."""
+        return load_image(self.catalog.path(image_id), self.config.limits, window)
 
     def decode_upload(self, data: bytes, name: str = "upload") -> DecodedImage:
         """Decode uploaded bytes under this engine's limits, reduced to a working size (`upload_side`)."""

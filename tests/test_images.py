@@ -149,3 +149,31 @@ def test_max_side_reduces_large_images_as_they_are_decoded(fmt):
     assert decode_bytes(buf.getvalue(), "big").image.size == (5000, 1500)  # indexing keeps full resolution
     small = decode_bytes(png_bytes(gray_image(1)), "small", ImageLimits(max_side=1000)).image
     assert small.size == gray_image(1).size
+
+
+def test_dicom_display_windows_render_from_the_stored_values(tmp_path):
+    """A CT in Hounsfield units: air, lung, soft tissue and bone columns; each preset window shows what it
+    is for, computed from the stored values (rescale applied), not from the 8-bit default rendering."""
+    from cxrmodel.errors import DataError
+    from cxrmodel.imaging.decode import load_image
+    from tests.imagegen import write_dicom
+
+    hu = np.repeat(np.array([[-1000, -700, 40, 1000]], dtype=np.int16), 16, axis=0).repeat(16, axis=1)
+    stored = (hu + 1024).astype(np.uint16)  # RescaleIntercept -1024, as scanners write it
+    path = write_dicom(tmp_path / "ct.dcm", stored, Modality="CT", RescaleIntercept=-1024, RescaleSlope=1,
+                       WindowCenter=40, WindowWidth=400)
+    columns = {w: np.asarray(load_image(path, window=w).image)[0, ::16] for w in ("lung", "mediastinum", "bone",
+                                                                                  "file", "full")}
+    assert columns["lung"][1] > columns["lung"][0] and 0 < columns["lung"][1] < 255  # lung visible, not clipped
+    assert columns["mediastinum"][1] == 0 and 0 < columns["mediastinum"][2] < 255  # lung black, tissue grey
+    assert columns["bone"][2] < columns["bone"][3] < 255
+    assert list(columns["file"]) == list(np.asarray(load_image(path).image)[0, ::16])  # the file's own, the default
+    assert columns["full"][0] == 0 and columns["full"][3] == 255
+    cr = write_dicom(tmp_path / "cr.dcm", stored, Modality="CR")
+    with pytest.raises(DataError, match="Hounsfield units"):
+        load_image(cr, window="lung")
+    with pytest.raises(DataError, match="unknown window"):
+        load_image(path, window="liver")
+    Image.new("L", (8, 8)).save(tmp_path / "x.png")
+    with pytest.raises(DataError, match="DICOM images only"):
+        load_image(tmp_path / "x.png", window="lung")

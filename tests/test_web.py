@@ -401,3 +401,34 @@ def test_the_upload_page_offers_the_same_downloads(client):
     _, text = _render_first_page(base64.b64decode(links["report.pdf"][1]))
     assert "film.png" in text and "RadLens report" in text
     assert base64.b64decode(links["report.md"][1]).decode().startswith("# RadLens report")
+
+
+def test_dicom_window_presets_and_zoom_on_the_image_page(tmp_path, tiny_encoder):
+    from indexer.pipeline import IndexJob, run_index
+    from search.engine import Engine, EngineConfig
+    from web import ServeConfig, create_app
+
+    hu = np.repeat(np.array([[-1000, -700, 40, 1000]], dtype=np.int16), 16, axis=0).repeat(16, axis=1)
+    src = tmp_path / "src"
+    src.mkdir()
+    write_dicom(src / "ct.dcm", (hu + 1024).astype(np.uint16), Modality="CT", BodyPartExamined="CHEST",
+                RescaleIntercept=-1024, RescaleSlope=1, WindowCenter=40, WindowWidth=400)
+    write_dicom(src / "cr.dcm", (hu + 1024).astype(np.uint16), Modality="CR", BodyPartExamined="CHEST")
+    gray_image(1, (64, 64)).save(src / "film.png")
+    data = tmp_path / "data"
+    run_index(IndexJob(sources=[str(src)], data_dir=data, workers=0, progress=False), tiny_encoder)
+    engine = Engine.open(EngineConfig(data_dir=data), encoder=tiny_encoder)
+    client = create_app(ServeConfig(api_token=None), engine=engine).test_client()
+    ids = {h.image["file_name"]: h.id for h in engine.text("x", k=10)}
+    ct = client.get(f"/image/{ids['ct.dcm']}", query_string={"window": "lung"}).get_data(as_text=True)
+    assert 'aria-label="display window"' in ct and all(f">{w}</a>" in ct for w in ("file", "full", "lung", "mediastinum", "bone", "brain"))
+    assert f'src="/api/images/{ids["ct.dcm"]}/full?window=lung"' in ct and "data-zoom" in ct
+    lung = client.get(f"/api/images/{ids['ct.dcm']}/full", query_string={"window": "lung"})
+    bone = client.get(f"/api/images/{ids['ct.dcm']}/full", query_string={"window": "bone"})
+    assert lung.status_code == bone.status_code == 200 and lung.data != bone.data
+    cr = client.get(f"/image/{ids['cr.dcm']}").get_data(as_text=True)
+    assert ">full</a>" in cr and ">lung</a>" not in cr  # HU presets for CT only
+    assert client.get(f"/api/images/{ids['cr.dcm']}/full", query_string={"window": "lung"}).status_code == 400
+    assert 'aria-label="display window"' not in client.get(f"/image/{ids['film.png']}").get_data(as_text=True)
+    assert client.get(f"/api/images/{ids['film.png']}/full", query_string={"window": "lung"}).status_code == 400
+    engine.close()

@@ -187,7 +187,7 @@ def thumbnail(image_id: int):
 def full_image(image_id: int):
     import io
 
-    image = engine().load(image_id).image
+    image = engine().load(image_id, request.args.get("window") or None).image
     buf = io.BytesIO()
     image.save(buf, format="PNG")
     return Response(buf.getvalue(), mimetype="image/png", headers={"Cache-Control": "private, max-age=3600"})

@@ -85,7 +85,11 @@ def openapi_document() -> dict:
                 "probability bar chart", [_ID, _THRESHOLD, _FMT_IMAGE],
                 errors=HEAVY),
             "/api/images/{image_id}/thumbnail": _get("PNG thumbnail (cached)", [_ID], _binary("image/png"), HEAVY),
-            "/api/images/{image_id}/full": _get("full image as PNG", [_ID], _binary("image/png"), HEAVY),
+            "/api/images/{image_id}/full": _get(
+                "full image as PNG (DICOM: in a display window)",
+                [_ID, _param("window", schema={"enum": ["file", "full", "lung", "mediastinum", "bone", "brain"]},
+                             description="DICOM display window; the HU presets apply to CT only")],
+                _binary("image/png"), HEAVY),
             "/api/openapi.json": _get("this document", errors=(401,)),
         },
     }

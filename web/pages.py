@@ -8,7 +8,7 @@ import io
 from flask import Blueprint, render_template, request, url_for
 
 from cxrmodel.errors import NotFoundError, RadLensError
-from cxrmodel.imaging.decode import shrink_to_fit
+from cxrmodel.imaging.decode import HU_MODALITIES, WINDOW_PRESETS, shrink_to_fit
 from cxrmodel.reporting.documents import pdf_context
 from cxrmodel.reporting.report import findings_csv, languages, sections, to_markdown, to_pdf
 from search.filters import split_filter_text
@@ -132,6 +132,12 @@ def image_page(image_id: int):
     threshold = threshold_param(request.args.get("threshold"))
     lang = lang_param(request.args.get("lang"))
     meta, scores, report, decision = id_labels(image_id, threshold, lang)
+    windows = []  # DICOM viewing: the file's own window, the full range, and CT's Hounsfield presets
+    if str(meta.get("format") or "").upper() == "DICOM":
+        windows = ["file", "full"] + (list(WINDOW_PRESETS) if str(meta.get("modality") or "").upper()
+                                      in HU_MODALITIES else [])
+    window = request.args.get("window") if request.args.get("window") in windows else None
     return render_template("image.html", meta=meta, scores=scores, report=report, sections=sections(report),
                            decision=decision, threshold=threshold, lang=lang, languages=languages(),
-                           priors=engine().priors(image_id))
+                           priors=engine().priors(image_id), windows=windows, window=window,
+                           presets=WINDOW_PRESETS)

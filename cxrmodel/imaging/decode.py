@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from cxrmodel.errors import ImageDecodeError, ImageTooLargeError, UnsupportedImageError
+from cxrmodel.errors import DataError, ImageDecodeError, ImageTooLargeError, UnsupportedImageError
 
 DICOM_MAGIC_OFFSET = 128
 DICOM_EXTENSIONS = (".dcm", ".dicom")
@@ -91,8 +91,16 @@ def is_image_path(path: Path) -> bool:
     return path.suffix.lower() in IMAGE_EXTENSIONS
 
 
-def load_image(path: str | Path, limits: ImageLimits = ImageLimits()) -> DecodedImage:
-    """Read and decode an image file; raises `ImageDecodeError` when it is not a readable image."""
+# Display windows (centre, width) for viewing CT in Hounsfield units; "file" is the file's own window and
+# "full" the whole stored range. Data: the image page offers them for DICOM images.
+WINDOW_PRESETS: dict[str, tuple[float, float]] = {
+    "lung": (-600.0, 1500.0), "mediastinum": (50.0, 350.0), "bone": (400.0, 1800.0), "brain": (40.0, 80.0)}
+HU_MODALITIES = {"CT"}
+
+
+def load_image(path: str | Path, limits: ImageLimits = ImageLimits(), window: str | None = None) -> DecodedImage:
+    """Read and decode an image file; raises `ImageDecodeError` when it is not a readable image. `window`
+    (DICOM only): a `WINDOW_PRESETS` name, "file" (the file's own, the default) or "full" (min to max)."""
     path = Path(path)
     try:
         size = path.stat().st_size
@@ -101,17 +109,20 @@ def load_image(path: str | Path, limits: ImageLimits = ImageLimits()) -> Decoded
         data = path.read_bytes()
     except OSError as exc:
         raise ImageDecodeError(f"{path.name}: cannot read file ({exc.strerror or exc})") from None
-    return decode_bytes(data, name=path.name, limits=limits)
+    return decode_bytes(data, name=path.name, limits=limits, window=window)
 
 
-def decode_bytes(data: bytes, name: str = "image", limits: ImageLimits = ImageLimits()) -> DecodedImage:
+def decode_bytes(data: bytes, name: str = "image", limits: ImageLimits = ImageLimits(),
+                 window: str | None = None) -> DecodedImage:
     """Decode image bytes (raster or DICOM) into a `DecodedImage`."""
     if not data:
         raise ImageDecodeError(f"{name}: file is empty")
     if len(data) > limits.max_bytes:
         raise ImageTooLargeError(f"{name}: {len(data)} bytes, over the {limits.max_bytes}-byte limit")
     if looks_like_dicom(data) or name.lower().endswith(DICOM_EXTENSIONS):
-        return _decode_dicom(data, name, limits)
+        return _decode_dicom(data, name, limits, window)
+    if window not in (None, "file"):
+        raise DataError(f"{name}: display windows apply to DICOM images only")
     return _decode_raster(data, name, limits)
 
 
@@ -196,17 +207,19 @@ def scale_to_uint8(pixels: np.ndarray) -> np.ndarray:
     return np.round((pixels - lo) * (255.0 / (hi - lo))).astype(np.uint8)
 
 
-def _decode_dicom(data: bytes, name: str, limits: ImageLimits) -> DecodedImage:
+def _decode_dicom(data: bytes, name: str, limits: ImageLimits, window: str | None = None) -> DecodedImage:
+    if window not in (None, "file", "full", *WINDOW_PRESETS):
+        raise DataError(f"unknown window {window!r}: use file, full or {', '.join(WINDOW_PRESETS)}")
     try:
-        return _read_dicom(data, name, limits)
-    except ImageDecodeError:
+        return _read_dicom(data, name, limits, window)
+    except (ImageDecodeError, DataError):
         raise
     except Exception as exc:  # pydicom raises many types on malformed files; all mean "unreadable"
         raise ImageDecodeError(f"{name}: not a readable DICOM file ({type(exc).__name__}: "
                                f"{str(exc).splitlines()[0][:200] if str(exc) else ''})") from None
 
 
-def _read_dicom(data: bytes, name: str, limits: ImageLimits) -> DecodedImage:
+def _read_dicom(data: bytes, name: str, limits: ImageLimits, window: str | None = None) -> DecodedImage:
     import pydicom
 
     ds = pydicom.dcmread(io.BytesIO(data), force=not looks_like_dicom(data))
@@ -218,7 +231,10 @@ def _read_dicom(data: bytes, name: str, limits: ImageLimits) -> DecodedImage:
     except (AttributeError, TypeError, ValueError):
         raise ImageDecodeError(f"{name}: DICOM file lacks valid Rows/Columns") from None
     _check_pixels(rows * cols * max(frames, 1), name, limits)
-    pixels = _dicom_display_pixels(ds, frames)
+    if window in WINDOW_PRESETS and str(getattr(ds, "Modality", "")).upper() not in HU_MODALITIES:
+        raise DataError(f"{name}: the {window} window is in Hounsfield units (CT); this image is "
+                                    f"{getattr(ds, 'Modality', 'not CT')}: use file or full")
+    pixels = _dicom_display_pixels(ds, frames, window)
     if pixels.ndim not in (2, 3) or 0 in pixels.shape:
         raise ImageDecodeError(f"{name}: DICOM pixel data has an unusable shape {pixels.shape}")
     mode = "RGB" if pixels.ndim == 3 else "L"
@@ -226,8 +242,9 @@ def _read_dicom(data: bytes, name: str, limits: ImageLimits) -> DecodedImage:
     return DecodedImage(image=image, format="DICOM", metadata=dicom_metadata(ds))
 
 
-def _dicom_display_pixels(ds, frames: int) -> np.ndarray:
-    """Modality LUT (rescale), VOI LUT (window), MONOCHROME1 inversion, first frame -> uint8."""
+def _dicom_display_pixels(ds, frames: int, window: str | None = None) -> np.ndarray:
+    """Modality LUT (rescale), VOI LUT (the file's window, a preset, or the full range), MONOCHROME1
+    inversion, first frame -> uint8."""
     from pydicom.pixels import apply_modality_lut, apply_voi_lut
 
     arr = ds.pixel_array
@@ -239,8 +256,13 @@ def _dicom_display_pixels(ds, frames: int) -> np.ndarray:
             arr = scale_to_uint8(arr)
         return np.ascontiguousarray(arr)
     arr = apply_modality_lut(arr, ds)
+    if window in WINDOW_PRESETS:  # linear window on the modality values (Hounsfield units for CT)
+        centre, width = WINDOW_PRESETS[window]
+        arr = np.clip((np.asarray(arr, dtype=np.float64) - (centre - width / 2)) / width, 0.0, 1.0) * 255.0
+        out = arr.astype(np.uint8)
+        return 255 - out if str(getattr(ds, "PhotometricInterpretation", "")).upper() == "MONOCHROME1" else out
     has_window = "WindowCenter" in ds and "WindowWidth" in ds
-    if has_window or "VOILUTSequence" in ds:
+    if window != "full" and (has_window or "VOILUTSequence" in ds):
         arr = apply_voi_lut(arr, ds, index=0)
     out = scale_to_uint8(arr)
     if str(getattr(ds, "PhotometricInterpretation", "")).upper() == "MONOCHROME1":

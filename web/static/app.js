@@ -48,3 +48,15 @@
     update();
   });
 })();
+
+// Zoom on the image page: the viewer scrolls, the image grows (no JS: "open at full size" still works).
+(function () {
+  "use strict";
+  var select = document.querySelector("[data-zoom]");
+  var target = document.querySelector("[data-zoom-target]");
+  if (!select || !target) { return; }
+  select.addEventListener("change", function () {
+    target.style.width = select.value + "%";
+    target.style.maxWidth = "none";
+  });
+})();
