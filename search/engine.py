@@ -221,6 +221,12 @@ class Engine:
                     + (f" Values present: {present}." if present else ""))
         return None
 
+    def similarity(self, a: int, b: int) -> float | None:
+        """Cosine similarity of two indexed images' stored embeddings (None when either has none)."""
+        state = self.state()
+        va, vb = self.catalog.vector(a, state.generation), self.catalog.vector(b, state.generation)
+        return float(va @ vb) if va is not None and vb is not None else None
+
     def similar_to(self, image_id: int, k: int = 10, filters: Filters | None = None) -> list[Hit]:
         """"More like this": the indexed images most similar to indexed image `image_id` (by its stored
         embedding, no decoding), best first, without the image itself or its exact duplicates.

@@ -432,3 +432,15 @@ def test_dicom_window_presets_and_zoom_on_the_image_page(tmp_path, tiny_encoder)
     assert 'aria-label="display window"' not in client.get(f"/image/{ids['film.png']}").get_data(as_text=True)
     assert client.get(f"/api/images/{ids['film.png']}/full", query_string={"window": "lung"}).status_code == 400
     engine.close()
+
+
+def test_compare_view_from_more_like_this(client, engine, some_id):
+    like = client.get("/", query_string={"like": some_id, "k": 2}).get_data(as_text=True)
+    other = engine.similar_to(some_id, k=1)[0]
+    assert f'href="/compare?a={some_id}&amp;b={other.id}"' in like
+    page = client.get("/compare", query_string={"a": some_id, "b": other.id}).get_data(as_text=True)
+    names = engine.get(some_id)["file_name"], other.image["file_name"]
+    assert page.count("<h1") == 1 and all(n in page for n in names) and page.count("data-applicability") == 2
+    assert f"{engine.similarity(some_id, other.id):.3f}" in page and f"{other.score:.3f}" in page
+    assert client.get("/compare", query_string={"a": some_id}).status_code == 400
+    assert client.get("/compare", query_string={"a": some_id, "b": 999999}).status_code == 404

@@ -76,6 +76,25 @@ def index():
                            stats=engine().stats()), (400 if error else 200)
 
 
+@pages.get("/compare")
+@heavy
+def compare():
+    """Two indexed images side by side: image, metadata, applicability, findings and impression, and how
+    similar their stored embeddings are."""
+    try:
+        a, b = (int(request.args.get(k, "")) for k in ("a", "b"))
+    except ValueError:
+        raise HTTPError(400, "compare needs two image ids: /compare?a=ID&b=ID") from None
+    lang = lang_param(request.args.get("lang"))
+    threshold = threshold_param(request.args.get("threshold"))
+    sides = []
+    for image_id in (a, b):
+        meta, scores, report, decision = id_labels(image_id, threshold, lang)
+        sides.append({"meta": meta, "scores": scores, "report": report, "decision": decision,
+                      "findings": [s for s in scores if s.assessed and s.probability >= (threshold or s.threshold)]})
+    return render_template("compare.html", sides=sides, similarity=engine().similarity(a, b), lang=lang)
+
+
 def _page_param(value, k: int) -> int:
     """A 1-based page number whose results stay within MAX_RESULTS."""
     try:
