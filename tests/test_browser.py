@@ -70,7 +70,7 @@ def test_search_open_label_and_upload(browser, live_url, image_dir):
         "Array.from(document.querySelectorAll('#results img')).every(i => i.complete && i.naturalWidth > 0)")
     page.screenshot(path=str(ARTIFACTS / "e2e-search.png"), full_page=True)
 
-    cards.first.locator("a").click()
+    cards.first.locator("a.result-link").click()
     page.wait_for_selector(".bar-row")
     assert page.locator(".bar-row").count() == 14
     assert page.locator(".report .impression li").count() >= 1
@@ -135,4 +135,75 @@ def test_the_threshold_is_one_state_for_report_and_downloads(browser, live_url, 
     page.wait_for_selector("text=Beurteilung")
     assert f"threshold={cut:.2f}" in page.url  # the language change kept it
     assert not errors, errors
+    page.close()
+
+
+def _axe_serious(page) -> list[str]:
+    """Serious or critical axe-core violations on the page (axe-core as packaged by axe-playwright-python,
+    injected into the page; nothing is fetched)."""
+    import axe_playwright_python
+
+    page.evaluate((Path(axe_playwright_python.__file__).parent / "axe.min.js").read_text(encoding="utf-8"))
+    result = page.evaluate("axe.run(document, {resultTypes: ['violations']})")
+    return [f"{v['id']} ({v['impact']}): {v['help']} x{len(v['nodes'])}" for v in result["violations"]
+            if v["impact"] in ("serious", "critical")]
+
+
+def test_browse_a_corpus_more_like_this_pages_facets_chips_compare(browser, live_url, image_dir):
+    """The browsing workflow in a real browser, failing on any script error, console error or failed
+    request (favicon included), and on serious or critical accessibility violations on every page kind."""
+    page = browser.new_page(viewport={"width": 1280, "height": 900})
+    problems = []
+    page.on("pageerror", lambda exc: problems.append(f"page error: {exc}"))
+    page.on("console", lambda msg: problems.append(f"console: {msg.text}") if msg.type == "error" else None)
+    page.on("requestfailed", lambda req: problems.append(f"failed: {req.url}"))
+    page.on("response", lambda r: problems.append(f"{r.status}: {r.url}") if r.status >= 400 else None)
+    violations = {}
+
+    page.goto(live_url + "/?q=a+red+cross&k=4")
+    page.wait_for_selector("#results .card")
+    violations["search"] = _axe_serious(page)
+    first_ids = [a.get_attribute("href") for a in page.locator("#results .result-link").all()]
+    with page.expect_navigation():
+        page.click("a[rel=next]")
+    assert "Showing 5–8" in page.locator("[data-counts]").inner_text()
+    assert not set(first_ids) & {a.get_attribute("href") for a in page.locator("#results .result-link").all()}
+    with page.expect_navigation():
+        page.click("a[rel=prev]")
+    assert [a.get_attribute("href") for a in page.locator("#results .result-link").all()] == first_ids
+
+    with page.expect_navigation():  # tick a facet: modality CT
+        page.locator("[data-facets] a", has_text="CT").first.click()
+    assert page.locator("[data-chips] .filter-chip").count() == 1
+    assert all("CT" in d for d in page.locator("#results .desc").all_inner_texts())
+    with page.expect_navigation():  # remove the chip
+        page.locator("[data-chips] .filter-chip").first.click()
+    assert page.locator("[data-chips]").count() == 0
+
+    with page.expect_navigation():
+        page.locator("#results .more-like").first.click()
+    assert page.locator("h1").inner_text().startswith("Images like")
+    with page.expect_navigation():
+        page.locator("#results a.compare").first.click()
+    page.wait_for_function("Array.from(document.querySelectorAll('img.full')).every(i => i.naturalWidth > 0)")
+    assert page.locator("[data-applicability]").count() == 2
+    violations["compare"] = _axe_serious(page)
+
+    with page.expect_navigation():
+        page.locator(".compare h2 a").first.click()
+    page.wait_for_selector(".bar-row")
+    page.select_option("[data-zoom]", "200")
+    assert page.locator("[data-zoom-target]").get_attribute("style").startswith("width: 200%")
+    violations["image"] = _axe_serious(page)
+
+    page.goto(live_url + "/upload")
+    page.set_input_files("input[type=file]", str(image_dir / "gray" / "g1.png"))
+    page.click("form.upload button")
+    page.wait_for_selector("text=Similar cases")
+    assert page.locator("[data-upload-downloads] a").count() == 3
+    violations["upload"] = _axe_serious(page)
+    page.screenshot(path=str(ARTIFACTS / "e2e-upload-downloads.png"), full_page=True)
+
+    assert not problems, problems
+    assert not any(violations.values()), violations
     page.close()
