@@ -445,3 +445,12 @@ def test_compare_view_from_more_like_this(client, engine, some_id):
     assert f"{engine.similarity(some_id, other.id):.3f}" in page and f"{other.score:.3f}" in page
     assert client.get("/compare", query_string={"a": some_id}).status_code == 400
     assert client.get("/compare", query_string={"a": some_id, "b": 999999}).status_code == 404
+
+
+def test_the_summary_card_and_heatmap_have_text_equivalents(client, engine, some_id):
+    from cxrmodel.reporting.charts import summary_lines
+
+    page = client.get(f"/image/{some_id}").get_data(as_text=True)
+    _, scores, decision, _ = engine.report_for_id(some_id)
+    assert f'alt="{". ".join(summary_lines(scores, decision))}"' in page
+    assert "Heatmap as a table" in page and page.count('<th scope="row">') == 4  # the four categories

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import base64
+import copy
 import io
 
 from flask import Blueprint, render_template, request, url_for
 
 from cxrmodel.errors import NotFoundError, RadLensError
 from cxrmodel.imaging.decode import HU_MODALITIES, WINDOW_PRESETS, shrink_to_fit
+from cxrmodel.reporting.charts import category_matrix, summary_lines
 from cxrmodel.reporting.documents import pdf_context
 from cxrmodel.reporting.report import findings_csv, languages, sections, to_markdown, to_pdf
 from search.filters import split_filter_text
@@ -156,7 +158,11 @@ def image_page(image_id: int):
         windows = ["file", "full"] + (list(WINDOW_PRESETS) if str(meta.get("modality") or "").upper()
                                       in HU_MODALITIES else [])
     window = request.args.get("window") if request.args.get("window") in windows else None
+    shown = [copy.copy(s) for s in scores]  # the summary at the page's threshold; cached scores stay as they are
+    for s in shown if threshold is not None else []:
+        s.threshold = threshold
+    heatmap = category_matrix(scores) if decision.applicable and scores else None
     return render_template("image.html", meta=meta, scores=scores, report=report, sections=sections(report),
                            decision=decision, threshold=threshold, lang=lang, languages=languages(),
                            priors=engine().priors(image_id), windows=windows, window=window,
-                           presets=WINDOW_PRESETS)
+                           presets=WINDOW_PRESETS, summary_text=summary_lines(shown, decision), heatmap=heatmap)

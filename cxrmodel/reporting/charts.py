@@ -89,10 +89,21 @@ def category_heatmap(scores: list[LabelScore], fmt: str = "png") -> bytes:
 
 
 def summary_card(scores: list[LabelScore], decision=None, fmt: str = "png", top: int = 3) -> bytes:
-    """A card with the applicability decision and the top findings."""
+    """A card with the applicability decision and the top findings (`summary_lines` as a picture)."""
     _check(fmt)
     plt, fig, ax = _figure(4.8, 2.6)
     ax.axis("off")
+    lines = summary_lines(scores, decision, top)
+    for i, line in enumerate(lines):
+        ax.text(0.02, 0.92 - i * 0.17, line, transform=ax.transAxes, fontsize=10 if i else 11,
+                weight="bold" if i == 0 else "normal")
+    fig.patch.set_facecolor("#f4f6f8")
+    return _save(plt, fig, fmt)
+
+
+def summary_lines(scores: list[LabelScore], decision=None, top: int = 3) -> list[str]:
+    """The summary card's text: title, applicability and its basis, then the top assessed findings (also
+    the card's text alternative on the page)."""
     lines = ["RadLens summary " + TITLE_NOTE]
     if decision is not None:
         state = "chest radiograph" + (f" ({decision.view})" if decision.view else "") if decision.applicable \
@@ -108,11 +119,7 @@ def summary_card(scores: list[LabelScore], decision=None, fmt: str = "png", top:
             flag = "above" if s.positive else "below"
             lines.append(f"{s.pathology.replace('_', ' ')}: p={s.probability:.2f} +/- {s.uncertainty:.2f} "
                          f"({flag} {s.threshold:.2f})")
-    for i, line in enumerate(lines):
-        ax.text(0.02, 0.92 - i * 0.17, line, transform=ax.transAxes, fontsize=10 if i else 11,
-                weight="bold" if i == 0 else "normal")
-    fig.patch.set_facecolor("#f4f6f8")
-    return _save(plt, fig, fmt)
+    return lines
 
 
 def reliability_png(curves: dict[str, tuple], assessed: dict[str, bool]) -> bytes:
