@@ -201,6 +201,11 @@ class Engine:
         state = self.state()
         return self.mark_image_matches(self._search(state, self.embed(image, state), k, filters), state)
 
+    def assessed_pathologies(self) -> list[str]:
+        """The pathologies the served model's calibration shows skill for (the only ones a filter may use)."""
+        calibration = self.labeller.calibration(self.encoder)
+        return calibration.assessed if calibration is not None else []
+
     def facets(self, filters: Filters | None = None) -> dict[str, dict[str, int]]:
         """Counts of each modality, body part, view, source and format among the images `filters` allow in
         the served index (all of them without filters), most frequent first."""

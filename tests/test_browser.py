@@ -207,3 +207,55 @@ def test_browse_a_corpus_more_like_this_pages_facets_chips_compare(browser, live
     assert not problems, problems
     assert not any(violations.values()), violations
     page.close()
+
+
+@pytest.fixture(scope="module")
+def dicom_live_url(tmp_path_factory, tiny_encoder):
+    """A server over a tiny index holding one CT DICOM (for the window presets)."""
+    import numpy as np
+    from werkzeug.serving import make_server
+
+    from indexer.pipeline import IndexJob, run_index
+    from search.engine import Engine, EngineConfig
+    from tests.imagegen import write_dicom
+    from web import ServeConfig, create_app
+
+    root = tmp_path_factory.mktemp("dicom-live")
+    (root / "src").mkdir()
+    hu = np.repeat(np.array([[-1000, -700, 40, 1000]], dtype=np.int16), 16, axis=0).repeat(16, axis=1)
+    write_dicom(root / "src" / "ct.dcm", (hu + 1024).astype(np.uint16), Modality="CT", BodyPartExamined="CHEST",
+                RescaleIntercept=-1024, RescaleSlope=1, WindowCenter=40, WindowWidth=400)
+    run_index(IndexJob(sources=[str(root / "src")], data_dir=root / "data", workers=0, progress=False),
+              tiny_encoder)
+    engine = Engine.open(EngineConfig(data_dir=root / "data"), encoder=tiny_encoder)
+    server = make_server("127.0.0.1", 0, create_app(ServeConfig(api_token=None), engine=engine), threaded=True)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_port}", engine.text("x", k=1)[0].id
+    server.shutdown()
+    thread.join(timeout=10)
+    server.server_close()
+    engine.close()
+
+
+def test_switching_a_dicom_window_preset(browser, dicom_live_url):
+    url, image_id = dicom_live_url
+    page = browser.new_page()
+    problems = []
+    page.on("pageerror", lambda exc: problems.append(str(exc)))
+    page.on("response", lambda r: problems.append(f"{r.status}: {r.url}") if r.status >= 400 else None)
+    page.goto(f"{url}/image/{image_id}")
+    page.wait_for_function("document.querySelector('img.full').naturalWidth > 0")
+    pixels = "(() => { const i = document.querySelector('img.full'); const c = document.createElement('canvas');" \
+             " c.width = i.naturalWidth; c.height = 1; const x = c.getContext('2d'); x.drawImage(i, 0, 0);" \
+             " return Array.from(x.getImageData(0, 0, c.width, 1).data).filter((_, k) => k % 4 === 0); })()"
+    own = page.evaluate(pixels)
+    with page.expect_navigation():
+        page.click("nav.windows a:text-is('lung')")
+    page.wait_for_function("document.querySelector('img.full').naturalWidth > 0")
+    assert "window=lung" in page.locator("img.full").get_attribute("src")
+    assert page.locator("nav.windows a[aria-current]").inner_text() == "lung"
+    lung = page.evaluate(pixels)
+    assert lung[16] > own[16]  # the lung column (-700 HU), black in the file's soft-tissue window, now grey
+    assert not problems, problems
+    page.close()

@@ -454,3 +454,12 @@ def test_the_summary_card_and_heatmap_have_text_equivalents(client, engine, some
     _, scores, decision, _ = engine.report_for_id(some_id)
     assert f'alt="{". ".join(summary_lines(scores, decision))}"' in page
     assert "Heatmap as a table" in page and page.count('<th scope="row">') == 4  # the four categories
+
+
+def test_a_range_control_for_assessed_pathologies_only(client, engine):
+    page = client.get("/", query_string={"q": "x"}).get_data(as_text=True)
+    assert '<select name="pathology">' in page and '<option value="Effusion">' in page  # all 14 forced assessed
+    ranged = client.get("/", query_string={"q": "x", "pathology": "Effusion", "min": "0.5", "k": 50})
+    api = client.get("/api/search", query_string={"q": "x", "k": 50, "filter": "Effusion>=0.5"}).json
+    assert ranged.get_data(as_text=True).count('class="card"') == len(api["results"])
+    assert "Effusion&gt;=0.5" in ranged.get_data(as_text=True)  # shown as an active, removable filter

@@ -39,6 +39,9 @@ def index():
     query = (request.args.get("q") or "").strip()
     typed = [f for f in request.args.getlist("filter") if f.strip()]
     filters = [part for f in typed for part in split_filter_text(f)]  # several filters in one box
+    pathology, at_least = request.args.get("pathology", "").strip(), request.args.get("min", "").strip()
+    if pathology and at_least:  # the range control: only pathologies the served model assesses are offered
+        filters.append(f"{pathology}>={at_least}")
     like = request.args.get("like", "").strip()  # "more like this": an indexed image's id
     hits, error, like_meta, hint, page, k, more, allowed = [], None, None, None, 1, None, False, None
     try:
@@ -75,6 +78,7 @@ def index():
     return render_template("search.html", query=query, filters=filters, hits=hits, error=error, like=like_meta,
                            hint=hint, page=page, k=k or 12, more=more, allowed=allowed, first=(page - 1) * (k or 0) + 1,
                            facets={f: v for f, v in facet_links.items() if v}, chips=chips,
+                           assessed=engine().assessed_pathologies(),
                            stats=engine().stats()), (400 if error else 200)
 
 
