@@ -463,3 +463,17 @@ def test_a_range_control_for_assessed_pathologies_only(client, engine):
     api = client.get("/api/search", query_string={"q": "x", "k": 50, "filter": "Effusion>=0.5"}).json
     assert ranged.get_data(as_text=True).count('class="card"') == len(api["results"])
     assert "Effusion&gt;=0.5" in ranged.get_data(as_text=True)  # shown as an active, removable filter
+
+
+def test_the_uploader_can_state_modality_body_part_and_view(client):
+    data = png_bytes(gray_image(4, (96, 96)))
+    stated = client.post("/api/label", data=_upload(data, modality="CR", body_part="chest", view="PA"),
+                         content_type="multipart/form-data").json
+    assert stated["applicability"]["source"] == "metadata" and stated["applicability"]["applicable"]
+    assert stated["applicability"]["view"] == "PA" and "CR of the chest (PA view)" in stated["report"]["technique"]
+    ct = client.post("/api/label", data=_upload(data, modality="CT", body_part="head"),
+                     content_type="multipart/form-data").json
+    assert not ct["applicability"]["applicable"] and ct["labels"] == []
+    page = client.post("/upload", data=_upload(data, modality="CT"), content_type="multipart/form-data")
+    assert "modality is CT" in page.get_data(as_text=True)
+    assert 'name="body_part"' in client.get("/upload").get_data(as_text=True)

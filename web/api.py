@@ -21,6 +21,7 @@ from .context import (
     label_payload,
     lang_param,
     read_upload,
+    stated_metadata,
     threshold_param,
     upload_labels,
 )
@@ -76,7 +77,7 @@ def label():
     threshold = threshold_param(request.form.get("threshold"))
     lang = lang_param(request.form.get("lang") or request.args.get("lang"))
     image = read_upload()
-    return jsonify(label_payload(*upload_labels(image, threshold, lang)))
+    return jsonify(label_payload(*upload_labels(image, threshold, lang, metadata=stated_metadata())))
 
 
 @api.get("/images/<image_id:image_id>")

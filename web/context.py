@@ -87,12 +87,22 @@ def id_labels(image_id: int, threshold: float | None, lang: str = "en"):
     return meta, scores, report, decision
 
 
-def upload_labels(image, threshold: float | None, lang: str = "en", vector=None, state=None):
+STATED_FIELDS = ("modality", "body_part", "view")  # what an uploader may state about the image
+
+
+def stated_metadata() -> dict:
+    """Modality, body part and view the uploader stated (form fields), which decide applicability as an
+    index's metadata would; at most 64 characters each."""
+    return {key: request.form[key].strip()[:64] for key in STATED_FIELDS if (request.form.get(key) or "").strip()}
+
+
+def upload_labels(image, threshold: float | None, lang: str = "en", vector=None, state=None,
+                  metadata: dict | None = None):
     """(scores, report, decision) of an uploaded image (`vector`: its embedding by `state`'s encoder, if
-    already computed)."""
+    already computed; `metadata`: what the uploader stated)."""
     eng = engine()
-    decision, scores = eng.assess(image, vector=vector, state=state)
-    return scores, eng.report(image, {}, threshold, scores, decision, lang), decision
+    decision, scores = eng.assess(image, metadata, vector=vector, state=state)
+    return scores, eng.report(image, metadata or {}, threshold, scores, decision, lang), decision
 
 
 def label_payload(scores, report, decision) -> dict:

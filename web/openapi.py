@@ -25,7 +25,10 @@ _JSON = {"description": "OK", "content": {"application/json": {"schema": {"type"
 _UPLOAD = {"required": True, "content": {"multipart/form-data": {"schema": {
     "type": "object", "required": ["image"],
     "properties": {"image": {"type": "string", "format": "binary"}, "k": {"type": "integer"},
-                   "threshold": {"type": "number"}, "filter": {"type": "array", "items": {"type": "string"}}}}}}}
+                   "threshold": {"type": "number"}, "filter": {"type": "array", "items": {"type": "string"}},
+                   "modality": {"type": "string", "description": "what the uploader knows, e.g. CR (label only)"},
+                   "body_part": {"type": "string", "description": "e.g. chest (label only)"},
+                   "view": {"type": "string", "description": "PA, AP or lateral (label only)"}}}}}}
 
 
 HEAVY = (400, 401, 404, 503)  # decodes or labels a whole image: 503 + Retry-After when the server is saturated

@@ -22,6 +22,7 @@ from .context import (
     k_param,
     lang_param,
     read_upload,
+    stated_metadata,
     threshold_param,
     upload_labels,
     upload_provenance,
@@ -134,7 +135,7 @@ def _labelled_upload():
     state = engine().state()  # one model and index for the whole answer
     vector = engine().embed(image, state)  # one forward pass serves the search and the applicability check
     hits = engine().mark_image_matches(engine().search_vector(vector, k=k, state=state), state)
-    scores, report, decision = upload_labels(image, threshold, lang, vector, state)
+    scores, report, decision = upload_labels(image, threshold, lang, vector, state, metadata=stated_metadata())
     preview = shrink_to_fit(image.image, 384)
     buf = io.BytesIO()
     preview.save(buf, format="PNG")
