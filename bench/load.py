@@ -28,7 +28,7 @@ from pathlib import Path
 from bench.common import CORPUS, cpu_kind, free_port, table
 
 ROOT = Path(__file__).resolve().parents[1]
-SAMPLES = ROOT / "examples" / "sample"
+SAMPLES = ROOT / "radlens" / "samples"
 QUERIES = ["lateral chest radiograph", "axial CT of the chest", "MRI of the brain", "pleural effusion",
            "AP supine chest x-ray", "coronal CT", "cardiomegaly", "brain tumour"]
 

@@ -95,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"CPU: {cpu_kind()}")  # every speed figure names the machine kind it was measured on
     data_dir = args.out / "data"
     if not (data_dir / "radlens.db").exists():
-        subprocess.run([sys.executable, "-m", "radlens", "index", str(ROOT / "examples" / "sample"), "--data-dir",
+        subprocess.run([sys.executable, "-m", "radlens", "index", str(ROOT / "radlens" / "samples"), "--data-dir",
                         str(data_dir), "--model", "radlens-mini"], check=True, cwd=ROOT)
     png = big_png(args.side)
     print(f"upload: {args.side} x {args.side} RGB PNG, {len(png) / 2**20:.1f} MB "

@@ -1,4 +1,5 @@
-"""Rebuild examples/sample/ from the shared dev corpus: every modality and view, open licences first.
+"""Rebuild radlens/samples/ (the demo's bundled images) from the shared dev corpus: every modality and view,
+open licences first.
 
     python examples/make_sample.py [--corpus ../shared/corpus]
 
@@ -15,7 +16,7 @@ from collections import defaultdict
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-OUT = HERE / "sample"
+OUT = HERE.parent / "radlens" / "samples"
 # (modality, view) -> how many images
 QUOTA = {("X-ray", "PA"): 18, ("X-ray", "AP"): 11, ("X-ray", "AP supine"): 8, ("X-ray", "lateral"): 7,
          ("X-ray", ""): 3, ("CT", "axial"): 6, ("CT", "coronal"): 4, ("MRI", ""): 15}

@@ -14,7 +14,7 @@ from cxrmodel.model.dualencoder import WEIGHTS, file_sha256, read_manifest
 from radlens.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
-SAMPLES = ROOT / "examples" / "sample"
+SAMPLES = ROOT / "radlens" / "samples"
 
 
 def test_shipped_weights_match_the_model_card_and_load():

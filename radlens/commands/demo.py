@@ -11,13 +11,14 @@ from cxrmodel.errors import DataError
 from .common import tcp_port
 
 DEMO_QUERY = "lateral chest radiograph"
-SAMPLES = Path(__file__).resolve().parents[2] / "examples" / "sample"
+SAMPLES = Path(__file__).resolve().parents[1] / "samples"  # package data: a wheel install has them too
 
 
 def register(sub) -> None:
     p = sub.add_parser("demo", help="index the bundled samples with the offline model and try every feature",
-                       description="Offline first run: index examples/sample with radlens-mini (once), print a "
-                                   "text search, a similar-case search and a report, then serve the web app.")
+                       description="Offline first run: index the bundled samples (radlens/samples) with "
+                                   "radlens-mini (once), print a text search, a similar-case search and a report, "
+                                   "then serve the web app.")
     p.add_argument("--data-dir", type=Path, default=Path("radlens-demo"), help="where the demo index lives")
     p.add_argument("--samples", type=Path, default=SAMPLES, help="sample folder with manifest.csv")
     p.add_argument("--model", default="radlens-mini", help="model to demo (default: the bundled radlens-mini)")
