@@ -173,6 +173,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--lr", type=float, default=5e-4)
     parser.add_argument("--label-loss", type=float, default=0.0, help="radlens train --label-loss WEIGHT")
     parser.add_argument("--caption-template", default=CAPTION_TEMPLATE)
+    parser.add_argument("--train-min-side", type=int, default=0,
+                        help="leave images whose shorter side is below this out of training (e.g. 128: the 64 px "
+                             "NIH copies); validation and test keep them")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--workers", type=int, default=1)
     parser.add_argument("--test", action="store_true",
@@ -189,6 +192,7 @@ def main(argv: list[str] | None = None) -> int:
     with open(corpus / "manifest.csv", encoding="utf-8") as f:
         rows = list(csv.DictReader(f))
     train_rows, val_rows, test_rows = grown_split(rows, args.seed)
+    train_rows = [r for r in train_rows if min(int(r["width"] or 0), int(r["height"] or 0)) >= args.train_min_side]
     args.out.mkdir(parents=True, exist_ok=True)
     train_csv = write_rows(train_rows, args.out / "train.csv", corpus)
     val_csv = write_rows(val_rows, args.out / "validation.csv", corpus)
@@ -223,7 +227,7 @@ def main(argv: list[str] | None = None) -> int:
             "before": "today's bundled radlens-mini (never trained on the validation or test patients)",
             "trainable_percent": trained["parameters"]["trainable_percent"],
             "total_parameters": trained["parameters"]["total"], "seed": args.seed, "epochs": trained["epochs"],
-            "lr": trained["lr"], "label_loss": trained.get("label_loss", 0.0),
+            "lr": trained["lr"], "label_loss": trained.get("label_loss", 0.0), "train_min_side": args.train_min_side,
             "caption_template": trained["caption_template"],
             "command": "python -m bench.quality " + " ".join(argv if argv is not None else sys.argv[1:]),
             "wall_seconds": time.perf_counter() - started,
