@@ -75,12 +75,14 @@ class ServedState:
     relevance: LRU | None = None  # the relevance baseline (one entry): index- and model-bound, so handed over
     selections: LRU = field(init=False)
     labels: LRU = field(init=False)
+    facets: LRU = field(init=False)
 
     def __post_init__(self):
         self.scorer = self.scorer or ExactScorer(self.index)
         self.relevance = self.relevance or LRU(1)
         self.selections = LRU(64, max_bytes=256 << 20, size=lambda s: s.nbytes)
         self.labels = LRU(256)
+        self.facets = LRU(64)
 
     def with_new_caches(self, key: tuple) -> ServedState:
         """The same index and encoder under a new key, with empty caches (metadata changed); the exact
@@ -90,6 +92,10 @@ class ServedState:
     def selection(self, filters: Hashable, fetch_ids: Callable[[], object]) -> Selection:
         """The cached `Selection` of a filter (fetching its ids from the DB once per state)."""
         return self.selections.get_or_make(filters, lambda: Selection.from_ids(fetch_ids()))
+
+    def facet_counts(self, filters: Hashable, compute: Callable[[], dict]) -> dict:
+        """The facet counts under a filter, counted once per state (a metadata change makes a new state)."""
+        return self.facets.get_or_make(filters, compute)
 
     def baseline(self, compute: Callable[[], object]):
         """The relevance baseline of this index and model (`search.relevance`), computed on first use."""

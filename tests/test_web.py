@@ -477,3 +477,13 @@ def test_the_uploader_can_state_modality_body_part_and_view(client):
     page = client.post("/upload", data=_upload(data, modality="CT"), content_type="multipart/form-data")
     assert "modality is CT" in page.get_data(as_text=True)
     assert 'name="body_part"' in client.get("/upload").get_data(as_text=True)
+
+
+def test_facet_counts_are_counted_once_per_state_and_filter(engine, monkeypatch):
+    calls = []
+    real = engine.catalog.facet_counts
+    monkeypatch.setattr(engine.catalog, "facet_counts", lambda *a: calls.append(a) or real(*a))
+    ct = engine.parse_filters(["modality=CT"])
+    first = engine.facets(ct)
+    assert engine.facets(engine.parse_filters(["MODALITY=ct"])) == first and engine.facets(ct) == first
+    assert len(calls) <= 1  # zero when an earlier test already counted this filter in the same state
