@@ -110,13 +110,6 @@ class Catalog:
                 out[column] = dict(sorted(((v, n) for v, n in rows if str(v).strip()), key=lambda kv: -kv[1]))
         return out
 
-    def value_counts(self, column: str) -> dict[str, int]:
-        """How many images have each value of a metadata column (`search.filters.METADATA_FILTERS`)."""
-        field = getattr(ImageRow, column)
-        with Session(self.db) as session:
-            return {value: count for value, count in session.execute(
-                select(field, func.count()).where(field.is_not(None)).group_by(field))}
-
     def vector(self, image_id: int, generation: int) -> np.ndarray | None:
         """The embedding stored for an image in `generation` (exact, whatever the index compresses), or None."""
         if not self.valid_id(image_id):

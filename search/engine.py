@@ -218,7 +218,7 @@ class Engine:
         """Why a metadata filter matches nothing, with the closest value present: "no image has modality
         'xray'; did you mean 'X-ray'?" (None when every metadata value exists)."""
         for key, value in filters.metadata:
-            counts = self.catalog.value_counts(key)
+            counts = self.facets()[key]  # the values the served index holds, counted once per state
             if any(v.strip().lower() == value.strip().lower() for v in counts):
                 continue
             closest = suggest_value(value, list(counts))

@@ -106,6 +106,13 @@ def reliability_bins(probs: np.ndarray, labels: np.ndarray, bins: int = 10
     return out
 
 
+def reliability_curves(scores: np.ndarray, labels: np.ndarray, seed: int, folds: int = 5) -> tuple:
+    """Reliability bins of the raw score (clipped to [0, 1]) and of its cross-fitted calibrated probability:
+    the two curves of one panel of the reliability diagram."""
+    return (reliability_bins(np.clip(scores, 0, 1), labels),
+            reliability_bins(cross_fitted(scores, labels, folds, seed), labels))
+
+
 def wilson_interval(successes: int, trials: int, z: float = 1.96) -> tuple[float, float]:
     """Wilson score interval (95% by default) of a binomial proportion; (0, 1) without trials."""
     if trials == 0:

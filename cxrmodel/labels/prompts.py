@@ -114,6 +114,17 @@ class LabelConfig:
     thresholds: dict[str, float] = field(default_factory=lambda: {p: 0.5 for p in PATHOLOGIES})
     applicability: ApplicabilityConfig = field(default_factory=ApplicabilityConfig)
 
+    def all_prompts(self) -> tuple[list[str], list[tuple[int, int, int]]]:
+        """Every prompt text, set-major then pathology, and per (set, pathology) member its
+        (start, positives, negatives) span in that list."""
+        texts, spans = [], []
+        for s in self.prompt_sets:
+            for p in self.pathologies:
+                pos, neg = self.prompts(s, p)
+                spans.append((len(texts), len(pos), len(neg)))
+                texts.extend(pos + neg)
+        return texts, spans
+
     def prompts(self, set_name: str, pathology: str) -> tuple[list[str], list[str]]:
         """(positive, negative) prompt texts of one set for one pathology."""
         ps, spec = self.prompt_sets[set_name], self.pathologies[pathology]

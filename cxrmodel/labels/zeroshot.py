@@ -138,12 +138,7 @@ def _load_or_build_bank(encoder, config: LabelConfig) -> PromptBank:
 
 def _build_bank(encoder, config: LabelConfig) -> PromptBank:
     set_names, pathologies = list(config.prompt_sets), list(config.pathologies)
-    texts, spans = [], []
-    for s in set_names:
-        for p in pathologies:
-            pos, neg = config.prompts(s, p)
-            spans.append((len(texts), len(pos), len(neg)))
-            texts.extend(pos + neg)
+    texts, spans = config.all_prompts()
     emb = encoder.encode_texts(texts)
     dim = emb.shape[1]
     positive = np.zeros((len(set_names), len(pathologies), dim), dtype=np.float32)

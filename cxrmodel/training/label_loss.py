@@ -53,12 +53,7 @@ class PromptTokens:
 
     @classmethod
     def build(cls, config: LabelConfig, tokenize) -> PromptTokens:
-        texts, spans = [], []
-        for s in config.prompt_sets:
-            for p in config.pathologies:
-                pos, neg = config.prompts(s, p)
-                spans.append((len(texts), len(pos), len(neg)))
-                texts.extend(pos + neg)
+        texts, spans = config.all_prompts()
         weights = torch.tensor([config.prompt_sets[s].weight for s in config.prompt_sets], dtype=torch.float32)
         return cls(texts, tokenize(texts), spans, weights / weights.sum(), len(config.pathologies))
 

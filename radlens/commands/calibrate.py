@@ -123,7 +123,7 @@ def measure_applicability(encoder, vectors, metadata: list[dict], config, rule):
 
     from cxrmodel.labels.applicability import chest_shares, decide_from_metadata, stated_view
     from cxrmodel.labels.calibration import calibrate_applicability
-    from cxrmodel.labels.measures import cross_fitted, reliability_bins
+    from cxrmodel.labels.measures import reliability_curves
 
     truth = [decide_from_metadata(m) for m in metadata]
     known = [i for i, d in enumerate(truth) if d is not None]
@@ -136,8 +136,7 @@ def measure_applicability(encoder, vectors, metadata: list[dict], config, rule):
     check = calibrate_applicability(shares.chest, chest, rule, views)
     if chest.all() or not chest.any():
         return check, None
-    return check, (reliability_bins(shares.chest, chest),
-                   reliability_bins(cross_fitted(shares.chest, chest, 5, rule.seed), chest))
+    return check, reliability_curves(shares.chest, chest, rule.seed)
 
 
 def run_calibrate(args) -> int:
@@ -146,7 +145,7 @@ def run_calibrate(args) -> int:
     import numpy as np
 
     from cxrmodel.labels import calibration as cal
-    from cxrmodel.labels.measures import cross_fitted, reliability_bins
+    from cxrmodel.labels.measures import reliability_curves
     from cxrmodel.labels.prompts import LabelConfig
     from cxrmodel.labels.zeroshot import prompt_bank, score_vectors
     from cxrmodel.model.encoder import load_encoder
@@ -175,8 +174,7 @@ def run_calibrate(args) -> int:
     result = dataclasses.replace(result, applicability=applicability)
     cal.save(result, args.out)
     plot = args.plot or args.out.with_suffix(".png")
-    curves = {p: (reliability_bins(np.clip(raw[:, j], 0, 1), truth[:, j]),
-                  reliability_bins(cross_fitted(raw[:, j], truth[:, j], 5, args.seed), truth[:, j]))
+    curves = {p: reliability_curves(raw[:, j], truth[:, j], args.seed)
               for j, p in enumerate(pathologies) if truth[:, j].any() and not truth[:, j].all()}
     assessed = {p: c.assessed for p, c in result.pathologies.items()}
     if check_curve is not None:
