@@ -6,7 +6,8 @@ import json
 import shutil
 from pathlib import Path
 
-from cxrmodel.model.dualencoder import WEIGHTS, file_sha256
+from cxrmodel.hashing import file_sha256
+from cxrmodel.model.dualencoder import WEIGHTS
 
 KEEP = ("config.json", WEIGHTS, "radlens_model.json", "preprocessor_config.json", "tokenizer.json",
         "tokenizer_config.json", "special_tokens_map.json", "vocab.txt", "metrics.json", "loss_curve.png")

@@ -119,6 +119,7 @@ class IndexJob:
     engine: str = "local"  # or "ray": decode and embed on a Ray cluster (indexer/ray_engine.py)
     ray: RayConfig | None = None
     patient_key: PatientKeyConfig = field(default_factory=PatientKeyConfig.from_env)
+    query_tower: bool = True  # export the text tower to ONNX for torch-free text queries (query_tower.py)
 
     @property
     def url(self) -> str:
@@ -138,6 +139,7 @@ class IndexSummary:
     embedded: int = 0
     generation: int = 0
     index_type: str = ""
+    query_tower: str = ""  # what became of the ONNX query tower (TowerExport.line)
 
     @property
     def images_per_second(self) -> float:
@@ -291,10 +293,20 @@ def _run_index(job: IndexJob, encoder) -> IndexSummary:
         with Session(db) as session, session.begin():
             publish(session)  # servers drop caches made from the metadata before this run
         remove_legacy_salt(job.data_dir)
+        if job.query_tower:
+            summary.query_tower = _export_query_tower(encoder, job.data_dir)
     finally:
         db.dispose()
     summary.seconds = time.perf_counter() - started
     return summary
+
+
+def _export_query_tower(encoder, data_dir: Path) -> str:
+    from cxrmodel.model.tower_export import export_query_tower
+
+    result = export_query_tower(encoder, data_dir)
+    log.info("%s", result.line())
+    return result.line()
 
 
 def _embed(job: IndexJob, encoder, writer: ChunkWriter, tasks: list[PrepareTask], summary: IndexSummary) -> None:

@@ -41,6 +41,17 @@ def _setup_logging(verbosity: int) -> None:
 
         # peft calls an API transformers 5 deprecated; nothing a RadLens user can act on
         warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        quiet_transformers()
+
+
+def quiet_transformers() -> None:
+    """transformers' warnings and progress bars off, without importing it (a text search never does):
+    through the environment it reads when imported, or directly when something imported it already."""
+    import os
+
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    if "transformers" in sys.modules:
         import transformers
 
         transformers.utils.logging.set_verbosity_error()

@@ -11,6 +11,7 @@ import logging
 import threading
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 from PIL import Image
@@ -22,12 +23,12 @@ from cxrmodel.imaging.decode import DecodedImage, ImageLimits, decode_bytes, loa
 from cxrmodel.labels.applicability import Decision
 from cxrmodel.labels.prompts import LabelConfig, load_label_config
 from cxrmodel.labels.zeroshot import LabelScore
-from cxrmodel.model.encoder import Encoder, EncoderConfig, load_encoder
 from cxrmodel.reporting.report import Report
 from indexer.skipped import skipped_count
 from indexer.store import Generation, active_generation, default_db_url, has_database, open_db
 
 from .catalog import Catalog, Hit
+from .encoders import served_encoder
 from .filters import (
     METADATA_FILTERS,
     Filters,
@@ -40,6 +41,9 @@ from .knn import Selection, candidate_rounds
 from .labelling import Labeller, pil, report_metadata
 from .relevance import Baseline, build_baseline
 from .served import ServedState, StateLoader
+
+if TYPE_CHECKING:
+    from cxrmodel.model.encoder import Encoder
 
 __all__ = ["Engine", "EngineConfig", "Hit"]
 
@@ -62,6 +66,9 @@ class EngineConfig:
     limits: ImageLimits = field(default_factory=ImageLimits)
     upload_side: int | None = field(default=2048, metadata={
         "help": "Uploads are reduced to about this many pixels on the long side as they are decoded."})
+    query_tower: bool = field(default=True, metadata={
+        "help": "Text queries through the index's ONNX text tower when it has one (no torch until an image, "
+                "label or report request); False: always the torch encoder."})
 
     @property
     def url(self) -> str:
@@ -107,7 +114,7 @@ class Engine:
         labels = load_label_config(config.labels_file)
         owns = encoder is None
         if encoder is None:
-            encoder = _encoder_for(config, gen)
+            encoder = served_encoder(config, gen)
         if config.model is None and encoder.adapter_hash != gen.adapter_hash:
             raise ModelLoadError("the adapter on disk differs from the one the index was built with; "
                                  "re-index with `radlens index --rebuild`")
@@ -148,7 +155,7 @@ class Engine:
             return current
         if self._owns_encoder:
             log.info("generation %d was built with %s; loading that model", gen.id, gen.describe())
-            encoder = self._set_cache_dir(_encoder_for(self.config, gen))
+            encoder = self._set_cache_dir(served_encoder(self.config, gen))
             if not gen.serves(encoder.identity):
                 raise DataError(f"generation {gen.id} was built with {gen.describe()}, which cannot be loaded "
                                 f"as it was (got {encoder.identity['model']!r})")
@@ -186,7 +193,7 @@ class Engine:
         if not query or not query.strip():
             raise DataError("empty query")
         state = self.state()
-        hits = self._search(state, state.encoder.encode_texts([query.strip()])[0], k, filters)
+        hits = self._search(state, state.encoder.encode_queries([query.strip()])[0], k, filters)
         baseline = self.baseline(state)
         for hit in hits:
             hit.match = baseline.text_match(hit.score)
@@ -386,11 +393,3 @@ class Engine:
             pass
         return buf.getvalue()
 
-
-def _encoder_for(config: EngineConfig, gen: Generation) -> Encoder:
-    """Load the encoder a generation was built with (or the configured override)."""
-    if gen.adapter_path and not Path(gen.adapter_path).exists():
-        raise ModelLoadError(f"the index was built with adapter {gen.adapter_path}, which no longer exists")
-    return load_encoder(EncoderConfig(model=config.model or gen.model, adapter=gen.adapter_path,
-                                      precision=config.precision, device=config.device,
-                                      revision=None if config.model else gen.model_revision))

@@ -71,7 +71,7 @@ class Baseline:
 
 def build_baseline(encoder, index, scorer, seed: int = 0) -> Baseline:
     """Search the index with the probes and, where it can give back vectors, with a sample of its own."""
-    probes = encoder.encode_texts(list(PROBES)).astype(np.float32)
+    probes = encoder.encode_queries(list(PROBES)).astype(np.float32)
     top, _ = index.search(probes, 1)
     text_null = np.sort(top[:, 0][np.isfinite(top[:, 0])])
     image_null = None

@@ -22,6 +22,13 @@ from tests.imagegen import gray_folder
 pytestmark = pytest.mark.usefixtures("on_backend")
 
 
+def test_the_head_revision_in_code_is_alembics_head():
+    """`HEAD` spares readers the Alembic import; a new migration script must move it."""
+    from alembic.script import ScriptDirectory
+
+    assert head_revision() == ScriptDirectory.from_config(alembic_config()).get_current_head()
+
+
 def test_migrations_create_exactly_the_models_schema(tmp_path):
     from alembic.autogenerate import compare_metadata
     from alembic.migration import MigrationContext

@@ -9,8 +9,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from cxrmodel.hashing import file_sha256
 from cxrmodel.model.bundled import bundled_model_dir
-from cxrmodel.model.dualencoder import WEIGHTS, file_sha256, read_manifest
+from cxrmodel.model.dualencoder import WEIGHTS, read_manifest
 from radlens.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]

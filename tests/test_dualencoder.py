@@ -7,7 +7,8 @@ import json
 import numpy as np
 import pytest
 
-from cxrmodel.model.dualencoder import MANIFEST, WEIGHTS, ScratchSpec, file_sha256, is_model_dir
+from cxrmodel.hashing import file_sha256
+from cxrmodel.model.dualencoder import MANIFEST, WEIGHTS, ScratchSpec, is_model_dir
 from cxrmodel.model.encoder import EncoderConfig, load_encoder
 from cxrmodel.training.pairs import compose_caption, load_pairs
 from cxrmodel.training.train import TrainConfig, train
@@ -103,25 +104,9 @@ def test_index_and_search_with_a_scratch_model(scratch_model, shapes_manifest, t
 
 def test_plain_vision_text_dual_encoder_checkpoint_loads(tiny_bert_dir, tmp_path):
     """A VisionTextDualEncoderModel saved the Hugging Face way (no RadLens files) works too."""
-    from transformers import (
-        AutoModel,
-        AutoTokenizer,
-        CLIPVisionConfig,
-        CLIPVisionModel,
-        VisionTextDualEncoderConfig,
-        VisionTextDualEncoderModel,
-    )
+    from tests.tinymodel import save_tiny_dual_encoder
 
-    from cxrmodel.imaging.preprocess import PREPROCESSOR_FILE, ImagePreprocess
-
-    vision = CLIPVisionConfig(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=1,
-                              num_attention_heads=2, intermediate_size=64)
-    text = AutoModel.from_pretrained(tiny_bert_dir)
-    config = VisionTextDualEncoderConfig.from_vision_text_configs(vision, text.config, projection_dim=8)
-    model = VisionTextDualEncoderModel(config=config, vision_model=CLIPVisionModel(vision), text_model=text)
-    model.save_pretrained(tmp_path / "vtde")
-    AutoTokenizer.from_pretrained(tiny_bert_dir).save_pretrained(tmp_path / "vtde")
-    (tmp_path / "vtde" / PREPROCESSOR_FILE).write_text(json.dumps(ImagePreprocess(32, crop=(32, 32)).to_dict()))
+    save_tiny_dual_encoder(tmp_path / "vtde", tiny_bert_dir)
     enc = load_encoder(EncoderConfig(model=str(tmp_path / "vtde"), precision="fp32"))
     assert enc.encode_images([shape_image("circle", "red")]).shape == (1, 8)
     assert enc.encode_texts(["a red circle"]).shape == (1, 8)

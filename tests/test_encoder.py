@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 from cxrmodel.errors import ModelLoadError
-from cxrmodel.model.encoder import EncoderConfig, load_encoder, resolve_model_name
+from cxrmodel.model.config import resolve_model_name
+from cxrmodel.model.encoder import EncoderConfig, load_encoder
 from tests.imagegen import gray_image, shape_image
 
 

@@ -108,3 +108,28 @@ def write_forced_calibration(encoder, path: Path, assessed: tuple[str, ...] | No
     save(Calibration(model_identity(encoder), encoder.model_name, {"description": "forced by a test"}, SkillRule(),
                      per), path)
     return path
+
+
+def save_tiny_dual_encoder(directory: Path, bert_dir: Path, seed: int = 0) -> Path:
+    """A `VisionTextDualEncoderModel` (tiny CLIP vision tower + the tiny BERT of `bert_dir`) saved the
+    Hugging Face way, with tokenizer and preprocessor: no RadLens files."""
+    from transformers import (
+        AutoModel,
+        AutoTokenizer,
+        CLIPVisionConfig,
+        CLIPVisionModel,
+        VisionTextDualEncoderConfig,
+        VisionTextDualEncoderModel,
+    )
+
+    directory = Path(directory)
+    torch.manual_seed(seed)
+    vision = CLIPVisionConfig(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=1,
+                              num_attention_heads=2, intermediate_size=64)
+    text = AutoModel.from_pretrained(bert_dir)
+    config = VisionTextDualEncoderConfig.from_vision_text_configs(vision, text.config, projection_dim=8)
+    model = VisionTextDualEncoderModel(config=config, vision_model=CLIPVisionModel(vision), text_model=text)
+    model.save_pretrained(directory)
+    AutoTokenizer.from_pretrained(bert_dir).save_pretrained(directory)
+    (directory / PREPROCESSOR_FILE).write_text(json.dumps(ImagePreprocess(32, crop=(32, 32)).to_dict()))
+    return directory

@@ -10,7 +10,6 @@ shipped files stay small and the text weights are never copied.
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import json
 from dataclasses import asdict, dataclass, field
@@ -19,6 +18,7 @@ from pathlib import Path
 import torch
 
 from cxrmodel.errors import ModelLoadError
+from cxrmodel.hashing import file_sha256
 from cxrmodel.imaging.preprocess import PREPROCESSOR_FILE, ImagePreprocess
 from cxrmodel.model.lora import unwrap
 
@@ -132,15 +132,6 @@ def save_model_dir(model, tokenizer, preprocess: ImagePreprocess, source: dict, 
                 "weights_sha256": file_sha256(out / WEIGHTS)}
     (out / MANIFEST).write_text(json.dumps(manifest, indent=2))
     return out
-
-
-def file_sha256(path: Path) -> str:
-    """sha256 hex digest of a file."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def is_model_dir(path: str | Path) -> bool:

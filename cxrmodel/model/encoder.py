@@ -11,7 +11,6 @@ import logging
 import os
 import threading
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -20,35 +19,13 @@ from PIL import Image
 
 from cxrmodel.errors import ModelLoadError
 from cxrmodel.imaging.preprocess import PREPROCESSOR_FILE, PROCESSOR_FILE, PROCESSOR_FILES, ImagePreprocess
+from cxrmodel.model.config import MODEL_ENV, PRECISIONS, EncoderConfig
 from cxrmodel.model.fastpath import apply_fastpaths
 from cxrmodel.model.lora import unwrap
 
 log = logging.getLogger(__name__)
 
-DEFAULT_MODEL = "openai/clip-vit-base-patch32"
-MODEL_ENV = "RADLENS_MODEL"
-PRECISIONS = ("auto", "bf16", "fp32")
 NUMERICS = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}  # of the image vectors
-
-
-@dataclass
-class EncoderConfig:
-    """Which checkpoint to load and how to run it."""
-
-    model: str = field(default=DEFAULT_MODEL, metadata={"help": "Hub id or local directory of the checkpoint."})
-    adapter: str | None = field(default=None, metadata={"help": "Directory of a peft LoRA adapter."})
-    merge: bool = field(default=False, metadata={"help": "Merge the adapter into the weights for inference."})
-    precision: str = field(default="auto", metadata={
-        "help": "auto (bf16 where fast; on CPU the text tower then runs int8), bf16 or fp32 (exact)."})
-    device: str = field(default="auto", metadata={"help": "auto, cpu or cuda[:N]."})
-    revision: str | None = field(default=None, metadata={
-        "help": "Hub models: the commit (or branch/tag) to load; None: the latest. Indexes record the one loaded."})
-    batch_size: int = field(default=32, metadata={"help": "Images or texts per forward pass."})
-
-
-def resolve_model_name(cli_value: str | None = None) -> str:
-    """`--model` if given, else `$RADLENS_MODEL`, else the hub default."""
-    return cli_value or os.environ.get(MODEL_ENV) or DEFAULT_MODEL
 
 
 def cpu_supports_bf16() -> bool:
@@ -321,6 +298,11 @@ class Encoder:
             with self._lock, torch.inference_mode(), self._autocast(enabled=not self._text_is_quantized):
                 out.append(_normalise(features(self.model.get_text_features(**batch))))
         return _stack(out, self.dim)
+
+    def encode_queries(self, texts: Iterable[str]) -> np.ndarray:
+        """Search queries -> unit vectors (the same as `encode_texts`; a served `TowerEncoder` runs them on
+        ONNX instead)."""
+        return self.encode_texts(texts)
 
     def tokenize(self, texts: Sequence[str]) -> dict[str, torch.Tensor]:
         """Tokenise texts for the text tower, padded to the longest and truncated to its limit."""

@@ -10,38 +10,38 @@ from __future__ import annotations
 import fcntl
 import zlib
 from contextlib import contextmanager
-from functools import lru_cache
 from pathlib import Path
 
-from alembic import command
-from alembic.config import Config
-from alembic.runtime.migration import MigrationContext
-from alembic.script import ScriptDirectory
 from sqlalchemy import inspect, text
 from sqlalchemy.engine import Connection, Engine
 
 from cxrmodel.errors import DataError
 
 BASELINE = "0001"  # the schema databases made before migrations existed have
+HEAD = "0004"  # the newest script in versions/ (a test checks it against Alembic's own head)
 _LOCK_KEY = zlib.crc32(b"radlens-schema")
 
 
-def alembic_config() -> Config:
-    """Alembic configuration pointing at this package's scripts."""
+def alembic_config():
+    """Alembic configuration pointing at this package's scripts (Alembic is imported only to migrate:
+    a reader of an up-to-date database, such as `radlens search`, never pays for it)."""
+    from alembic.config import Config
+
     config = Config()
     config.set_main_option("script_location", str(Path(__file__).parent))
     return config
 
 
-@lru_cache(maxsize=1)
 def head_revision() -> str:
-    """The schema revision this version of RadLens writes (read from the scripts once per process)."""
-    return ScriptDirectory.from_config(alembic_config()).get_current_head()
+    """The schema revision this version of RadLens writes."""
+    return HEAD
 
 
 def current_revision(conn: Connection) -> str | None:
-    """The revision a database is at (None: never migrated)."""
-    return MigrationContext.configure(conn).get_current_revision()
+    """The revision a database is at (None: never migrated), from Alembic's version table."""
+    if not inspect(conn).has_table("alembic_version"):
+        return None
+    return conn.execute(text("SELECT version_num FROM alembic_version")).scalar()
 
 
 def ensure_schema(engine: Engine, upgrade: bool = True) -> None:
@@ -67,8 +67,8 @@ def ensure_schema(engine: Engine, upgrade: bool = True) -> None:
             if _holds_no_rows(conn):
                 _drop_partial_schema(conn)  # SQLite committed some CREATE TABLEs of a first run that then failed
             else:
-                _run(conn, command.stamp, BASELINE)  # made by create_all before migrations existed
-        _run(conn, command.upgrade, "head")
+                _run(conn, "stamp", BASELINE)  # made by create_all before migrations existed
+        _run(conn, "upgrade", "head")
 
 
 SCHEMA_TABLES = ("applicability", "scores", "embeddings", "skipped", "settings", "generations", "images",
@@ -89,10 +89,12 @@ def _drop_partial_schema(conn: Connection) -> None:
     conn.commit()
 
 
-def _run(conn: Connection, fn, target: str) -> None:
+def _run(conn: Connection, action: str, target: str) -> None:
+    from alembic import command
+
     config = alembic_config()
     config.attributes["connection"] = conn
-    fn(config, target)
+    getattr(command, action)(config, target)
     conn.commit()
 
 

@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 
 from cxrmodel.constants import DEFAULT_DATA_DIR
-from cxrmodel.model.encoder import PRECISIONS, EncoderConfig, resolve_model_name
+from cxrmodel.model.config import PRECISIONS, EncoderConfig, resolve_model_name
 
 
 def add_data_dir(p: argparse.ArgumentParser) -> None:

@@ -44,6 +44,8 @@ def register(sub) -> None:
     p.add_argument("--ray-slice", type=positive_int, default=200_000,
                    help="files per Ray dataset: the plan runs in slices, so the driver never holds it all")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--no-query-tower", action="store_true",
+                   help="do not export the text tower to ONNX beside the index (text queries then load torch)")
     p.set_defaults(run=run)
 
 
@@ -75,10 +77,13 @@ def run(args) -> int:
                    prune=args.prune, workers=args.workers,
                    chunk_size=args.chunk_size, index=index_config(args),
                    labels=load_label_config(args.labels),  # a bad file fails before the slow model load
-                   progress=not args.no_progress, engine=args.engine, ray=ray)
+                   progress=not args.no_progress, engine=args.engine, ray=ray,
+                   query_tower=not args.no_query_tower)
     encoder = load_encoder(encoder_config(args))
     summary = run_index(job, encoder)
     print(summary.line())
+    if summary.query_tower:
+        print(summary.query_tower)
     _print_skipped(job)
     return 0
 

@@ -28,6 +28,8 @@ def _search_flags(p) -> None:
                    help="drop hits whose relevance verdict is below this (see README: relevance)")
     p.add_argument("--filter", action="append", default=[], metavar="EXPR",
                    help="modality=CT, view=PA, body_part=chest, source=..., or effusion>=0.6 (repeatable)")
+    p.add_argument("--no-query-tower", action="store_true",
+                   help="embed a text query with the torch encoder even where the index has an ONNX query tower")
     _engine_flags(p)
 
 
@@ -65,7 +67,8 @@ def open_engine(args):
     from search.engine import Engine, EngineConfig
 
     return Engine.open(EngineConfig(data_dir=args.data_dir, db_url=args.db_url, model=args.model,
-                                    labels_file=args.labels, calibration=args.calibration))
+                                    labels_file=args.labels, calibration=args.calibration,
+                                    query_tower=not getattr(args, "no_query_tower", False)))
 
 
 MATCH_RANK = {"not measured": 0, "none": 0, "weak": 1, "strong": 2}
@@ -149,7 +152,8 @@ class IndexlessLabeller:
     def __init__(self, args):
         from cxrmodel.imaging.decode import ImageLimits
         from cxrmodel.labels.prompts import load_label_config
-        from cxrmodel.model.encoder import EncoderConfig, load_encoder, resolve_model_name
+        from cxrmodel.model.config import EncoderConfig, resolve_model_name
+        from cxrmodel.model.encoder import load_encoder
         from search.labelling import Labeller
 
         self.encoder = load_encoder(EncoderConfig(model=resolve_model_name(args.model), precision=args.precision))
