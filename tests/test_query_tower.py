@@ -160,3 +160,17 @@ def test_search_and_similar_never_import_torch_and_rank_like_torch_fp32(indexed_
         assert [h["match"]["verdict"] for h in search["out"]["results"]] == [h.match.verdict for h in hits]
     finally:
         reference.close()
+
+
+def test_the_apis_text_search_and_home_page_run_on_the_tower(tiny_model_dir, gray_images, tmp_path):
+    from search.engine import Engine, EngineConfig
+    from web import ServeConfig, create_app
+
+    _index(tmp_path, tiny_model_dir, gray_images)
+    engine = Engine.open(EngineConfig(data_dir=tmp_path))
+    client = create_app(ServeConfig(api_token=None), engine=engine).test_client()
+    response = client.get("/api/search?q=a+gray+image&k=3")
+    assert response.status_code == 200 and len(response.json["results"]) == 3
+    assert client.get("/?q=a+gray+image").status_code == 200
+    assert not engine.encoder.torch_loaded
+    engine.close()
