@@ -16,7 +16,8 @@ from indexer.store import ImageRow, ScoreRow
 
 METADATA_FILTERS = ("modality", "body_part", "view", "source", "format")
 _OPS = {">=": "__ge__", "<=": "__le__", ">": "__gt__", "<": "__lt__", "=": "__ge__"}
-_EXPR = re.compile(r"^\s*([A-Za-z_][A-Za-z0-9_ \-]*?)\s*(>=|<=|>|<|=)\s*(.*?)\s*$")
+FILTER_PATTERN = r"^\s*([A-Za-z_][A-Za-z0-9_ \-]*?)\s*(>=|<=|>|<|=)\s*(.*?)\s*$"  # also the API contract's
+_EXPR = re.compile(FILTER_PATTERN)
 
 
 @dataclass(frozen=True)

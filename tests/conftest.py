@@ -113,3 +113,13 @@ def app(engine):
 @pytest.fixture
 def client(app):
     return app.test_client()
+
+
+def pytest_terminal_summary(terminalreporter):
+    """The API fuzzer's summary (tests/test_api_contract.py), so that CI output shows what it checked."""
+    import sys
+
+    contract = sys.modules.get("tests.test_api_contract")
+    for summary in getattr(contract, "SUMMARIES", []):
+        terminalreporter.section("API contract (schemathesis)")
+        terminalreporter.write_line(summary)

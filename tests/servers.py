@@ -1,8 +1,15 @@
-"""Helpers for tests that start real servers (Ray, gunicorn) on loopback."""
+"""Helpers for tests that start real servers (radlens serve, Ray, gunicorn) on loopback."""
 
 from __future__ import annotations
 
+import os
 import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from contextlib import contextmanager
+from pathlib import Path
 
 
 def free_port() -> int:
@@ -10,3 +17,30 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+@contextmanager
+def radlens_server(data: Path, log_path: Path, *flags: str, boot_seconds: float = 90):
+    """`radlens serve --data-dir DATA FLAGS` on a free loopback port, as a user starts it; yields
+    (process, base URL) once /api/health answers, and stops it afterwards."""
+    port = free_port()
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    with open(log_path, "w") as log:
+        server = subprocess.Popen([sys.executable, "-m", "radlens", "serve", "--data-dir", str(data),
+                                   "--port", str(port), *flags], env=env, stdout=log, stderr=subprocess.STDOUT)
+        try:
+            deadline = time.time() + boot_seconds
+            while True:
+                try:
+                    urllib.request.urlopen(f"http://127.0.0.1:{port}/api/health", timeout=10).close()
+                    break
+                except OSError:
+                    assert server.poll() is None and time.time() < deadline, log_path.read_text()
+                    time.sleep(0.3)
+            yield server, f"http://127.0.0.1:{port}"
+        finally:
+            server.terminate()
+            try:
+                server.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                server.kill()

@@ -13,8 +13,6 @@ import pytest
 from cxrmodel.model.query_tower import CHECK_PROMPTS, MIN_COSINE, ONNX_FILE, TOWER_DIR, QueryTower
 from tests.imagegen import gray_folder, gray_image
 
-pytest.importorskip("onnxruntime")
-
 
 @pytest.fixture(scope="module")
 def dual_encoder_dir(tmp_path_factory) -> Path:

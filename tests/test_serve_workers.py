@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 import time
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
@@ -15,7 +12,7 @@ import pytest
 
 from indexer.pipeline import IndexJob, run_index
 from tests.imagegen import gray_folder
-from tests.servers import free_port
+from tests.servers import radlens_server
 
 pytest.importorskip("gunicorn")
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("on_backend")]
@@ -35,21 +32,8 @@ def test_workers_share_the_mapped_index_and_pick_up_a_new_one(tmp_path, tiny_enc
     src = gray_folder(tmp_path / "src", 30)
     data = tmp_path / "data"
     run_index(IndexJob(sources=[str(src)], data_dir=data, workers=0, progress=False), tiny_encoder)
-    port = free_port()
-    log = open(tmp_path / "serve.log", "w")  # noqa: SIM115 -- the server writes it until the test ends
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
-    server = subprocess.Popen([sys.executable, "-m", "radlens", "serve", "--data-dir", str(data), "--workers", "2",
-                               "--threads", "2", "--port", str(port)],
-                              env=env, stdout=log, stderr=subprocess.STDOUT)
-    try:
-        deadline = time.time() + 90
-        while True:
-            try:
-                _health(port)
-                break
-            except OSError:
-                assert server.poll() is None and time.time() < deadline, (tmp_path / "serve.log").read_text()
-                time.sleep(0.3)
+    with radlens_server(data, tmp_path / "serve.log", "--workers", "2", "--threads", "2") as (server, url):
+        port = int(url.rsplit(":", 1)[1])
         workers = _worker_pids(server.pid)
         assert len(workers) == 2
         seen: dict[str, dict] = {}
@@ -76,7 +60,3 @@ def test_workers_share_the_mapped_index_and_pick_up_a_new_one(tmp_path, tiny_enc
                         updated.add(pid)
             time.sleep(0.2)
         assert updated == {str(p) for p in workers}, "every worker serves the new index without a restart"
-    finally:
-        server.terminate()
-        server.wait(timeout=30)
-        log.close()

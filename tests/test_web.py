@@ -487,3 +487,15 @@ def test_facet_counts_are_counted_once_per_state_and_filter(engine, monkeypatch)
     first = engine.facets(ct)
     assert engine.facets(engine.parse_filters(["MODALITY=ct"])) == first and engine.facets(ct) == first
     assert len(calls) <= 1  # zero when an earlier test already counted this filter in the same state
+
+
+def test_the_api_refuses_repeated_or_empty_single_parameters_and_names_allowed_methods(client, some_id):
+    """What the API fuzzer found: `?threshold=&threshold=x` and `?window=` were answered 200 (the first or
+    a default value silently used), and a 405 did not say which methods are allowed."""
+    assert client.get("/api/search", query_string=[("q", "a"), ("q", "b")]).status_code == 400
+    assert client.get(f"/api/images/{some_id}/chart.svg?threshold=&threshold=0.5").status_code == 400
+    assert client.get(f"/api/images/{some_id}/full?window=").status_code == 400
+    assert client.get("/api/search?q=a+red+circle&k=").status_code == 400
+    refused = client.open("/api/health", method="TRACE")
+    assert refused.status_code == 405 and "GET" in refused.headers["Allow"]
+    assert client.get("/?q=a+red+circle&k=").status_code == 200  # a blank form field on a page stays fine

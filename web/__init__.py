@@ -110,7 +110,9 @@ def create_app(config: ServeConfig | None = None, engine=None) -> Flask:
             if request.path == "/upload":  # keep the form: the user picks another file
                 return render_template("upload.html", result=None, error=upload_limit_message()), 413
             return _error(413, upload_limit_message())
-        return _error(exc.code or 500, exc.description or exc.name)
+        body, status = _error(exc.code or 500, exc.description or exc.name)
+        allow = [(k, v) for k, v in exc.get_headers() if k.lower() == "allow"]  # a 405 names what is allowed
+        return body, status, allow
 
     @app.errorhandler(Exception)
     def on_unexpected(exc: Exception):

@@ -12,6 +12,7 @@ from cxrmodel.reporting.charts import category_heatmap, probability_chart, summa
 from cxrmodel.reporting.documents import pdf_context
 from cxrmodel.reporting.report import findings_csv, to_markdown, to_pdf
 
+from . import HTTPError
 from .auth import authorized
 from .context import (
     config,
@@ -49,12 +50,23 @@ def _filters():
     return engine().parse_filters(request.values.getlist("filter"))
 
 
+def _arg(name: str, form: bool = False) -> str | None:
+    """A single-valued parameter of the query string (or form): None when absent; 400 when it is given
+    twice or empty (the pages accept a blank form field; an API client that sends one made a mistake)."""
+    values = (request.form if form else request.args).getlist(name)
+    if len(values) > 1:
+        raise HTTPError(400, f"give {name} once (got {len(values)} values)")
+    if values and not values[0].strip():
+        raise HTTPError(400, f"{name} is empty")
+    return values[0] if values else None
+
+
 @api.get("/search")
 def search():
-    query = (request.args.get("q") or "").strip()
+    query = (_arg("q") or "").strip()
     if not query:
         return jsonify({"error": "missing query parameter q", "status": 400}), 400
-    k = k_param(request.args.get("k"))
+    k = k_param(_arg("k"))
     filters = _filters()
     hits = engine().text(query, k=k, filters=filters)
     return jsonify({"query": query, "k": k, "filters": request.args.getlist("filter"),
@@ -64,7 +76,7 @@ def search():
 @api.post("/similar")
 @heavy
 def similar():
-    k = k_param(request.form.get("k"))
+    k = k_param(_arg("k", form=True))
     filters = _filters()
     image = read_upload()
     hits = engine().image(image, k=k, filters=filters)
@@ -74,8 +86,8 @@ def similar():
 @api.post("/label")
 @heavy
 def label():
-    threshold = threshold_param(request.form.get("threshold"))
-    lang = lang_param(request.form.get("lang") or request.args.get("lang"))
+    threshold = threshold_param(_arg("threshold", form=True))
+    lang = lang_param(_arg("lang", form=True) or _arg("lang"))
     image = read_upload()
     return jsonify(label_payload(*upload_labels(image, threshold, lang, metadata=stated_metadata())))
 
@@ -91,15 +103,14 @@ def image_metadata(image_id: int):
 @api.get("/images/<image_id:image_id>/labels")
 @heavy
 def image_labels(image_id: int):
-    _, scores, report, decision = id_labels(image_id, threshold_param(request.args.get("threshold")),
-                                            lang_param(request.args.get("lang")))
+    _, scores, report, decision = id_labels(image_id, threshold_param(_arg("threshold")), lang_param(_arg("lang")))
     return jsonify(label_payload(scores, report, decision))
 
 
 @api.get("/images/<image_id:image_id>/similar")
 def image_similar(image_id: int):
     """More like this: indexed images similar to an indexed one (its stored embedding; no upload)."""
-    k = k_param(request.args.get("k"))
+    k = k_param(_arg("k"))
     hits = engine().similar_to(image_id, k=k, filters=_filters())
     return jsonify({"image_id": image_id, "k": k, "filters": request.args.getlist("filter"),
                     "results": [h.to_dict() for h in hits]})
@@ -113,8 +124,8 @@ def image_priors(image_id: int):
 @api.get("/images/<image_id:image_id>/report")
 @heavy
 def image_report(image_id: int):
-    fmt = request.args.get("format", "json")
-    threshold, lang = threshold_param(request.args.get("threshold")), lang_param(request.args.get("lang"))
+    fmt = _arg("format") or "json"
+    threshold, lang = threshold_param(_arg("threshold")), lang_param(_arg("lang"))
     meta, scores, report, decision = id_labels(image_id, threshold, lang)
     if fmt == "json":
         return jsonify(report.to_dict())
@@ -131,7 +142,7 @@ def image_report(image_id: int):
 @api.get("/images/<image_id:image_id>/findings.<fmt>")
 @heavy
 def image_findings(image_id: int, fmt: str):
-    threshold = threshold_param(request.args.get("threshold"))
+    threshold = threshold_param(_arg("threshold"))
     _, scores, _, _ = id_labels(image_id, threshold)
     if fmt == "csv":
         return _download(findings_csv(scores, threshold).encode(), "text/csv", f"findings-{image_id}.csv")
@@ -147,7 +158,7 @@ def image_findings(image_id: int, fmt: str):
 def _figure(image_id: int, fmt: str, kind: str):
     if fmt not in ("png", "svg"):
         return jsonify({"error": "format must be png or svg", "status": 400}), 400
-    threshold = threshold_param(request.args.get("threshold"))
+    threshold = threshold_param(_arg("threshold"))
     _, scores, _, decision = id_labels(image_id, threshold)
     if kind != "summary" and not decision.applicable:
         return jsonify({"error": f"the 14 chest X-ray labels do not apply: {decision.reason}", "status": 404}), 404
@@ -188,7 +199,7 @@ def thumbnail(image_id: int):
 def full_image(image_id: int):
     import io
 
-    image = engine().load(image_id, request.args.get("window") or None).image
+    image = engine().load(image_id, _arg("window")).image
     buf = io.BytesIO()
     image.save(buf, format="PNG")
     return Response(buf.getvalue(), mimetype="image/png", headers={"Cache-Control": "private, max-age=3600"})
