@@ -174,7 +174,8 @@ def _target_generation(session: Session, identity: dict, rebuild: bool) -> Gener
             return gen
     gen = Generation(model=identity["model"], adapter_hash=identity["adapter_hash"],
                      adapter_path=identity.get("adapter"), dim=identity["dim"], numerics=identity.get("numerics"),
-                     model_revision=identity.get("revision"), active=False, next_revision=1)
+                     model_revision=identity.get("revision"), model_format=identity.get("format"), active=False,
+                     next_revision=1)
     session.add(gen)
     session.flush()
     return gen
@@ -183,7 +184,7 @@ def _target_generation(session: Session, identity: dict, rebuild: bool) -> Gener
 def _describe(identity: dict) -> str:
     """An encoder identity in the words of `Generation.describe`."""
     return Generation(model=identity["model"], adapter_hash=identity["adapter_hash"], numerics=identity.get("numerics"),
-                      model_revision=identity.get("revision")).describe()
+                      model_revision=identity.get("revision"), model_format=identity.get("format")).describe()
 
 
 LOCK_FILE = "index.lock"

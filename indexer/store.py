@@ -106,6 +106,7 @@ class Generation(Base):
     index_type: Mapped[str | None] = mapped_column(String(128))
     numerics: Mapped[str | None] = mapped_column(String(16))  # image tower's number format (fp32, bf16...)
     model_revision: Mapped[str | None] = mapped_column(String(64))  # a hub model's resolved commit
+    model_format: Mapped[str | None] = mapped_column(String(64))  # checkpoint format (encoder.checkpoint_format)
     active: Mapped[bool] = mapped_column(Boolean, default=False, index=True)
     next_revision: Mapped[int] = mapped_column(Integer, default=1)
     created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
@@ -115,8 +116,9 @@ class Generation(Base):
         """True when this generation was made by the encoder with `identity`, so that encoder may add to
         it: same weights (model, hub revision, adapter), same vector size and the same number format
         (bf16 vectors are not mixed into an fp32 index). Generations recorded before numerics and
-        revisions were (NULL) match any."""
-        return self.serves(identity) and _same_or_unrecorded(self.numerics, identity.get("numerics"))
+        revisions were (NULL) match any. A directory whose checkpoint format changed holds another model."""
+        return self.serves(identity) and _same_or_unrecorded(self.numerics, identity.get("numerics")) \
+            and _same_or_unrecorded(self.model_format, identity.get("format"))
 
     def serves(self, identity: dict) -> bool:
         """True when the encoder with `identity` embeds queries into this generation's space (the
@@ -129,7 +131,8 @@ class Generation(Base):
         """The identity in words, for messages."""
         adapter = self.adapter_hash[:12] if self.adapter_hash else "none"
         revision = f"@{self.model_revision[:12]}" if self.model_revision else ""
-        return f"{self.model!r}{revision} (adapter {adapter}, {self.numerics or 'unrecorded numerics'})"
+        fmt = f", {self.model_format}" if self.model_format else ""
+        return f"{self.model!r}{revision} (adapter {adapter}, {self.numerics or 'unrecorded numerics'}{fmt})"
 
 
 def _same_or_unrecorded(stored: str | None, given: str | None) -> bool:

@@ -176,7 +176,7 @@ class Engine:
         state = self.state()
         return {"generation": state.generation, "vectors": int(state.index.ntotal), "skipped": skipped_count(self.db),
                 "index_type": state.meta.factory, "model": state.encoder.model_name, "dim": state.encoder.dim,
-                "adapter": bool(state.encoder.adapter)}
+                "adapter": bool(state.encoder.adapter), "format": state.encoder.identity.get("format")}
 
     # -- queries ---------------------------------------------------------------------------------
     def parse_filters(self, expressions: list[str] | None) -> Filters:

@@ -12,7 +12,8 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("cxrmodel", "indexer", "search", "web", "radlens")  # lowest first
 CXRMODEL_LAYERS = {  # inside cxrmodel, lowest first; shared modules are below everything
-    "errors": 0, "constants": 0, "tables": 0, "imaging": 1, "model": 2, "labels": 3, "reporting": 4, "training": 4}
+    "errors": 0, "constants": 0, "tables": 0, "hashing": 0, "imaging": 1, "model": 2, "labels": 3, "reporting": 4,
+    "training": 4}
 INDEXING_COMMANDS = {"radlens.commands.index", "radlens.commands.demo"}  # the CLI commands that run an index
 
 

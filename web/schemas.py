@@ -37,6 +37,7 @@ class Health(Strict):
     model: str | None = None
     dim: int | None = None
     adapter: bool | None = None
+    format: str | None = Field(default=None, description="the checkpoint format the model was loaded from")
 
 
 class Match(Strict):

@@ -32,6 +32,7 @@ class ImagePreprocess:
     mean: tuple[float, float, float] = OPENAI_CLIP_MEAN
     std: tuple[float, float, float] = OPENAI_CLIP_STD
     resample: int = Image.Resampling.BICUBIC
+    crop_rounding: str = "floor"  # the crop's offset: floor (transformers) or round (torchvision, open_clip)
 
     @classmethod
     def from_dict(cls, cfg: dict) -> ImagePreprocess:
@@ -114,14 +115,18 @@ class ImagePreprocess:
         if self.crop is not None:
             ch, cw = self.crop
             w, h = image.size
-            top, left = (h - ch) // 2, (w - cw) // 2
+            top, left = self._offset(h, ch), self._offset(w, cw)
             if top < 0 or left < 0:  # image smaller than the crop: pad like transformers does
                 canvas = Image.new(image.mode, (max(w, cw), max(h, ch)))
                 canvas.paste(image, ((max(w, cw) - w) // 2, (max(h, ch) - h) // 2))
                 image, w, h = canvas, canvas.width, canvas.height
-                top, left = (h - ch) // 2, (w - cw) // 2
+                top, left = self._offset(h, ch), self._offset(w, cw)
             image = image.crop((left, top, left + cw, top + ch))
         return image
+
+    def _offset(self, size: int, crop: int) -> int:
+        """Where a centre crop starts: one pixel apart between the libraries when the margin is odd."""
+        return int(round((size - crop) / 2.0)) if self.crop_rounding == "round" else (size - crop) // 2
 
     def pixels(self, image: Image.Image) -> np.ndarray:
         """Resized, cropped 8-bit pixels: (H, W) for grayscale, (H, W, 3) for colour."""

@@ -137,6 +137,11 @@ def load_pretrained_parts(name: str, dtype: torch.dtype = torch.float32, revisio
     if local.is_dir() and is_model_dir(local):
         model, tokenizer, preprocess = load_model_dir(local)
         return model.to(dtype), tokenizer, preprocess
+    from cxrmodel.model.openclip import is_open_clip_dir, load_open_clip_dir
+
+    if local.is_dir() and is_open_clip_dir(local):
+        model, tokenizer, preprocess, _ = load_open_clip_dir(local)
+        return model.to(dtype), tokenizer, preprocess
     if local.exists() and not local.is_dir():
         raise ModelLoadError(f"--model {name!r} is a file; give the checkpoint's directory. " + _hub_hint(name))
     if not local.exists() and (name.startswith((".", "/", "~")) or name.count("/") > 1):
@@ -222,6 +227,7 @@ class Encoder:
         self.cache_dir: Path | None = None  # where derived text embeddings (prompt banks) may be kept
         self.config: EncoderConfig | None = None  # set by load_encoder
         self.revision: str | None = None  # a hub model's resolved commit; set by load_encoder
+        self.checkpoint_format: str | None = None  # e.g. "transformers CLIP", "open_clip (CLIP)"; by load_encoder
 
     @property
     def dim(self) -> int:
@@ -241,7 +247,8 @@ class Encoder:
     def identity(self) -> dict:
         """What an index records to know which encoder built it."""
         return {"model": self.model_name, "adapter": self.adapter, "adapter_hash": self.adapter_hash,
-                "dim": self.dim, "numerics": NUMERICS.get(self.dtype, str(self.dtype)), "revision": self.revision}
+                "dim": self.dim, "numerics": NUMERICS.get(self.dtype, str(self.dtype)), "revision": self.revision,
+                "format": self.checkpoint_format}
 
     @property
     def logit_scale(self) -> float:
@@ -261,7 +268,11 @@ class Encoder:
     @property
     def _text_impl(self) -> str:
         """Module of the text projection's class: transformers', or torch's quantized one (int8)."""
-        return type(getattr(unwrap(self.model), "text_projection", None)).__module__
+        projection = getattr(unwrap(self.model), "text_projection", None)
+        if not isinstance(projection, torch.nn.Module):
+            return type(projection).__module__
+        leaves = [m for m in projection.modules() if not list(m.children())]  # an MLP projection: its first layer
+        return type(leaves[0] if leaves else projection).__module__
 
     @property
     def _text_is_quantized(self) -> bool:
@@ -389,7 +400,22 @@ def load_encoder(config: EncoderConfig) -> Encoder:
                       device=device, dtype=dtype, batch_size=config.batch_size)
     encoder.config = config  # so that other processes (e.g. Ray actors) can load the same encoder
     encoder.revision = None if local.is_dir() else hub_commit(config.model, config.revision)
+    encoder.checkpoint_format = checkpoint_format_of(local, model)
     return encoder
+
+
+def checkpoint_format_of(source: Path, model) -> str:
+    """The layout a checkpoint was loaded from, in words an index records."""
+    from cxrmodel.model.dualencoder import is_model_dir
+    from cxrmodel.model.openclip import checkpoint_format, is_open_clip_dir, read_config
+
+    if source.is_dir() and is_model_dir(source):
+        return "radlens dual encoder"
+    if source.is_dir() and is_open_clip_dir(source):
+        return checkpoint_format(read_config(source))
+    model_type = unwrap(model).config.model_type
+    return {"clip": "transformers CLIP", "vision-text-dual-encoder": "transformers dual encoder"}.get(
+        model_type, f"transformers {model_type}")
 
 
 def hub_commit(name: str, revision: str | None = None) -> str | None:
