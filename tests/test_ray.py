@@ -85,7 +85,7 @@ def test_ray_engine_equals_one_process_run(ray_cluster, thousand_images, tmp_pat
                                 "--ray-actors", "2", "--chunk-size", "128", "--ray-slice", "400")  # 3 slices
     out = subprocess.run(cmd, env=ray_cluster[1], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
-    assert out.stdout.strip().splitlines()[-1].startswith("added 1000, updated 0, unchanged 0, skipped 1"), out.stdout
+    assert _summary(out.stdout).startswith("added 1000, updated 0, unchanged 0, skipped 1"), out.stdout
     (want, want_scores), (got, got_scores) = _rows(tmp_path / "local"), _rows(tmp_path / "ray")
     assert want.keys() == got.keys() and len(got) == 1000
     a = np.stack([np.frombuffer(want[k][4], "<f4") for k in sorted(want)])
@@ -96,7 +96,7 @@ def test_ray_engine_equals_one_process_run(ray_cluster, thousand_images, tmp_pat
     assert max(abs(want_scores[k] - got_scores[k]) for k in want_scores) < 1e-3
     assert check_data_dir(tmp_path / "ray", default_db_url(tmp_path / "ray")).ok
     again = subprocess.run(cmd, env=ray_cluster[1], capture_output=True, text=True, timeout=300)
-    assert again.stdout.strip().splitlines()[-1].startswith("added 0, updated 0, unchanged 1000"), again.stdout
+    assert _summary(again.stdout).startswith("added 0, updated 0, unchanged 1000"), again.stdout
 
 
 def _ray_worker_pids(name: str) -> list[int]:
@@ -131,9 +131,14 @@ def test_a_killed_ray_worker_loses_and_duplicates_nothing(ray_cluster, thousand_
     out, err = job.communicate(timeout=300)
     assert killed, "the job ended before a worker could be killed"
     assert job.returncode == 0, err[-3000:]
-    assert out.strip().splitlines()[-1].startswith("added 1000, updated 0, unchanged 0, skipped 1"), out
+    assert _summary(out).startswith("added 1000, updated 0, unchanged 0, skipped 1"), out
     paths = [p for (p,) in fetch(url, "select path from images")]
     assert len(paths) == len(set(paths)) == 1000
     assert fetch(url, "select count(*), count(distinct image_id) from embeddings") == [(1000, 1000)]
     report = check_data_dir(data, url)
     assert report.ok and report.vectors == 1000, report.lines()
+
+
+def _summary(stdout: str) -> str:
+    """The run's summary line in `radlens index` output (the query tower's line follows it)."""
+    return next(line for line in stdout.splitlines() if line.startswith("added "))
