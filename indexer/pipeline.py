@@ -35,6 +35,7 @@ from cxrmodel.labels.calibration import for_encoder
 from cxrmodel.labels.prompts import LabelConfig
 from cxrmodel.labels.zeroshot import prompt_bank, score_vectors
 
+from .dicomweb import is_dicomweb
 from .faults import checkpoint
 from .metadata import remove_legacy_salt, row_fields
 from .prepare import Prepared, PrepareTask, prepare_all
@@ -286,7 +287,7 @@ def _run_index(job: IndexJob, encoder) -> IndexSummary:
         tasks = writer.plan(iter_sources(job.sources, exclude=job.data_dir), summary)
         _embed(job, encoder, writer, tasks, summary)
         if job.prune:
-            summary.pruned = prune_missing(db, job.data_dir)
+            summary.pruned = prune_missing(db, job.data_dir, listed_remote(job.sources, writer.listed_remote))
         meta = sync_generation(db, job.data_dir, gen_id, job.index)
         summary.index_type = meta.factory
         summary.generation = gen_id
@@ -366,6 +367,7 @@ class ChunkWriter:
         calibration = for_encoder(encoder)  # the model's own, as pages without --calibration read it
         self.applicability_calibration = calibration.applicability if calibration else None
         self.pending: dict[str, PendingFile] = {}  # files handed to decoding, until their chunk is written
+        self.listed_remote: set[int] = set()  # hashes of the DICOMweb locators listed in this run (for --prune)
 
     def plan(self, items: Iterable[SourceRecord | ManifestProblem], summary: IndexSummary) -> list[PrepareTask]:
         """Files that need reading: new, or changed size/mtime, or not yet embedded in this generation.
@@ -398,13 +400,19 @@ class ChunkWriter:
         tasks, meta_updates, missing = [], [], {}
         for record, path in zip(records, paths, strict=True):
             row = stored.get(path)
-            try:
-                st = os.stat(path)
-            except OSError:
-                missing[path] = dict(path=path, kind="file", reason="file not found", at=utcnow())
-                continue
+            remote = is_dicomweb(path)
+            if remote:  # an archived instance: immutable by its UIDs, so the locator is its identity
+                self.listed_remote.add(hash(path))
+                size_mtime = (row.size_bytes, row.mtime_ns) if row is not None else None
+            else:
+                try:
+                    st = os.stat(path)
+                except OSError:
+                    missing[path] = dict(path=path, kind="file", reason="file not found", at=utcnow())
+                    continue
+                size_mtime = (st.st_size, st.st_mtime_ns)
             in_gen = row is not None and row.id in embedded
-            if in_gen and (row.size_bytes, row.mtime_ns) == (st.st_size, st.st_mtime_ns):
+            if in_gen and (row.size_bytes, row.mtime_ns) == size_mtime:
                 summary.unchanged += 1
                 if record.metadata:
                     changed = {k: v for k, v in row_fields(record.metadata, self.pseudonyms).items()
@@ -538,12 +546,40 @@ class ChunkWriter:
         return {path: image_id for path, image_id in returned}
 
 
-def prune_missing(db, data_dir: Path | None = None) -> int:
-    """Delete rows (and their vectors, scores and cached thumbnails) of files that no longer exist;
-    returns how many."""
+@dataclass(frozen=True)
+class RemoteListing:
+    """What this run's DICOMweb sources listed: their locator prefixes and the locators' hashes."""
+
+    prefixes: tuple[str, ...]
+    listed: set[int]
+
+    def gone(self, path: str) -> bool:
+        """An instance of an archive this run listed that the archive no longer lists."""
+        return path.startswith(self.prefixes) and hash(path) not in self.listed
+
+
+def listed_remote(sources: list[str], listed: set[int]) -> RemoteListing:
+    """The `RemoteListing` of a run over `sources`."""
+    from .dicomweb import DicomwebSource
+
+    prefixes = tuple(DicomwebSource.parse(str(s)).url + "/studies/" for s in sources if is_dicomweb(str(s)))
+    return RemoteListing(prefixes, listed)
+
+
+def _gone(path: str, remote: RemoteListing | None) -> bool:
+    """A file that no longer exists, or an archived instance its archive no longer lists (instances of
+    archives this run did not list are kept: nothing is known about them)."""
+    if is_dicomweb(path):
+        return remote is not None and remote.gone(path)
+    return not os.path.exists(path)
+
+
+def prune_missing(db, data_dir: Path | None = None, remote: RemoteListing | None = None) -> int:
+    """Delete rows (and their vectors, scores and cached thumbnails) of files that no longer exist and of
+    archived instances that this run's DICOMweb sources no longer list; returns how many."""
     with Session(db) as session, session.begin():
         gone_rows = [row for row in session.execute(select(ImageRow.id, ImageRow.path, ImageRow.content_hash))
-                     if not os.path.exists(row.path)]
+                     if _gone(row.path, remote)]
         gone = [row.id for row in gone_rows]
         for start in range(0, len(gone), 500):
             ids = gone[start : start + 500]
@@ -552,7 +588,7 @@ def prune_missing(db, data_dir: Path | None = None) -> int:
             session.execute(delete(EmbeddingRow).where(EmbeddingRow.image_id.in_(ids)))
             session.execute(delete(ImageRow).where(ImageRow.id.in_(ids)))
         skipped_gone = [p for p in session.scalars(select(SkippedRow.path).where(SkippedRow.kind == "file"))
-                        if not os.path.exists(p)]
+                        if _gone(p, remote)]
         if skipped_gone:
             session.execute(delete(SkippedRow).where(SkippedRow.path.in_(skipped_gone)))
         session.flush()

@@ -15,9 +15,11 @@ from pathlib import Path
 
 import numpy as np
 
-from cxrmodel.errors import ImageDecodeError
+from cxrmodel.errors import DataError, ImageDecodeError
 from cxrmodel.imaging.decode import ImageLimits, decode_bytes, header_metadata
 from cxrmodel.imaging.preprocess import ImagePreprocess
+
+from .dicomweb import fetch, is_dicomweb
 
 
 @dataclass
@@ -58,6 +60,14 @@ def file_hash(data: bytes) -> str:
 def prepare(task: PrepareTask, preprocess: ImagePreprocess, limits: ImageLimits) -> Prepared:
     """Read, hash and (when new or changed) decode and resize one file. Never raises for bad files."""
     out = Prepared(path=task.path)
+    if is_dicomweb(task.path):
+        try:
+            data = fetch(task.path, limits.max_bytes)
+        except DataError as exc:
+            out.error = str(exc)
+            return out
+        out.size_bytes = len(data)
+        return _prepare_bytes(out, data, task, preprocess, limits)
     try:
         st = os.stat(task.path)
         out.size_bytes, out.mtime_ns = st.st_size, st.st_mtime_ns
@@ -68,6 +78,11 @@ def prepare(task: PrepareTask, preprocess: ImagePreprocess, limits: ImageLimits)
     except OSError as exc:
         out.error = f"cannot read file ({exc.strerror or exc})"
         return out
+    return _prepare_bytes(out, data, task, preprocess, limits)
+
+
+def _prepare_bytes(out: Prepared, data: bytes, task: PrepareTask, preprocess: ImagePreprocess,
+                   limits: ImageLimits) -> Prepared:
     out.content_hash = file_hash(data)
     if out.content_hash == task.known_hash:
         out.unchanged = True

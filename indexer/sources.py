@@ -18,6 +18,8 @@ from cxrmodel.errors import DataError
 from cxrmodel.imaging.decode import DICOM_MAGIC_OFFSET, is_image_path
 from cxrmodel.tables import ERROR_KEY, find_column, read_rows
 
+from .dicomweb import is_dicomweb, locator_problem
+
 log = logging.getLogger(__name__)
 
 MANIFEST_EXTENSIONS = (".csv", ".jsonl", ".ndjson")
@@ -139,6 +141,10 @@ def read_manifest(path: Path) -> Iterator[SourceRecord | ManifestProblem]:
         if not value or "\0" in value:
             yield ManifestProblem(str(path), line, f"empty {path_col!r}" if not value else "path holds a NUL byte")
             continue
+        if is_dicomweb(value):  # one archived instance, by its locator (indexer.dicomweb)
+            reason = locator_problem(value)
+            yield ManifestProblem(str(path), line, reason) if reason else SourceRecord(value, _row_metadata(row))
+            continue
         file_path = os.path.abspath(os.path.join(base, value))  # an absolute value stays as it is
         if os.path.islink(file_path):
             resolved, reason = _resolved(Path(file_path))
@@ -162,19 +168,25 @@ def _row_metadata(row: dict) -> dict[str, str]:
     return meta
 
 
-def check_sources(sources: Iterable[str | Path]) -> list[Path]:
-    """The sources, checked before anything is written: each must be a folder, an image or a manifest with
-    a path column (DataError otherwise). Manifests come first, so their metadata wins over a folder's bare
-    listing of the same file."""
-    checked = []
-    for src in map(Path, sources):
+def check_sources(sources: Iterable[str | Path]) -> list[Path | str]:
+    """The sources, checked before anything is written: each must be a folder, an image, a manifest with
+    a path column or a reachable DICOMweb archive (`indexer.dicomweb`; DataError otherwise). Manifests
+    come first, so their metadata wins over a folder's bare listing of the same file."""
+    from .dicomweb import check_source
+
+    checked: list[Path | str] = []
+    remote = [str(s) for s in sources if is_dicomweb(str(s))]
+    for url in remote:
+        check_source(url)
+    for src in (Path(s) for s in sources if not is_dicomweb(str(s))):
         if src.is_file() and src.suffix.lower() in MANIFEST_EXTENSIONS:
             manifest_path_column(src)
         elif not src.is_dir() and not (src.is_file() and is_image_path(src)):
             raise DataError(f"{src}: not a folder, an image or a manifest (.csv, .jsonl)" if src.exists()
                             else f"{src}: no such file or folder")
         checked.append(src)
-    return sorted(checked, key=lambda p: not (p.is_file() and p.suffix.lower() in MANIFEST_EXTENSIONS))
+    manifests_first = sorted(checked, key=lambda p: not (p.is_file() and p.suffix.lower() in MANIFEST_EXTENSIONS))
+    return manifests_first + remote
 
 
 def iter_sources(sources: Iterable[str | Path], exclude: Path | None = None
@@ -184,8 +196,12 @@ def iter_sources(sources: Iterable[str | Path], exclude: Path | None = None
     cached thumbnails) are left out. Memory: one machine word per path seen (its hash), not the records."""
     inside = str(exclude.resolve()) + os.sep if exclude is not None else None
     seen: set[int] = set()
+    from .dicomweb import list_locators
+
     for src in check_sources(sources):
-        if src.is_dir():
+        if isinstance(src, str):
+            items = (SourceRecord(locator) for locator in list_locators(src))
+        elif src.is_dir():
             items = walk_folder(src)
         elif src.suffix.lower() in MANIFEST_EXTENSIONS:
             items = read_manifest(src)

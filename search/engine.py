@@ -24,6 +24,7 @@ from cxrmodel.labels.applicability import Decision
 from cxrmodel.labels.prompts import LabelConfig, load_label_config
 from cxrmodel.labels.zeroshot import LabelScore
 from cxrmodel.reporting.report import Report
+from indexer.dicomweb import fetch, is_dicomweb
 from indexer.skipped import skipped_count
 from indexer.store import Generation, active_generation, default_db_url, has_database, open_db
 
@@ -315,7 +316,11 @@ class Engine:
     def load(self, image_id: int, window: str | None = None) -> DecodedImage:
         """Decode an indexed image from its stored path (by DB id only); `window`: a DICOM display window
         (`cxrmodel.imaging.decode.WINDOW_PRESETS`, "file" or "full")."""
-        return load_image(self.catalog.path(image_id), self.config.limits, window)
+        path = self.catalog.path(image_id)
+        if is_dicomweb(path):  # an archived instance: fetched back from the archive, never kept here
+            return decode_bytes(fetch(path, self.config.limits.max_bytes), name=Path(path).name,
+                                limits=self.config.limits, window=window)
+        return load_image(path, self.config.limits, window)
 
     def decode_upload(self, data: bytes, name: str = "upload") -> DecodedImage:
         """Decode uploaded bytes under this engine's limits, reduced to a working size (`upload_side`)."""

@@ -44,3 +44,40 @@ def radlens_server(data: Path, log_path: Path, *flags: str, boot_seconds: float 
                 server.wait(timeout=20)
             except subprocess.TimeoutExpired:
                 server.kill()
+
+
+ORTHANC_USER, ORTHANC_PASSWORD = "radlens", "s3cret-for-tests"
+
+
+@contextmanager
+def orthanc_server(root: Path, binary: str = "Orthanc", boot_seconds: float = 60):
+    """Debian's Orthanc with its DICOMweb plugin on a free loopback port, storage under `root`, HTTP basic
+    auth (`ORTHANC_USER`/`ORTHANC_PASSWORD`); yields its REST root URL once DICOMweb answers."""
+    import json
+
+    import requests
+
+    port = free_port()
+    config = {"Name": "radlens-test", "HttpPort": port, "DicomServerEnabled": False,
+              "StorageDirectory": str(root / "db"), "IndexDirectory": str(root / "db"),
+              "RemoteAccessAllowed": False, "AuthenticationEnabled": True,
+              "RegisteredUsers": {ORTHANC_USER: ORTHANC_PASSWORD}, "Plugins": ["/usr/share/orthanc/plugins"],
+              "DicomWeb": {"Enable": True, "Root": "/dicom-web/"}}
+    (root / "config.json").write_text(json.dumps(config))
+    with open(root / "orthanc.log", "w") as log:
+        process = subprocess.Popen([binary, str(root / "config.json")], stdout=log, stderr=subprocess.STDOUT)
+        try:
+            deadline = time.time() + boot_seconds
+            while True:
+                try:
+                    if requests.get(f"http://127.0.0.1:{port}/dicom-web/studies",
+                                    auth=(ORTHANC_USER, ORTHANC_PASSWORD), timeout=5).ok:
+                        break
+                except requests.ConnectionError:
+                    pass
+                assert process.poll() is None and time.time() < deadline, (root / "orthanc.log").read_text()
+                time.sleep(0.3)
+            yield f"http://127.0.0.1:{port}"
+        finally:
+            process.terminate()
+            process.wait(timeout=30)

@@ -64,6 +64,9 @@ def run(args) -> int:
     from cxrmodel.labels.prompts import load_label_config
     from cxrmodel.model.encoder import load_encoder
     from indexer.pipeline import IndexJob, run_index
+    from indexer.sources import check_sources
+
+    check_sources(args.sources)  # a wrong path or an unreachable archive fails before the slow model load
 
     ray = None
     if args.engine == "ray":
