@@ -217,3 +217,25 @@ def test_each_format_indexes_searches_labels_and_trains_a_lora_step(fmt, checkpo
     assert (tmp_path / "adapter" / "adapter_config.json").is_file() and result is not None
     adapted = load_encoder(EncoderConfig(model=model, adapter=str(tmp_path / "adapter"), precision="fp32"))
     assert np.isfinite(adapted.encode_texts(["a red circle"])).all()
+
+
+@pytest.mark.parametrize("fmt", FORMATS[:3])
+def test_hugging_face_layouts_embed_as_transformers_own_forward(fmt, checkpoints):
+    """The encoder (fast paths on) against transformers' own forward of the same checkpoint, fp32, to 1e-5."""
+    from transformers import AutoModel, AutoTokenizer
+
+    model_dir = checkpoints[fmt]
+    encoder = load_encoder(EncoderConfig(model=str(model_dir), precision="fp32"))
+    reference = AutoModel.from_pretrained(model_dir).eval()
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    images = [gray_image(3, (60, 50)), shape_image("square", "blue")]
+    texts = ["a red circle", "pleural effusion with blunting of the costophrenic angle"]
+    batch = tokenizer(texts, padding=True, truncation=True, max_length=encoder.max_text_tokens, return_tensors="pt")
+    keep = {"input_ids", "attention_mask"} | ({"token_type_ids"} if reference.config.model_type != "clip" else set())
+    with torch.no_grad():
+        image = reference.get_image_features(pixel_values=encoder.preprocess.to_tensor(images))
+        text = reference.get_text_features(**{k: v for k, v in batch.items() if k in keep})
+    expected_image = torch.nn.functional.normalize(getattr(image, "pooler_output", image), dim=-1).numpy()
+    expected_text = torch.nn.functional.normalize(getattr(text, "pooler_output", text), dim=-1).numpy()
+    np.testing.assert_allclose(encoder.encode_images(images), expected_image, atol=1e-5)
+    np.testing.assert_allclose(encoder.encode_texts(texts), expected_text, atol=1e-5)
