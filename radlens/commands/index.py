@@ -66,8 +66,6 @@ def run(args) -> int:
     from indexer.pipeline import IndexJob, run_index
     from indexer.sources import check_sources
 
-    check_sources(args.sources)  # a wrong path or an unreachable archive fails before the slow model load
-
     ray = None
     if args.engine == "ray":
         from indexer.ray_engine import RayConfig, require_ray
@@ -76,6 +74,7 @@ def run(args) -> int:
         ray = RayConfig(address=args.ray_address, actors=args.ray_actors, gpus_per_actor=args.ray_gpus_per_actor,
                         plan_slice=args.ray_slice)
 
+    check_sources(args.sources)  # a wrong path or an unreachable archive fails before the slow model load
     job = IndexJob(sources=args.sources, data_dir=Path(args.data_dir), db_url=args.db_url, rebuild=args.rebuild,
                    prune=args.prune, workers=args.workers,
                    chunk_size=args.chunk_size, index=index_config(args),
