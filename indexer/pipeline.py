@@ -121,6 +121,7 @@ class IndexJob:
     ray: RayConfig | None = None
     patient_key: PatientKeyConfig = field(default_factory=PatientKeyConfig.from_env)
     query_tower: bool = True  # export the text tower to ONNX for torch-free text queries (query_tower.py)
+    onnx_image_from: int = 512  # files to embed from which an fp32 CPU run moves its image tower to ONNX Runtime
 
     @property
     def url(self) -> str:
@@ -141,6 +142,7 @@ class IndexSummary:
     generation: int = 0
     index_type: str = ""
     query_tower: str = ""  # what became of the ONNX query tower (TowerExport.line)
+    image_backend: str = ""  # which runtime embedded the images, when it was chosen (image_onnx.py)
 
     @property
     def images_per_second(self) -> float:
@@ -285,6 +287,10 @@ def _run_index(job: IndexJob, encoder) -> IndexSummary:
             gen_id = gen.id
         writer = ChunkWriter(db, gen_id, encoder, job.labels, pseudonyms)
         tasks = writer.plan(iter_sources(job.sources, exclude=job.data_dir), summary)
+        if job.engine == "local" and len(tasks) >= job.onnx_image_from and encoder.image_tower is None:
+            from cxrmodel.model.image_onnx import use_onnx_image_tower
+
+            summary.image_backend = use_onnx_image_tower(encoder)  # a few seconds to export: for large runs only
         _embed(job, encoder, writer, tasks, summary)
         if job.prune:
             summary.pruned = prune_missing(db, job.data_dir, listed_remote(job.sources, writer.listed_remote))

@@ -228,6 +228,7 @@ class Encoder:
         self.config: EncoderConfig | None = None  # set by load_encoder
         self.revision: str | None = None  # a hub model's resolved commit; set by load_encoder
         self.checkpoint_format: str | None = None  # e.g. "transformers CLIP", "open_clip (CLIP)"; by load_encoder
+        self.image_tower = None  # an `image_onnx.OnnxImageTower` embedding images instead of torch (index runs)
 
     @property
     def dim(self) -> int:
@@ -282,6 +283,9 @@ class Encoder:
         """Preprocessed pixel batch (B, 3, H, W) -> (B, dim) unit vectors."""
         out = []
         for start in range(0, len(pixels), self.batch_size):
+            if self.image_tower is not None:  # ONNX Runtime, checked equal to the torch tower (image_onnx.py)
+                out.append(self.image_tower.encode(pixels[start : start + self.batch_size].float().numpy()))
+                continue
             chunk = pixels[start : start + self.batch_size].to(self.device, torch.float32)
             with self._lock, torch.inference_mode(), self._autocast():
                 out.append(_normalise(features(self.model.get_image_features(pixel_values=chunk))))

@@ -84,8 +84,9 @@ def run(args) -> int:
     encoder = load_encoder(encoder_config(args))
     summary = run_index(job, encoder)
     print(summary.line())
-    if summary.query_tower:
-        print(summary.query_tower)
+    for line in (summary.image_backend, summary.query_tower):
+        if line:
+            print(line)
     _print_skipped(job)
     return 0
 
