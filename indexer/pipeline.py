@@ -287,11 +287,16 @@ def _run_index(job: IndexJob, encoder) -> IndexSummary:
             gen_id = gen.id
         writer = ChunkWriter(db, gen_id, encoder, job.labels, pseudonyms)
         tasks = writer.plan(iter_sources(job.sources, exclude=job.data_dir), summary)
-        if job.engine == "local" and len(tasks) >= job.onnx_image_from and encoder.image_tower is None:
+        switch = job.engine == "local" and len(tasks) >= job.onnx_image_from and encoder.image_tower is None
+        if switch:
             from cxrmodel.model.image_onnx import use_onnx_image_tower
 
             summary.image_backend = use_onnx_image_tower(encoder)  # a few seconds to export: for large runs only
-        _embed(job, encoder, writer, tasks, summary)
+        try:
+            _embed(job, encoder, writer, tasks, summary)
+        finally:
+            if switch:
+                encoder.image_tower = None  # the caller's encoder is as it was (a server may share it)
         if job.prune:
             summary.pruned = prune_missing(db, job.data_dir, listed_remote(job.sources, writer.listed_remote))
         meta = sync_generation(db, job.data_dir, gen_id, job.index)

@@ -52,6 +52,7 @@ def test_an_index_run_on_onnx_holds_the_vectors_a_torch_run_makes(tiny_model_dir
         summary = run_index(IndexJob(sources=[str(images)], data_dir=tmp_path / name, workers=0, progress=False,
                                      onnx_image_from=threshold, query_tower=False), encoder)
         assert summary.image_backend.startswith("image tower: ONNX Runtime") == (name == "onnx")
+        assert encoder.image_tower is None  # the caller's encoder is left as it was
         from indexer.store import default_db_url
 
         rows = fetch(default_db_url(tmp_path / name), "select i.path, e.vector from embeddings e join images i "
