@@ -82,3 +82,15 @@ def test_5xx_answers_are_retried_with_back_off_and_the_token_is_sent(monkeypatch
         server.shutdown()
         server.server_close()
         dicomweb.reset_clients()
+
+
+def test_a_manifest_row_may_name_an_archived_instance_with_its_metadata(tmp_path):
+    from indexer.sources import ManifestProblem, SourceRecord, read_manifest
+
+    good = "dicomweb+http://pacs:8042/dicom-web/studies/1.2/series/1.2.3/instances/1.2.3.4"
+    (tmp_path / "m.csv").write_text(f"path,caption,view\n{good},left effusion,PA\n"
+                                    "dicomweb+http://pacs:8042/dicom-web/studies/1.2,whole study,\n")
+    record, problem = list(read_manifest(tmp_path / "m.csv"))
+    assert isinstance(record, SourceRecord) and record.path == good
+    assert record.metadata == {"caption": "left effusion", "view": "PA"}
+    assert isinstance(problem, ManifestProblem) and problem.line == 3 and "instance locator" in problem.reason
