@@ -53,6 +53,11 @@ class TowerEncoder:
         return self.tower.dim
 
     @property
+    def query_fingerprint(self) -> str:
+        """What shapes this encoder's query vectors: the exported tower's bytes."""
+        return "onnx:" + self.tower.manifest.onnx_sha256
+
+    @property
     def torch_loaded(self) -> bool:
         """Whether a request has needed the torch encoder yet."""
         return self._encoder is not None
@@ -99,7 +104,7 @@ def served_encoder(config, gen: Generation) -> Encoder | TowerEncoder:
         return load_encoder(encoder_config)
 
     if config.model is None and config.query_tower:
-        tower = find_tower(config.data_dir, generation_identity(gen))
+        tower = find_tower(config.data_dir, generation_identity(gen), prepack=config.query_tower_prepack)
         if tower is not None and gen.serves(tower.manifest.identity):
             return TowerEncoder(tower, load)
     return load()

@@ -15,7 +15,12 @@ how often each verdict is right on the dev corpus.
 
 from __future__ import annotations
 
+import hashlib
+import json
+import os
+from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
@@ -84,3 +89,34 @@ def build_baseline(encoder, index, scorer, seed: int = 0) -> Baseline:
             nearest = np.where(ids[:, 0] == pick, scores[:, 1], scores[:, 0])  # the image itself excluded
             image_null = np.sort(nearest[np.isfinite(nearest)])
     return Baseline(text_null if len(text_null) else np.array([np.inf]), image_null)
+
+
+def baseline_key(generation: int, index_state: dict, query_fingerprint: str, seed: int = 0) -> dict:
+    """What a baseline depends on: the index's contents, the query encoder's numbers, the probes."""
+    return {"generation": generation, "index": index_state, "query": query_fingerprint, "seed": seed,
+            "probes": hashlib.sha256("\n".join(PROBES).encode()).hexdigest()[:16], "sample": IMAGE_SAMPLE}
+
+
+def cached_baseline(cache_dir: Path | None, key: dict, compute: Callable[[], Baseline]) -> Baseline:
+    """`compute()` once per `key` and data dir, kept as a small file under `cache_dir` so that the next process
+    (a `radlens search` at a terminal) does not encode the 40 probes again; a cache that cannot be read or
+    written is only a cache."""
+    if cache_dir is None:
+        return compute()
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:24]
+    path = Path(cache_dir) / f"relevance-{digest}.npz"
+    try:
+        with np.load(path) as data:
+            return Baseline(data["text_null"], data["image_null"] if bool(data["has_image_null"]) else None)
+    except (OSError, ValueError, KeyError):
+        pass
+    baseline = compute()
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f"{path.stem}.tmp{os.getpid()}.npz")
+        np.savez(tmp, text_null=baseline.text_null, has_image_null=baseline.image_null is not None,
+                 image_null=baseline.image_null if baseline.image_null is not None else np.zeros(0))
+        tmp.replace(path)
+    except OSError:
+        pass
+    return baseline

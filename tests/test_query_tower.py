@@ -172,3 +172,36 @@ def test_the_apis_text_search_and_home_page_run_on_the_tower(tiny_model_dir, gra
     assert client.get("/?q=a+gray+image").status_code == 200
     assert not engine.encoder.torch_loaded
     engine.close()
+
+
+def test_the_relevance_null_is_computed_once_per_index_and_query_encoder(tiny_model_dir, gray_images, tmp_path,
+                                                                          monkeypatch):
+    """A second process (a new engine) reads the cached null instead of encoding the 40 probes again; a
+    re-index that changes the index computes a new one."""
+    from search.encoders import TowerEncoder
+    from search.engine import Engine, EngineConfig
+
+    _index(tmp_path, tiny_model_dir, gray_images)
+    first = Engine.open(EngineConfig(data_dir=tmp_path))
+    verdicts = [h.match.to_dict() for h in first.text("a gray image", k=3)]
+    first.close()
+    encoded = []
+    real = TowerEncoder.encode_queries
+
+    def counting(self, texts):
+        texts = list(texts)
+        encoded.append(len(texts))
+        return real(self, texts)
+
+    monkeypatch.setattr(TowerEncoder, "encode_queries", counting)
+    second = Engine.open(EngineConfig(data_dir=tmp_path))
+    assert [h.match.to_dict() for h in second.text("a gray image", k=3)] == verdicts
+    assert encoded == [1]  # the query only, not the probes
+    second.close()
+    gray_folder(gray_images.parent / "more", 3, prefix="m", first_seed=50)
+    _index(tmp_path, tiny_model_dir, gray_images.parent / "more")
+    third = Engine.open(EngineConfig(data_dir=tmp_path))
+    encoded.clear()
+    third.text("a gray image", k=3)
+    assert encoded == [1, 40]  # the index changed: the probes are encoded again
+    third.close()

@@ -245,6 +245,11 @@ class Encoder:
         return hashlib.sha256(blob.encode()).hexdigest()
 
     @property
+    def query_fingerprint(self) -> str:
+        """What shapes this encoder's query vectors (`search.relevance` caches by it)."""
+        return self.fingerprint
+
+    @property
     def identity(self) -> dict:
         """What an index records to know which encoder built it."""
         return {"model": self.model_name, "adapter": self.adapter, "adapter_hash": self.adapter_hash,

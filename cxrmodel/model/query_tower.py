@@ -90,9 +90,10 @@ class QueryTower:
         self._lock = threading.Lock()  # a tokenizers.Tokenizer with padding set is not shared across threads
 
     @classmethod
-    def load(cls, directory: str | Path, full_check: bool = False) -> QueryTower:
+    def load(cls, directory: str | Path, full_check: bool = False, prepack: bool = True) -> QueryTower:
         """Open an exported tower; ModelLoadError when its files are missing, damaged or changed (by size;
-        `full_check`: by sha256 too, which reads the whole file)."""
+        `full_check`: by sha256 too, which reads the whole file). `prepack` False: onnxruntime keeps the
+        weights as stored (ViT-B/32's tower opens in 0.25 s instead of 0.4, each query a few ms slower)."""
         directory = Path(directory)
         onnx_path = directory / ONNX_FILE
         try:
@@ -105,6 +106,8 @@ class QueryTower:
 
             options = onnxruntime.SessionOptions()
             options.log_severity_level = 3
+            if not prepack:
+                options.add_session_config_entry("session.disable_prepacking", "1")
             session = onnxruntime.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])
             tokenizer = Tokenizer.from_file(str(directory / TOKENIZER_FILE))
         except (OSError, ValueError, KeyError, TypeError, ImportError) as exc:
@@ -137,14 +140,14 @@ class QueryTower:
         return vectors / np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
 
 
-def find_tower(data_dir: str | Path, identity: dict) -> QueryTower | None:
+def find_tower(data_dir: str | Path, identity: dict, prepack: bool = True) -> QueryTower | None:
     """The data dir's tower for the encoder with `identity`, if one was exported and loads; else None
     (the caller then uses the torch encoder)."""
     directory = tower_dir(data_dir, identity)
     if not (directory / MANIFEST).is_file() or not onnxruntime_available():
         return None
     try:
-        tower = QueryTower.load(directory)
+        tower = QueryTower.load(directory, prepack=prepack)
     except ModelLoadError as exc:
         log.warning("%s; text queries use the torch encoder", exc)
         return None

@@ -68,7 +68,8 @@ def open_engine(args):
 
     return Engine.open(EngineConfig(data_dir=args.data_dir, db_url=args.db_url, model=args.model,
                                     labels_file=args.labels, calibration=args.calibration,
-                                    query_tower=not getattr(args, "no_query_tower", False)))
+                                    query_tower=not getattr(args, "no_query_tower", False),
+                                    query_tower_prepack=False))  # one query per process: open fast
 
 
 MATCH_RANK = {"not measured": 0, "none": 0, "weak": 1, "strong": 2}
