@@ -24,6 +24,7 @@ class CheckReport:
     missing_in_db: list[int] = field(default_factory=list)
     images_without_vector: list[int] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)  # what serves text queries; not drift
 
     @property
     def ok(self) -> bool:
@@ -33,7 +34,7 @@ class CheckReport:
         """Human-readable result, first line a verdict."""
         out = [f"{'OK' if self.ok else 'DRIFT'}: generation {self.generation}, "
                f"{self.rows} embedded rows, {self.vectors} index vectors"]
-        out += self.problems
+        out += self.problems + self.notes
         for label, ids in (("in DB but not in index", self.missing_in_index),
                            ("in index but not in DB", self.missing_in_db),
                            ("images without a vector", self.images_without_vector)):
@@ -57,6 +58,7 @@ def check_data_dir(data_dir: str | Path, db_url: str) -> CheckReport:
                                                  .where(EmbeddingRow.generation_id == gen.id)), dtype=np.int64)
             image_ids = np.fromiter(session.scalars(select(ImageRow.id)), dtype=np.int64)
             revision = gen.next_revision - 1
+            report.notes.append(query_tower_note(data_dir, gen.query_identity()))
         report.rows = len(db_ids)
         report.images_without_vector = np.setdiff1d(image_ids, db_ids).tolist()
         loaded = read_index(data_dir, gen.id)
@@ -75,3 +77,19 @@ def check_data_dir(data_dir: str | Path, db_url: str) -> CheckReport:
         return report
     finally:
         db.dispose()
+
+
+def query_tower_note(data_dir: str | Path, identity: dict) -> str:
+    """Whether text queries run on a verified ONNX query tower (its whole file hashed) or on torch, and why."""
+    from cxrmodel.errors import ModelLoadError
+    from cxrmodel.model.query_tower import MANIFEST, QueryTower, tower_dir
+
+    directory = tower_dir(data_dir, identity)
+    if not (directory / MANIFEST).is_file():
+        return "text queries: torch (this index has no ONNX query tower; `radlens index` exports one)"
+    try:
+        tower = QueryTower.load(directory, full_check=True)
+    except ModelLoadError as exc:
+        return f"text queries: torch -- {exc}; `radlens index` exports it again"
+    return (f"text queries: ONNX query tower, sha256 verified (min cosine to torch fp32 at export "
+            f"{tower.manifest.min_cosine:.6f})")

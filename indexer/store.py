@@ -127,6 +127,12 @@ class Generation(Base):
                                                               identity["dim"]) \
             and _same_or_unrecorded(self.model_revision, identity.get("revision"))
 
+    def query_identity(self) -> dict:
+        """The identity fields a query encoder must share with this generation (`serves` compares them; the
+        query tower is filed under them)."""
+        return {"model": self.model, "adapter_hash": self.adapter_hash, "dim": self.dim,
+                "revision": self.model_revision}
+
     def describe(self) -> str:
         """The identity in words, for messages."""
         adapter = self.adapter_hash[:12] if self.adapter_hash else "none"

@@ -83,11 +83,6 @@ class TowerEncoder:
         return getattr(self.torch_encoder(), name)
 
 
-def generation_identity(gen: Generation) -> dict:
-    """The identity fields of the encoder that built `gen`, as recorded in the database."""
-    return {"model": gen.model, "adapter_hash": gen.adapter_hash, "dim": gen.dim, "revision": gen.model_revision}
-
-
 def served_encoder(config, gen: Generation) -> Encoder | TowerEncoder:
     """The encoder for generation `gen` of `config.data_dir` (an `EngineConfig`): a `TowerEncoder` when the
     index has a query tower for the model it was built with (and no other model is asked for), else the
@@ -104,7 +99,7 @@ def served_encoder(config, gen: Generation) -> Encoder | TowerEncoder:
         return load_encoder(encoder_config)
 
     if config.model is None and config.query_tower:
-        tower = find_tower(config.data_dir, generation_identity(gen), prepack=config.query_tower_prepack)
+        tower = find_tower(config.data_dir, gen.query_identity(), prepack=config.query_tower_prepack)
         if tower is not None and gen.serves(tower.manifest.identity):
             return TowerEncoder(tower, load)
     return load()

@@ -92,11 +92,19 @@ def test_a_rebuild_with_another_model_replaces_the_tower(tiny_model_dir, dual_en
 
 
 def test_a_damaged_tower_falls_back_to_the_torch_encoder(tiny_model_dir, gray_images, tmp_path, caplog):
+    from indexer.check import check_data_dir
+    from indexer.store import default_db_url
     from search.encoders import TowerEncoder
     from search.engine import Engine, EngineConfig
 
     _index(tmp_path, tiny_model_dir, gray_images)
+    assert "ONNX query tower, sha256 verified" in check_data_dir(tmp_path, default_db_url(tmp_path)).lines()[-1]
     onnx = next((tmp_path / TOWER_DIR).iterdir()) / ONNX_FILE
+    data = bytearray(onnx.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # same size: only `radlens check`'s full hash sees it
+    onnx.write_bytes(bytes(data))
+    report = check_data_dir(tmp_path, default_db_url(tmp_path))
+    assert report.ok and "does not match its manifest" in report.lines()[-1]  # a note, not index drift
     onnx.write_bytes(onnx.read_bytes()[: onnx.stat().st_size // 2])
     engine = Engine.open(EngineConfig(data_dir=tmp_path))
     assert not isinstance(engine.encoder, TowerEncoder)
