@@ -59,16 +59,8 @@ def export_and_quantize(model_dir: Path, pixels: np.ndarray, out: Path) -> tuple
     )
     from transformers import CLIPModel
 
-    from cxrmodel.model.encoder import features
-
-    class Tower(torch.nn.Module):
-        def __init__(self, model):
-            super().__init__()
-            self.model = model
-
-        def forward(self, pixel_values):
-            v = features(self.model.get_image_features(pixel_values=pixel_values))
-            return v / v.norm(dim=-1, keepdim=True)
+    from cxrmodel.model.image_onnx import ImageTower
+    from cxrmodel.model.tower_export import export_onnx
 
     class Reader(CalibrationDataReader):
         def __init__(self):
@@ -79,10 +71,8 @@ def export_and_quantize(model_dir: Path, pixels: np.ndarray, out: Path) -> tuple
 
     onnx_fp32, dynamic, static = (out / f"image_{k}.onnx" for k in ("fp32", "int8_dynamic", "int8_static"))
     if not onnx_fp32.exists():
-        torch.onnx.export(Tower(CLIPModel.from_pretrained(model_dir).eval()).eval(), (torch.from_numpy(pixels[:2]),),
-                          str(onnx_fp32), input_names=["pixel_values"], output_names=["embeddings"],
-                          dynamic_axes={"pixel_values": {0: "batch"}, "embeddings": {0: "batch"}}, opset_version=17,
-                          dynamo=False)
+        export_onnx(ImageTower(CLIPModel.from_pretrained(model_dir)), {"pixel_values": torch.from_numpy(pixels[:2])},
+                    onnx_fp32, {"pixel_values": {0: "batch"}})
     if not dynamic.exists():
         quantize_dynamic(str(onnx_fp32), str(dynamic), per_channel=True, weight_type=QuantType.QInt8)
     if not static.exists():

@@ -15,17 +15,17 @@ leaves the torch tower in place.
 
 from __future__ import annotations
 
-import importlib.util
 import io
 import logging
 import threading
-import warnings
 
 import numpy as np
 import torch
 
 from cxrmodel.errors import ModelLoadError
 from cxrmodel.model.encoder import Encoder, features
+from cxrmodel.model.query_tower import onnxruntime_available
+from cxrmodel.model.tower_export import export_onnx
 
 log = logging.getLogger(__name__)
 
@@ -38,11 +38,9 @@ def choose_image_backend(numerics: str, device_type: str, onnx_available: bool) 
     return "onnx" if numerics == "fp32" and device_type == "cpu" and onnx_available else "torch"
 
 
-def onnxruntime_available() -> bool:
-    return importlib.util.find_spec("onnxruntime") is not None
+class ImageTower(torch.nn.Module):
+    """pixels -> unit image embeddings, as `Encoder.encode_pixels` computes them (the module exported)."""
 
-
-class _ImageTower(torch.nn.Module):
     def __init__(self, model):
         super().__init__()
         self.model = model
@@ -77,12 +75,8 @@ def build_image_tower(encoder: Encoder, seed: int = 0) -> OnnxImageTower:
     probe = torch.from_numpy(rng.normal(0, 1, (4, 3, h, w)).astype(np.float32))
     buffer = io.BytesIO()
     try:
-        with warnings.catch_warnings(), torch.inference_mode(False), torch.no_grad():
-            warnings.simplefilter("ignore")
-            torch.onnx.export(_ImageTower(encoder.model), (probe[:2],), buffer, input_names=["pixel_values"],
-                              output_names=["embeddings"],
-                              dynamic_axes={"pixel_values": {0: "batch"}, "embeddings": {0: "batch"}},
-                              opset_version=17, dynamo=False)
+        with torch.inference_mode(False), torch.no_grad():
+            export_onnx(ImageTower(encoder.model), {"pixel_values": probe[:2]}, buffer, {"pixel_values": {0: "batch"}})
         options = onnxruntime.SessionOptions()
         options.intra_op_num_threads = torch.get_num_threads()
         options.inter_op_num_threads = 1

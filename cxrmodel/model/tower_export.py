@@ -96,20 +96,21 @@ def _fp32_text_model(encoder: Encoder):
     return model.eval().requires_grad_(False)
 
 
-def _export(module: torch.nn.Module, sample: dict[str, torch.Tensor], path: Path) -> str:
-    """Write `module` as ONNX with batch and token axes dynamic; returns the exporter used."""
-    names = list(sample)
-    axes = {name: {0: "batch", 1: "tokens"} for name in names} | {"embeddings": {0: "batch"}}
+def export_onnx(module: torch.nn.Module, sample: dict[str, torch.Tensor], target, dynamic: dict[str, dict]) -> str:
+    """Write `module` (run on `sample`'s tensors, in order) as ONNX to `target` (a path or a binary file
+    object), axes `dynamic` per input name, the output named "embeddings" with a dynamic batch; returns the
+    exporter used. ModelLoadError when neither exporter manages."""
+    axes = dynamic | {"embeddings": {0: "batch"}}
     errors = []
     for dynamo in (False, True):  # the TorchScript exporter is fast and needs nothing more; dynamo needs onnxscript
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                torch.onnx.export(module, tuple(sample.values()), str(path), input_names=names,
-                                  output_names=["embeddings"], dynamic_axes=axes, opset_version=17,
-                                  dynamo=dynamo)
+                torch.onnx.export(module, tuple(sample.values()), str(target) if isinstance(target, Path) else target,
+                                  input_names=list(sample), output_names=["embeddings"], dynamic_axes=axes,
+                                  opset_version=17, dynamo=dynamo)
             return f"torch {torch.__version__} onnx.export(dynamo={dynamo}), opset 17"
-        except Exception as exc:  # noqa: BLE001 -- any exporter failure means: try the other, else skip
+        except Exception as exc:  # noqa: BLE001 -- any exporter failure means: try the other, else give up
             errors.append(f"dynamo={dynamo}: {str(exc).strip().splitlines()[0] if str(exc).strip() else exc!r}")
     raise ModelLoadError("ONNX export failed (" + "; ".join(errors) + ")")
 
@@ -162,7 +163,8 @@ def _write(encoder: Encoder, target: Path) -> float:
         # taken at trace time) would otherwise export a graph that ignores it
         sample = {k: v.cpu() for k, v in encoder.tokenize(["x", CHECK_PROMPTS[2]]).items()}
         reference = _TextTower(_fp32_text_model(encoder), list(sample))
-        exporter = _export(reference, sample, staging / ONNX_FILE)
+        exporter = export_onnx(reference, sample, staging / ONNX_FILE,
+                               {name: {0: "batch", 1: "tokens"} for name in sample})
         tower_tokenizer(encoder).save(str(staging / TOKENIZER_FILE))
         manifest = TowerManifest(identity=dict(encoder.identity), inputs=list(sample),
                                  max_tokens=int(encoder.max_text_tokens), min_cosine=0.0, prompts=len(CHECK_PROMPTS),
