@@ -57,8 +57,6 @@ def index_seconds(source: str, data: Path, model: str) -> tuple[float, int]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    import requests
-
     from indexer import dicomweb
     from tests.servers import ORTHANC_PASSWORD, ORTHANC_USER, orthanc_server
 
@@ -74,16 +72,15 @@ def main(argv: list[str] | None = None) -> int:
     files = write_dicoms(args.out / "dicoms", args.images)
     os.environ["RADLENS_DICOMWEB_USER"], os.environ["RADLENS_DICOMWEB_PASSWORD"] = ORTHANC_USER, ORTHANC_PASSWORD
     (args.out / "orthanc").mkdir()
-    with orthanc_server(args.out / "orthanc", binary) as url:
+    with orthanc_server(args.out / "orthanc", binary) as orthanc:
         for path in files:
-            requests.post(f"{url}/instances", data=path.read_bytes(), auth=(ORTHANC_USER, ORTHANC_PASSWORD),
-                          timeout=60).raise_for_status()
+            orthanc.upload(path)
         dicomweb.reset_clients()
         rows = []
         for name, source, data in (("folder", str(args.out / "dicoms"), args.out / "folder"),
-                                   ("DICOMweb (Orthanc, loopback)", "dicomweb+" + url + "/dicom-web",
+                                   ("DICOMweb (Orthanc, loopback)", orthanc.source,
                                     args.out / "dicomweb"),
-                                   ("DICOMweb again, nothing new", "dicomweb+" + url + "/dicom-web",
+                                   ("DICOMweb again, nothing new", orthanc.source,
                                     args.out / "dicomweb")):
             seconds, count = index_seconds(source, data, args.model)
             rows.append([name, count, seconds, count / seconds])

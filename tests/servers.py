@@ -9,6 +9,7 @@ import sys
 import time
 import urllib.request
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 
@@ -49,10 +50,36 @@ def radlens_server(data: Path, log_path: Path, *flags: str, boot_seconds: float 
 ORTHANC_USER, ORTHANC_PASSWORD = "radlens", "s3cret-for-tests"
 
 
+@dataclass
+class Orthanc:
+    """A running `orthanc_server`: its REST root, its DICOMweb source URL, and uploads/deletes over REST."""
+
+    url: str  # http://127.0.0.1:PORT
+
+    @property
+    def source(self) -> str:
+        return "dicomweb+" + self.url + "/dicom-web"
+
+    def upload(self, path: Path) -> dict:
+        """POST one DICOM file; Orthanc's answer (its ID for the instance, ...)."""
+        import requests
+
+        response = requests.post(f"{self.url}/instances", data=path.read_bytes(),
+                                 auth=(ORTHANC_USER, ORTHANC_PASSWORD), timeout=60)
+        response.raise_for_status()
+        return response.json()
+
+    def delete(self, orthanc_id: str) -> None:
+        import requests
+
+        requests.delete(f"{self.url}/instances/{orthanc_id}", auth=(ORTHANC_USER, ORTHANC_PASSWORD),
+                        timeout=30).raise_for_status()
+
+
 @contextmanager
 def orthanc_server(root: Path, binary: str = "Orthanc", boot_seconds: float = 60):
     """Debian's Orthanc with its DICOMweb plugin on a free loopback port, storage under `root`, HTTP basic
-    auth (`ORTHANC_USER`/`ORTHANC_PASSWORD`); yields its REST root URL once DICOMweb answers."""
+    auth (`ORTHANC_USER`/`ORTHANC_PASSWORD`); yields an `Orthanc` once DICOMweb answers."""
     import json
 
     import requests
@@ -77,7 +104,7 @@ def orthanc_server(root: Path, binary: str = "Orthanc", boot_seconds: float = 60
                     pass
                 assert process.poll() is None and time.time() < deadline, (root / "orthanc.log").read_text()
                 time.sleep(0.3)
-            yield f"http://127.0.0.1:{port}"
+            yield Orthanc(f"http://127.0.0.1:{port}")
         finally:
             process.terminate()
             process.wait(timeout=30)

@@ -9,18 +9,16 @@ import shutil
 import signal
 import subprocess
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pytest
-import requests
 
 from indexer import dicomweb
 from indexer.pipeline import IndexJob, run_index
 from indexer.store import default_db_url
 from tests.imagegen import write_dicom
-from tests.servers import ORTHANC_PASSWORD, ORTHANC_USER, free_port, orthanc_server
+from tests.servers import ORTHANC_PASSWORD, ORTHANC_USER, Orthanc, free_port, orthanc_server
 
 ORTHANC = shutil.which("Orthanc")
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(
@@ -30,28 +28,11 @@ USER, PASSWORD = ORTHANC_USER, ORTHANC_PASSWORD
 PHI = ("DOE^JANE", "PHI-123456", "19700101")  # what write_dicom puts in every file's patient module
 
 
-@dataclass
-class Orthanc:
-    url: str  # REST root, http://127.0.0.1:PORT
-
-    @property
-    def source(self) -> str:
-        return "dicomweb+" + self.url + "/dicom-web"
-
-    def upload(self, path: Path) -> dict:
-        response = requests.post(f"{self.url}/instances", data=path.read_bytes(), auth=(USER, PASSWORD), timeout=30)
-        response.raise_for_status()
-        return response.json()
-
-    def delete(self, orthanc_id: str) -> None:
-        requests.delete(f"{self.url}/instances/{orthanc_id}", auth=(USER, PASSWORD), timeout=30).raise_for_status()
-
-
 @pytest.fixture(scope="module")
 def orthanc(tmp_path_factory):
     assert ORTHANC, "Orthanc is not installed: .ci/run installs orthanc and orthanc-dicomweb"
-    with orthanc_server(tmp_path_factory.mktemp("orthanc"), ORTHANC) as url:
-        yield Orthanc(url)
+    with orthanc_server(tmp_path_factory.mktemp("orthanc"), ORTHANC) as server:
+        yield server
 
 
 @pytest.fixture
