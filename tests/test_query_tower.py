@@ -64,6 +64,16 @@ def test_an_index_exports_its_tower_and_keeps_it_on_the_next_run(tiny_model_dir,
     assert "kept" in again.query_tower
 
 
+def test_the_summary_times_the_embedding_phase_apart_from_the_one_off_tower(tiny_model_dir, gray_images, tmp_path):
+    """bench.indexing reports the embedding phase's rate beside the whole run's: the phases must be disjoint."""
+    summary = _index(tmp_path, tiny_model_dir, gray_images)
+    assert summary.embedded == 12
+    assert summary.embed_seconds > 0 and summary.tower_seconds > 0
+    assert summary.embed_seconds + summary.tower_seconds <= summary.seconds
+    assert summary.embedding_images_per_second == pytest.approx(12 / summary.embed_seconds)
+    assert summary.embedding_images_per_second > summary.images_per_second
+
+
 def test_no_tower_when_asked_not_to(tiny_model_dir, gray_images, tmp_path):
     from search.encoders import TowerEncoder
     from search.engine import Engine, EngineConfig
