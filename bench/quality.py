@@ -173,6 +173,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--lr", type=float, default=5e-4)
     parser.add_argument("--label-loss", type=float, default=0.0, help="radlens train --label-loss WEIGHT")
     parser.add_argument("--caption-template", default=CAPTION_TEMPLATE)
+    parser.add_argument("--image-size", type=int, default=ScratchSpec.image_size, help="radlens train --image-size")
+    parser.add_argument("--patch-size", type=int, default=ScratchSpec.patch_size, help="radlens train --patch-size")
     parser.add_argument("--train-min-side", type=int, default=0,
                         help="leave images whose shorter side is below this out of training (e.g. 128: the 64 px "
                              "NIH copies); validation and test keep them")
@@ -212,7 +214,8 @@ def main(argv: list[str] | None = None) -> int:
         if model_dir.exists():
             shutil.rmtree(model_dir)
         cfg = TrainConfig(pairs=str(train_csv), val_pairs=str(val_csv), out=model_dir, init="scratch",
-                          scratch=ScratchSpec(), caption_template=args.caption_template,
+                          scratch=ScratchSpec(image_size=args.image_size, patch_size=args.patch_size),
+                          caption_template=args.caption_template,
                           encoder=EncoderConfig(batch_size=args.batch_size), epochs=args.epochs, lr=args.lr,
                           warmup=0.05, seed=args.seed, workers=args.workers, label_loss=args.label_loss,
                           progress=sys.stderr.isatty())
@@ -228,6 +231,7 @@ def main(argv: list[str] | None = None) -> int:
             "trainable_percent": trained["parameters"]["trainable_percent"],
             "total_parameters": trained["parameters"]["total"], "seed": args.seed, "epochs": trained["epochs"],
             "lr": trained["lr"], "label_loss": trained.get("label_loss", 0.0), "train_min_side": args.train_min_side,
+            "image_size": args.image_size, "patch_size": args.patch_size,
             "caption_template": trained["caption_template"],
             "command": "python -m bench.quality " + " ".join(argv if argv is not None else sys.argv[1:]),
             "wall_seconds": time.perf_counter() - started,

@@ -141,3 +141,24 @@ def test_the_label_loss_lifts_the_zero_shot_auroc_of_labelled_findings(tiny_bert
         aurocs[weight] = np.mean([table[p]["auroc"] for p in ("Mass", "Nodule")])
         assert result.metrics["label_loss"] == weight
     assert aurocs[5.0] > 0.6 and aurocs[5.0] > aurocs[0.0] + 0.1, aurocs
+
+
+def test_radlens_train_passes_the_new_vits_patch_size(monkeypatch, tmp_path):
+    """`radlens train --init scratch --image-size 64 --patch-size 8`: a low-resolution ViT for small films."""
+    import cxrmodel.training.train as training
+    from radlens.cli import main
+
+    seen = {}
+
+    class Result:
+        def summary_line(self):
+            return "trained"
+
+    def fake_train(cfg, log):
+        seen["scratch"] = cfg.scratch
+        return Result()
+
+    monkeypatch.setattr(training, "train", fake_train)
+    assert main(["train", "--pairs", str(tmp_path / "p.csv"), "--out", str(tmp_path / "m"), "--init", "scratch",
+                 "--image-size", "64", "--patch-size", "8"]) == 0
+    assert (seen["scratch"].image_size, seen["scratch"].patch_size) == (64, 8)

