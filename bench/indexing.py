@@ -45,6 +45,18 @@ def make_images(folder: Path, count: int, size: int, seed: int = 0) -> list[Path
     return paths
 
 
+def as_jpeg(paths: list[Path], folder: Path, quality: int = 95) -> list[Path]:
+    """The same images as baseline JPEGs (cached): the format of most large CXR archives."""
+    folder.mkdir(parents=True, exist_ok=True)
+    out = []
+    for path in paths:
+        target = folder / f"{path.stem}.jpg"
+        if not target.exists():
+            Image.open(path).save(target, "JPEG", quality=quality)
+        out.append(target)
+    return out
+
+
 def corpus_images(folder: Path, count: int, size: int) -> list[Path]:
     """The shared corpus's real images, upscaled to size x size grayscale PNGs (cached)."""
     from bench.common import CORPUS, require
@@ -125,6 +137,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workers", type=int, default=None)
     parser.add_argument("--source", choices=("generated", "corpus"), default="generated",
                         help="generated radiograph-like images, or the shared corpus upscaled to --size")
+    parser.add_argument("--format", choices=("png", "jpeg"), default="png",
+                        help="store the images as PNG or as JPEG (quality 95)")
     parser.add_argument("--out", type=Path, default=Path("bench-out/indexing"))
     parser.add_argument("--ray-actors", type=int, default=0,
                         help="also run `radlens index --engine ray` on a local Ray with this many embedding actors")
@@ -133,8 +147,10 @@ def main(argv: list[str] | None = None) -> int:
     model_dir = vit_b32_dir(args.out / "vit-b32")
     paths = make_images(args.out / f"images-{args.size}", args.images, args.size) if args.source == "generated" \
         else corpus_images(args.out / f"corpus-{args.size}", args.images, args.size)
-    print(f"{len(paths)} {args.source} images of {args.size}x{args.size}, ViT-B/32 architecture, torch threads "
-          f"{torch.get_num_threads()}")
+    if args.format == "jpeg":
+        paths = as_jpeg(paths, args.out / f"{paths[0].parent.name}-jpeg")
+    print(f"{len(paths)} {args.source} {args.format.upper()} images of {args.size}x{args.size}, ViT-B/32 "
+          f"architecture, torch threads {torch.get_num_threads()}")
     naive, naive_s = naive_embed(model_dir, paths)
     n = len(paths)
     rows = [["naive (PIL + CLIPProcessor + fp32, batch 32)", n / naive_s, 1.0, n / naive_s, 1.0, 0.0, 1.0]]
