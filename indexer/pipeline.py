@@ -160,7 +160,8 @@ class IndexSummary:
         """The one-line summary printed at the end of a run."""
         return (f"added {self.added}, updated {self.updated}, unchanged {self.unchanged}, "
                 f"skipped {self.skipped}, pruned {self.pruned} in {self.seconds:.1f} s "
-                f"({self.images_per_second:.1f} img/s, index {self.index_type})")
+                f"({self.images_per_second:.1f} img/s; {self.embedding_images_per_second:.1f} img/s while "
+                f"embedding; index {self.index_type})")
 
 
 def target_generation(session: Session, identity: dict, rebuild: bool) -> Generation:

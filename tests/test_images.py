@@ -177,34 +177,3 @@ def test_dicom_display_windows_render_from_the_stored_values(tmp_path):
     Image.new("L", (8, 8)).save(tmp_path / "x.png")
     with pytest.raises(DataError, match="DICOM images only"):
         load_image(tmp_path / "x.png", window="lung")
-
-
-def _film(width: int, height: int, seed: int = 0) -> Image.Image:
-    rng = np.random.default_rng(seed)
-    yy, xx = np.mgrid[0:height, 0:width]
-    img = 60 + 80 * np.exp(-(((xx - width / 2) / (width / 4)) ** 2 + ((yy - height / 2) / (height / 3)) ** 2))
-    return Image.fromarray(np.clip(img + rng.normal(0, 5, img.shape), 0, 255).astype(np.uint8), mode="L")
-
-
-@pytest.mark.parametrize("exif_rotated", [False, True])
-def test_model_side_decodes_a_jpeg_reduced_but_reports_the_files_size(exif_rotated):
-    """For the indexer's model-only pixels a JPEG decodes at a DCT scale keeping its shorter side >= the
-    model's need; the width and height recorded are still the file's (as displayed, after EXIF rotation)."""
-    exif = Image.Exif()
-    if exif_rotated:
-        exif[0x0112] = 6  # rotate 90 degrees on display
-    data = _encode(_film(1800, 1400), "JPEG", quality=92, exif=exif.tobytes())
-    full = decode_bytes(data, "film.jpg")
-    reduced = decode_bytes(data, "film.jpg", model_side=320)
-    shown = (1400, 1800) if exif_rotated else (1800, 1400)
-    assert full.image.size == shown and full.file_size == shown
-    assert reduced.file_size == shown
-    assert reduced.image.size == (shown[0] // 4, shown[1] // 4)  # 1/4: the shorter side 350 >= 320; 1/8 would not
-    assert min(reduced.image.size) >= 320
-
-
-def test_model_side_leaves_other_formats_and_small_jpegs_at_full_size():
-    png = decode_bytes(_encode(_film(1800, 1400), "PNG"), "film.png", model_side=320)
-    assert png.image.size == (1800, 1400) and png.source_size is None
-    small = decode_bytes(_encode(_film(500, 400), "JPEG"), "small.jpg", model_side=320)
-    assert small.image.size == (500, 400) and small.source_size is None

@@ -11,7 +11,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image
 from sqlalchemy import func, select
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
@@ -400,24 +399,3 @@ def test_a_wrong_source_is_refused_before_the_data_dir_is_made(tmp_path, tiny_en
     with pytest.raises(DataError, match="no path column"):
         run_index(IndexJob(sources=[str(manifest)], data_dir=tmp_path / "d", workers=0, progress=False), tiny_encoder)
     assert not (tmp_path / "d").exists()
-
-
-def test_a_large_jpeg_is_embedded_from_a_reduced_decode_and_keeps_its_size(tmp_path, tiny_encoder):
-    """The indexer decodes a JPEG at the DCT scale its model needs: the row keeps the file's width and
-    height, and the vector stays within cosine 0.999 of the full decode's."""
-    from tests.test_images import _film
-
-    src = tmp_path / "src"
-    src.mkdir()
-    _film(1800, 1400, seed=3).save(src / "film.jpg", quality=92)
-    data = tmp_path / "data"
-    run_index(_job(src, data), tiny_encoder)
-    db = open_db(default_db_url(data))
-    with Session(db) as s:
-        row = s.execute(select(ImageRow.width, ImageRow.height, ImageRow.format, EmbeddingRow.vector)
-                        .join(EmbeddingRow, EmbeddingRow.image_id == ImageRow.id)).one()
-    db.dispose()
-    assert (row.width, row.height, row.format) == (1800, 1400, "JPEG")
-    full = tiny_encoder.encode_images([Image.open(src / "film.jpg")])[0]
-    assert 2 * tiny_encoder.preprocess.decode_side <= 1400  # so this JPEG decodes at 1/2 scale or less
-    assert float(np.frombuffer(row.vector, "<f4") @ full) >= 0.999

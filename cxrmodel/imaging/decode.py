@@ -67,7 +67,6 @@ class DecodedImage:
     image: Image.Image
     format: str
     metadata: dict[str, str] = field(default_factory=dict)
-    source_size: tuple[int, int] | None = None  # (width, height) in the file, when `image` was decoded reduced
 
     @property
     def width(self) -> int:
@@ -76,11 +75,6 @@ class DecodedImage:
     @property
     def height(self) -> int:
         return self.image.height
-
-    @property
-    def file_size(self) -> tuple[int, int]:
-        """(width, height) of the image as stored in the file, whatever size it was decoded at."""
-        return self.source_size or self.image.size
 
     def rgb(self) -> Image.Image:
         """The image as 8-bit RGB."""
@@ -119,10 +113,8 @@ def load_image(path: str | Path, limits: ImageLimits = ImageLimits(), window: st
 
 
 def decode_bytes(data: bytes, name: str = "image", limits: ImageLimits = ImageLimits(),
-                 window: str | None = None, model_side: int | None = None) -> DecodedImage:
-    """Decode image bytes (raster or DICOM) into a `DecodedImage`. `model_side`: the pixels go only to a
-    model whose resize needs a shorter side of at most this, so a JPEG may decode at a reduced DCT scale
-    (1/2 .. 1/8) that keeps its shorter side at least this long; `file_size` keeps the file's size."""
+                 window: str | None = None) -> DecodedImage:
+    """Decode image bytes (raster or DICOM) into a `DecodedImage`."""
     if not data:
         raise ImageDecodeError(f"{name}: file is empty")
     if len(data) > limits.max_bytes:
@@ -131,10 +123,10 @@ def decode_bytes(data: bytes, name: str = "image", limits: ImageLimits = ImageLi
         return _decode_dicom(data, name, limits, window)
     if window not in (None, "file"):
         raise DataError(f"{name}: display windows apply to DICOM images only")
-    return _decode_raster(data, name, limits, model_side)
+    return _decode_raster(data, name, limits)
 
 
-def _decode_raster(data: bytes, name: str, limits: ImageLimits, model_side: int | None = None) -> DecodedImage:
+def _decode_raster(data: bytes, name: str, limits: ImageLimits) -> DecodedImage:
     try:
         with warnings.catch_warnings():
             # `_check_pixels` applies `limits.max_pixels`; Pillow's warning would apply its own number instead
@@ -143,11 +135,8 @@ def _decode_raster(data: bytes, name: str, limits: ImageLimits, model_side: int 
             fmt = im.format or "unknown"
             _check_pixels(im.width * im.height * getattr(im, "n_frames", 1), name, limits)
             im.seek(0)
-            source_size = im.size
             if limits.max_side and fmt == "JPEG":
                 im.draft(im.mode, (limits.max_side, limits.max_side))  # DCT scaling: decode 1/2 .. 1/8 size
-            elif model_side and fmt == "JPEG":
-                im.draft(im.mode, (model_side, model_side))  # both sides stay >= model_side
             im.load()
             ImageOps.exif_transpose(im, in_place=True)  # a returned copy would double a large image's memory
             im = reduce_to(im, limits.max_side)
@@ -162,10 +151,7 @@ def _decode_raster(data: bytes, name: str, limits: ImageLimits, model_side: int 
         raise UnsupportedImageError(f"{name}: not a recognised image format") from None
     except (OSError, SyntaxError, ValueError, TypeError, EOFError, struct.error) as exc:
         raise ImageDecodeError(f"{name}: corrupt or truncated image ({exc})") from None
-    # an EXIF rotation by 90 degrees swaps the sides: the file's size is reported as the image is shown
-    oriented = source_size if (im.width >= im.height) == (source_size[0] >= source_size[1]) else source_size[::-1]
-    return DecodedImage(image=_to_display_mode(im), format=fmt,
-                        source_size=None if im.size == oriented else oriented)
+    return DecodedImage(image=_to_display_mode(im), format=fmt)
 
 
 def reduce_to(im: Image.Image, max_side: int | None) -> Image.Image:

@@ -101,14 +101,6 @@ class ImagePreprocess:
             return self.resize_to
         return (self.shortest_edge, self.shortest_edge)
 
-    @property
-    def decode_side(self) -> int:
-        """The shorter side an image may be decoded reduced to when it goes only to this model: twice the
-        side `resize` makes (Pillow's reducing gap), so the bicubic resize still has pixels to average."""
-        if self.resize_to is not None:
-            return 2 * max(self.resize_to)
-        return 2 * self.shortest_edge
-
     def resize(self, image: Image.Image) -> Image.Image:
         """Resize and crop one ``L`` or ``RGB`` image to the model's input size."""
         w, h = image.size
