@@ -20,6 +20,7 @@ from sqlalchemy.orm import Session
 from cxrmodel.constants import DEFAULT_DATA_DIR, THUMBS_DIR
 from cxrmodel.errors import DataError, ModelLoadError, NotFoundError
 from cxrmodel.imaging.decode import DecodedImage, ImageLimits, decode_bytes, load_image, shrink_to_fit
+from cxrmodel.imaging.plausibility import assess as assess_plausibility
 from cxrmodel.labels.applicability import Decision
 from cxrmodel.labels.prompts import LabelConfig, load_label_config
 from cxrmodel.labels.zeroshot import LabelScore
@@ -40,7 +41,7 @@ from .filters import (
 )
 from .knn import Selection, candidate_rounds
 from .labelling import Labeller, pil, report_metadata
-from .relevance import Baseline, baseline_key, build_baseline, cached_baseline
+from .relevance import Baseline, Match, baseline_key, build_baseline, cached_baseline
 from .served import ServedState, StateLoader
 
 if TYPE_CHECKING:
@@ -210,7 +211,7 @@ class Engine:
     def image(self, image: Image.Image | DecodedImage, k: int = 10, filters: Filters | None = None) -> list[Hit]:
         """Indexed images most similar to `image`, best first."""
         state = self.state()
-        return self.mark_image_matches(self._search(state, self.embed(image, state), k, filters), state)
+        return self.mark_image_matches(self._search(state, self.embed(image, state), k, filters), state, query=image)
 
     def assessed_pathologies(self) -> list[str]:
         """The pathologies the served model's calibration shows skill for (the only ones a filter may use)."""
@@ -257,11 +258,20 @@ class Engine:
         hits = [h for h in hits if h.id != image_id and h.image["content_hash"] != record["content_hash"]][:k]
         return self.mark_image_matches(hits, state)
 
-    def mark_image_matches(self, hits: list[Hit], state: ServedState | None = None) -> list[Hit]:
-        """Give image-query hits their relevance verdict (`search.relevance`)."""
+    def mark_image_matches(self, hits: list[Hit], state: ServedState | None = None,
+                           query: Image.Image | DecodedImage | None = None) -> list[Hit]:
+        """Give image-query hits their relevance verdict (`search.relevance`). An uploaded `query` that the
+        model-free check finds not to be a radiological image (noise, a photograph, a page of text) gets
+        "none" for every hit, whatever its score: the nearest indexed images are then no similar cases."""
         baseline = self.baseline(state or self.state())
         for hit in hits:
             hit.match = baseline.image_match(hit.score)
+        if query is not None and hits:
+            plausible = assess_plausibility(pil(query))
+            if not plausible.radiological:
+                for hit in hits:
+                    hit.match = Match("none", hit.match.percentile,
+                                      f"the query is not a radiological image ({plausible.reason})")
         return hits
 
     def baseline(self, state: ServedState) -> Baseline:

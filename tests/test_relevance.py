@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import io
+
 import numpy as np
 import pytest
 
@@ -50,3 +52,26 @@ def test_no_good_match_is_said_on_the_page_and_the_cli(weak_only, client, indexe
     assert "no good match in this index" in out and "[none match]" in out
     assert main(["search", "lateral lumbar spine", "--min-match", "weak", "--data-dir", str(indexed_dir)]) == 0
     assert "no results at --min-match weak" in capsys.readouterr().out
+
+
+def test_an_upload_that_is_not_a_radiological_image_gets_no_good_match(engine, client, monkeypatch):
+    """Whatever its scores, a photograph, noise or a page of text has no similar cases: every hit of the
+    API, the upload page and the engine says "none" and why; a radiograph-like upload keeps its verdicts."""
+    from PIL import Image
+
+    from tests.imagegen import gray_image, png_bytes
+
+    monkeypatch.setattr(engine, "baseline", lambda state: Baseline(np.array([0.1]), np.array([-2.0, -1.0])))
+    rng = np.random.default_rng(0)
+    noise = Image.fromarray(rng.integers(0, 256, (96, 96, 3), dtype=np.uint8), mode="RGB")
+    hits = engine.image(noise, k=4)
+    assert hits and {h.match.verdict for h in hits} == {"none"}
+    assert all("not a radiological image" in h.match.basis for h in hits)
+    assert {h.match.verdict for h in engine.image(gray_image(4, (128, 96)), k=4)} == {"strong"}
+
+    r = client.post("/api/similar", data={"image": (io.BytesIO(png_bytes(noise)), "noise.png"), "k": "3"},
+                    content_type="multipart/form-data")
+    assert r.status_code == 200 and {x["match"]["verdict"] for x in r.json["results"]} == {"none"}
+    page = client.post("/upload", data={"image": (io.BytesIO(png_bytes(noise)), "noise.png")},
+                       content_type="multipart/form-data").get_data(as_text=True)
+    assert "No good match in this index" in page and "not similar cases" in page

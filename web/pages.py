@@ -134,7 +134,7 @@ def _labelled_upload():
         return render_template("upload.html", result=None, error=str(exc)), status_for(exc)
     state = engine().state()  # one model and index for the whole answer
     vector = engine().embed(image, state)  # one forward pass serves the search and the applicability check
-    hits = engine().mark_image_matches(engine().search_vector(vector, k=k, state=state), state)
+    hits = engine().mark_image_matches(engine().search_vector(vector, k=k, state=state), state, query=image)
     scores, report, decision = upload_labels(image, threshold, lang, vector, state, metadata=stated_metadata())
     preview = shrink_to_fit(image.image, 384)
     buf = io.BytesIO()
