@@ -183,6 +183,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--test", action="store_true",
                         help="also report the test part (do this once, for the configuration chosen on validation)")
     parser.add_argument("--export-mini", type=Path, default=None, help="also write the model here (radlens-mini)")
+    parser.add_argument("--before", type=Path, default=None, metavar="MODEL_DIR",
+                        help="the model of the 'before' column (default: the bundled radlens-mini, which since "
+                             "2026-12-02 is the model this bench trains with --image-size 64 --patch-size 8 "
+                             "--label-loss 1; a copy of an earlier one compares like with like)")
     parser.add_argument("--evaluate", type=Path, default=None, metavar="MODEL_DIR",
                         help="no training: evaluate a model this bench trained before (e.g. OUT/model) on the "
                              "same split, e.g. with --test once it is the configuration chosen on validation")
@@ -202,7 +206,7 @@ def main(argv: list[str] | None = None) -> int:
     labels = LabelConfig()
     from cxrmodel.model.bundled import bundled_model_dir
 
-    today = load_encoder(EncoderConfig(model=str(bundled_model_dir())))  # before: today's radlens-mini
+    today = load_encoder(EncoderConfig(model=str(args.before or bundled_model_dir())))  # the "before" column
     before = {"validation": evaluate(today, val_rows, corpus, labels)}
     if args.test:
         before["test"] = evaluate(today, test_rows, corpus, labels)
@@ -227,7 +231,7 @@ def main(argv: list[str] | None = None) -> int:
             "validation_patients": len({r["patient_id"] or r["id"] for r in val_rows}),
             "test_patients": len({r["patient_id"] or r["id"] for r in test_rows}),
             "heldout_images": len(test_rows), "heldout_patients": len({r["patient_id"] or r["id"] for r in test_rows}),
-            "before": "today's bundled radlens-mini (never trained on the validation or test patients)",
+            "before": str(args.before) if args.before else "the bundled radlens-mini",
             "trainable_percent": trained["parameters"]["trainable_percent"],
             "total_parameters": trained["parameters"]["total"], "seed": args.seed, "epochs": trained["epochs"],
             "lr": trained["lr"], "label_loss": trained.get("label_loss", 0.0), "train_min_side": args.train_min_side,
