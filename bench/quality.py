@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from bench.common import CORPUS, require, table
+from bench.mini import auroc_interval, export_mini
 from cxrmodel.imaging.decode import load_image
 from cxrmodel.labels.prompts import LabelConfig
 from cxrmodel.model.dualencoder import ScratchSpec
@@ -149,19 +150,13 @@ def print_report(before: dict, after: dict, meta: dict, part: str) -> None:
         rows = []
         for p, v in after["zero_shot"]["per_pathology"].items():
             b = before["zero_shot"]["per_pathology"][p]
-            rows.append([p, v["positives"], v["n"], _interval(b), _interval(v),
+            rows.append([p, v["positives"], v["n"], auroc_interval(b), auroc_interval(v),
                          "" if v["ece_raw"] is None else f"{v['ece_raw']:.3f} -> {v['ece_calibrated']:.3f}"])
         rows.append(["mean", "", "", before["zero_shot"]["mean"], after["zero_shot"]["mean"], ""])
         print(table(["pathology", "positives", "n", "AUROC before", "AUROC after", "ECE after"], rows))
         print(f"interval above 0.5 with >= 20 positives: before {before['zero_shot']['above_chance'] or 'none'}, "
               f"after {after['zero_shot']['above_chance'] or 'none'}; assessed by radlens calibrate's family-wise "
               f"rule: after {after['zero_shot']['assessed'] or 'none'}")
-
-
-def _interval(v: dict) -> str:
-    if v["auroc"] is None:
-        return "n/a"
-    return f"{v['auroc']:.2f} [{v['low']:.2f}-{v['high']:.2f}]" if v["low"] is not None else f"{v['auroc']:.2f}"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -245,8 +240,6 @@ def main(argv: list[str] | None = None) -> int:
     (args.out / "quality.json").write_text(json.dumps({"meta": meta, "before": before, "after": after}, indent=2))
     print(f"\nfigures written to {args.out / 'quality.json'}")
     if args.export_mini:
-        from bench.mini import export_mini
-
         part = "test" if "test" in after else "validation"
         export_mini(model_dir, args.export_mini, meta, after[part], before[part])
         print(f"radlens-mini written to {args.export_mini}")
