@@ -271,7 +271,7 @@ class Engine:
             if not plausible.radiological:
                 for hit in hits:
                     hit.match = Match("none", hit.match.percentile,
-                                      f"the query is not a radiological image ({plausible.reason})")
+                                      f"the query is not a radiological image ({plausible.reason})", by_score=False)
         return hits
 
     def baseline(self, state: ServedState) -> Baseline:

@@ -46,6 +46,7 @@ class Match:
     verdict: str  # strong, weak, none, or not measured
     percentile: float | None
     basis: str
+    by_score: bool = True  # False: decided before the score, e.g. the query is not a radiological image
 
     def to_dict(self) -> dict:
         return {"verdict": self.verdict, "percentile": None if self.percentile is None else round(self.percentile, 3),
