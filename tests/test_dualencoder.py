@@ -162,3 +162,16 @@ def test_radlens_train_passes_the_new_vits_patch_size(monkeypatch, tmp_path):
     assert main(["train", "--pairs", str(tmp_path / "p.csv"), "--out", str(tmp_path / "m"), "--init", "scratch",
                  "--image-size", "64", "--patch-size", "8"]) == 0
     assert (seen["scratch"].image_size, seen["scratch"].patch_size) == (64, 8)
+
+
+@pytest.mark.parametrize("flags,message", [(["--patch-size", "0"], "patch size 0 must be between 1"),
+                                           (["--patch-size", "100"], "patch size 100 must be between 1"),
+                                           (["--vit-width", "0"], "hidden size must be at least 1")])
+def test_radlens_train_refuses_an_impossible_vit_in_words(flags, message, tmp_path, capsys):
+    """Before any data is read or model built: one line, exit 1, no traceback."""
+    from radlens.cli import main
+
+    assert main(["train", "--pairs", str(tmp_path / "p.csv"), "--out", str(tmp_path / "m"), "--init", "scratch",
+                 "--image-size", "64", *flags]) == 1
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err

