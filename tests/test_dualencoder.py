@@ -56,6 +56,20 @@ def test_compose_caption_tidies_missing_fields():
         "PA X-ray of the chest: effusion, pleural thickening"
 
 
+@pytest.mark.parametrize("view, caption", [
+    ("PA", "frontal PA X-ray of the chest: effusion"), ("AP supine", "frontal AP supine X-ray of the chest: effusion"),
+    ("LL", "lateral LL X-ray of the chest: effusion"), ("lateral", "lateral X-ray of the chest: effusion"),
+    ("", "X-ray of the chest: effusion"), ("oblique", "oblique X-ray of the chest: effusion")])
+def test_compose_caption_names_the_view_class(view, caption):
+    row = {"view": view, "modality": "X-ray", "anatomy": "chest", "labels": "Effusion"}
+    assert compose_caption("{view_class} {view} {modality} of the {anatomy}: {labels}", row) == caption
+
+
+def test_a_rows_own_view_class_column_wins():
+    row = {"view": "PA", "view_class": "posteroanterior", "modality": "X-ray"}
+    assert compose_caption("{view_class} {modality}", row) == "posteroanterior X-ray"
+
+
 def test_template_pairs_are_kept_apart_from_written_ones(tmp_path):
     shape_image("circle", "red").save(tmp_path / "a.png")
     shape_image("cross", "blue").save(tmp_path / "b.png")

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from cxrmodel.errors import DataError
+from cxrmodel.labels.applicability import stated_view
 from cxrmodel.tables import ERROR_KEY, find_column, read_rows
 
 IMAGE_COLUMNS = ("path", "image", "image_path", "file", "file_name", "filename", "file name", "name")
@@ -47,12 +48,21 @@ class _Blank(dict):
         return ""
 
 
+def view_class(view: str) -> str:
+    """'frontal' for a PA or AP view, 'lateral' for a lateral one, '' otherwise (any spelling
+    `stated_view` knows: DICOM's LL/RL, a manifest's "AP supine", ...)."""
+    return {"PA": "frontal", "AP": "frontal", "lateral": "lateral"}.get(stated_view({"view": view}) or "", "")
+
+
 def compose_caption(template: str, row: dict) -> str:
     """Fill `template` ({modality}, {view}, {anatomy}, {labels}, any column) from a row and tidy it.
 
-    Missing or empty fields vanish with their surrounding punctuation; label lists read as prose.
+    `{view_class}` is derived from the view column unless the row has its own: "frontal" (PA, AP) or
+    "lateral", so a caption can name the projection both ways radiologists do ("frontal PA X-ray").
+    Missing or empty fields vanish with their surrounding punctuation; a word repeated by two fields
+    ("lateral lateral") is written once; label lists read as prose.
     """
-    values = _Blank()
+    values = _Blank(view_class=view_class(str(row.get("view") or "")))
     for key, value in row.items():
         if isinstance(value, list):
             value = ", ".join(str(v) for v in value)
@@ -65,6 +75,7 @@ def compose_caption(template: str, row: dict) -> str:
     except (ValueError, IndexError) as exc:
         raise DataError(f"bad --caption-template {template!r}: {exc}") from None
     text = re.sub(r"\s+", " ", text)
+    text = re.sub(r"\b(\w+) \1\b", r"\1", text, flags=re.IGNORECASE)
     text = re.sub(r"\s+([,.;:])", r"\1", text)
     text = re.sub(r"([,;:])(?=[,.;:])", "", text)
     text = re.sub(r"^[\s,.;:]+|[\s,;:]+$", "", text)

@@ -62,7 +62,8 @@ class TrainConfig:
         "help": "pretrained: LoRA on --model; scratch: new vision tower + LoRA on a pretrained text tower."})
     scratch: ScratchSpec = field(default_factory=ScratchSpec)
     caption_template: str | None = field(default=None, metadata={
-        "help": "Compose captions from columns, e.g. '{view} {modality} of the {anatomy}: {labels}'."})
+        "help": "Compose captions from columns, e.g. '{view_class} {view} {modality} of the {anatomy}: {labels}' "
+                "({view_class}: frontal or lateral, derived from the view column)."})
     augment: bool | None = field(default=None, metadata={
         "help": "Random crop/rotation/contrast (default: on for scratch, off for LoRA on a pretrained model)."})
     epochs: int = 3

@@ -30,7 +30,8 @@ def register(sub) -> None:
     p.add_argument("--vit-layers", type=int, default=6, help="--init scratch: depth of the new ViT")
     p.add_argument("--vit-width", type=int, default=256, help="--init scratch: width of the new ViT")
     p.add_argument("--caption-template", default=None,
-                   help="compose captions from columns, e.g. '{view} {modality} of the {anatomy}: {labels}'")
+                   help="compose captions from columns, e.g. '{view_class} {view} {modality} of the {anatomy}: "
+                        "{labels}' ({view_class}: frontal or lateral, from the view column)")
     p.add_argument("--augment", action=argparse.BooleanOptionalAction, default=None,
                    help="random crop/rotation/contrast (default: on with --init scratch)")
     p.add_argument("--label-loss", type=float, default=0.0, metavar="WEIGHT",
