@@ -33,7 +33,7 @@ from cxrmodel.model.encoder import Encoder, EncoderConfig, load_encoder
 from cxrmodel.training.evaluate import neighbour_precision, query_retrieval
 from cxrmodel.training.train import TrainConfig, train
 
-CAPTION_TEMPLATE = "{view} {modality} of the {anatomy}: {labels}"
+CAPTION_TEMPLATE = "{view_class} {view} {modality} of the {anatomy}: {labels}"
 
 # query -> which held-out images are relevant, from the manifest's own modality/anatomy/view columns
 STRUCTURED_QUERIES = {
@@ -168,6 +168,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--lr", type=float, default=5e-4)
     parser.add_argument("--label-loss", type=float, default=0.0, help="radlens train --label-loss WEIGHT")
     parser.add_argument("--caption-template", default=CAPTION_TEMPLATE)
+    parser.add_argument("--balance", type=float, default=0.0, help="radlens train --balance T (0: off)")
     parser.add_argument("--image-size", type=int, default=ScratchSpec.image_size, help="radlens train --image-size")
     parser.add_argument("--patch-size", type=int, default=ScratchSpec.patch_size, help="radlens train --patch-size")
     parser.add_argument("--train-min-side", type=int, default=0,
@@ -217,7 +218,7 @@ def main(argv: list[str] | None = None) -> int:
                           caption_template=args.caption_template,
                           encoder=EncoderConfig(batch_size=args.batch_size), epochs=args.epochs, lr=args.lr,
                           warmup=0.05, seed=args.seed, workers=args.workers, label_loss=args.label_loss,
-                          progress=sys.stderr.isatty())
+                          balance=args.balance, progress=sys.stderr.isatty())
         trained = train(cfg, log=print).metrics
     encoder = load_encoder(EncoderConfig(model=str(model_dir)))
     after = {part: evaluate(encoder, part_rows, corpus, labels)
@@ -229,7 +230,8 @@ def main(argv: list[str] | None = None) -> int:
             "before": str(args.before) if args.before else "the bundled radlens-mini",
             "trainable_percent": trained["parameters"]["trainable_percent"],
             "total_parameters": trained["parameters"]["total"], "seed": args.seed, "epochs": trained["epochs"],
-            "lr": trained["lr"], "label_loss": trained.get("label_loss", 0.0), "train_min_side": args.train_min_side,
+            "lr": trained["lr"], "label_loss": trained.get("label_loss", 0.0),
+            "balance": trained.get("balance", 0.0), "train_min_side": args.train_min_side,
             "image_size": args.image_size, "patch_size": args.patch_size,
             "caption_template": trained["caption_template"],
             "command": "python -m bench.quality " + " ".join(argv if argv is not None else sys.argv[1:]),

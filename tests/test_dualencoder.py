@@ -157,6 +157,34 @@ def test_the_label_loss_lifts_the_zero_shot_auroc_of_labelled_findings(tiny_bert
     assert aurocs[5.0] > 0.6 and aurocs[5.0] > aurocs[0.0] + 0.1, aurocs
 
 
+def test_class_balanced_training_runs_and_records_its_threshold(shapes_manifest, tiny_bert_dir, tmp_path):
+    """`--balance`: the loader draws by repeat factors (with replacement), training still learns, and
+    metrics.json says how it sampled."""
+    import json
+
+    rows = (shapes_manifest / "manifest.csv").read_text().splitlines()
+    labelled = [rows[0] + ",labels"] + [r + (",Hernia" if ",circle," in r else ",Mass") for r in rows[1:]]
+    (tmp_path / "m.csv").write_text("\n".join(labelled) + "\n")
+    cfg = TrainConfig(pairs=str(tmp_path / "m.csv"), images=str(shapes_manifest), out=tmp_path / "m",
+                      init="scratch", scratch=ScratchSpec(text_model=str(tiny_bert_dir), **TINY_VIT),
+                      caption_template="a {colour} {shape}", encoder=EncoderConfig(precision="fp32", batch_size=32),
+                      epochs=3, lr=3e-3, val_fraction=0.25, seed=0, workers=0, progress=False, augment=False,
+                      balance=0.5)
+    result = train(cfg, log=lambda _: None)
+    metrics = json.loads((tmp_path / "m" / "metrics.json").read_text())
+    assert metrics["balance"] == 0.5 and result.metrics["loss_per_epoch"][-1] < result.metrics["loss_per_epoch"][0]
+
+
+@pytest.mark.parametrize("value", ["-0.1", "2"])
+def test_radlens_train_refuses_a_balance_outside_0_to_1(value, tmp_path, capsys):
+    from radlens.cli import main
+
+    assert main(["train", "--pairs", str(tmp_path / "p.csv"), "--out", str(tmp_path / "m"), "--init", "scratch",
+                 "--balance", value]) == 1
+    err = capsys.readouterr().err
+    assert "--balance must be between 0 (off) and 1" in err and "Traceback" not in err
+
+
 def test_radlens_train_passes_the_new_vits_patch_size(monkeypatch, tmp_path):
     """`radlens train --init scratch --image-size 64 --patch-size 8`: a low-resolution ViT for small films."""
     import cxrmodel.training.train as training

@@ -40,6 +40,7 @@ from cxrmodel.training.label_loss import (
     zero_shot_probabilities,
 )
 from cxrmodel.training.pairs import Pair, load_pairs, split_pairs
+from cxrmodel.training.sampling import repeat_factors
 
 log_ = logging.getLogger(__name__)
 
@@ -82,6 +83,9 @@ class TrainConfig:
     label_loss: float = field(default=0.0, metadata={
         "help": "Weight of the prompt-supervised label loss on pairs with labels (0: InfoNCE only); "
                 "see cxrmodel/training/label_loss.py."})
+    balance: float = field(default=0.0, metadata={
+        "help": "Class-balanced sampling threshold t (0: off): pairs of rare labels are drawn up to "
+                "sqrt(t / frequency) times as often (repeat factor sampling, cxrmodel/training/sampling.py)."})
 
 
 @dataclass
@@ -287,16 +291,20 @@ def build_model(cfg: TrainConfig, device: torch.device, log: Callable[[str], Non
 
 
 def build_loop(cfg: TrainConfig, built: TrainModel, data: TrainData, encoder: Encoder) -> TrainLoop:
-    """Loader (seeded shuffle, decode workers), AdamW and the warm-up + cosine schedule, restored from
-    the checkpoint state when resuming."""
+    """Loader (seeded shuffle or class-balanced draws, decode workers), AdamW and the warm-up + cosine
+    schedule, restored from the checkpoint state when resuming."""
     workers = cfg.workers if cfg.workers is not None else min(4, max(0, (os.cpu_count() or 2) - 1))
     augment = cfg.augment if cfg.augment is not None else built.scratch
     labels = LabelConfig()
     dataset = PairImages(data.train, built.preprocess, augment=augment, seed=cfg.seed,
                          pathologies=list(labels.pathologies))
     generator = torch.Generator().manual_seed(cfg.seed)
+    sampler = None
+    if cfg.balance > 0:  # drawn with replacement, one epoch's worth of pairs per epoch
+        sampler = torch.utils.data.WeightedRandomSampler(
+            repeat_factors([p.labels for p in data.train], cfg.balance), len(data.train), generator=generator)
     loader = torch.utils.data.DataLoader(
-        dataset, batch_size=cfg.encoder.batch_size, shuffle=True, generator=generator,
+        dataset, batch_size=cfg.encoder.batch_size, shuffle=sampler is None, sampler=sampler, generator=generator,
         drop_last=len(data.train) >= 2 * cfg.encoder.batch_size, num_workers=workers,
         collate_fn=Collate(built.preprocess, encoder.tokenize), persistent_workers=workers > 0 and not augment)
     trainable = [p for p in built.model.parameters() if p.requires_grad]
@@ -383,6 +391,8 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = log_.info) -> TrainResu
     evaluation before and after, outputs. Returns metrics and the trained encoder."""
     if cfg.epochs < 1 or cfg.accumulate < 1:
         raise DataError("--epochs and --accumulate must be >= 1")
+    if not 0.0 <= cfg.balance <= 1.0:
+        raise DataError(f"--balance must be between 0 (off) and 1, not {cfg.balance}")
     _seed_everything(cfg.seed)
     data = build_data(cfg, log)
     out = Path(cfg.out)
@@ -417,7 +427,8 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = log_.info) -> TrainResu
     metrics = {
         "init": cfg.init, "base_model": "scratch" if built.scratch else cfg.encoder.model,
         "scratch": asdict(cfg.scratch) if built.scratch else None, "caption_template": cfg.caption_template,
-        "augment": loop.augment, "label_loss": cfg.label_loss, "parameters": params, "lora": asdict(built.lora),
+        "augment": loop.augment, "label_loss": cfg.label_loss, "balance": cfg.balance,
+        "parameters": params, "lora": asdict(built.lora),
         "epochs": cfg.epochs, "batch_size": cfg.encoder.batch_size, "accumulate": cfg.accumulate, "lr": cfg.lr,
         "seed": cfg.seed, "precision": str(autocast_dtype).replace("torch.", ""),
         "train_pairs": len(data.train), "val_pairs": len(data.val), "skipped_rows": data.skipped_rows,

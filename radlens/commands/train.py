@@ -37,6 +37,9 @@ def register(sub) -> None:
     p.add_argument("--label-loss", type=float, default=0.0, metavar="WEIGHT",
                    help="add WEIGHT x a prompt-supervised loss on rows with `labels`: the zero-shot score of the "
                         "14 pathologies (the index's own computation) against the labels (default 0: off)")
+    p.add_argument("--balance", type=float, default=0.0, metavar="T",
+                   help="class-balanced sampling: rows whose rarest label is on a fraction f of the labelled rows "
+                        "are drawn max(1, sqrt(T / f)) times as often, e.g. 0.1 (default 0: off)")
     p.add_argument("--epochs", type=int, default=3)
     p.add_argument("--lr", type=float, default=1e-4)
     p.add_argument("--weight-decay", type=float, default=0.01)
@@ -76,7 +79,8 @@ def run_train(args) -> int:
                           text_model=args.text_model)
     cfg = TrainConfig(pairs=args.pairs, images=args.images, out=Path(args.out), encoder=encoder_config(args),
                       lora=lora, init=args.init, scratch=scratch, caption_template=args.caption_template,
-                      augment=args.augment, label_loss=args.label_loss, val_pairs=args.val_pairs,
+                      augment=args.augment, label_loss=args.label_loss, balance=args.balance,
+                      val_pairs=args.val_pairs,
                       epochs=args.epochs, lr=args.lr,
                       weight_decay=args.weight_decay, warmup=args.warmup,
                       accumulate=args.accumulate, val_fraction=args.val_fraction, seed=args.seed,
