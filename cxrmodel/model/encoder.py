@@ -229,6 +229,7 @@ class Encoder:
         self.revision: str | None = None  # a hub model's resolved commit; set by load_encoder
         self.checkpoint_format: str | None = None  # e.g. "transformers CLIP", "open_clip (CLIP)"; by load_encoder
         self.image_tower = None  # an `image_onnx.OnnxImageTower` embedding images instead of torch (index runs)
+        self.int8_text_cosine: float | None = None  # measured when load_encoder tried an int8 text tower
 
     @property
     def dim(self) -> int:
@@ -365,10 +366,14 @@ def lower_matmul_weights(model, dtype: torch.dtype):
     return model
 
 
+INT8_TEXT_MIN_COSINE = 0.998  # an int8 text tower is kept only this close to the bf16 one (itself >= 0.9999 of fp32)
+
+
 def quantize_text_tower(model):
     """int8 dynamic quantisation of the text tower's Linear layers (CPU). One query's text encode is
-    memory-bound: int8 weights halve the bytes of bf16 and use VNNI; embeddings stay within cosine 0.998
-    of fp32 (tests/test_encoder.py, bench/README.md)."""
+    memory-bound: int8 weights halve the bytes of bf16 and use VNNI. How close it stays to the unquantised
+    tower depends on the weights (ViT-B/32's CLIP text tower: cosine >= 0.998; radlens-mini's MiniLM + LoRA:
+    0.87), so `load_encoder` keeps it only where `int8_text_if_close` measures it close."""
     import warnings
 
     from torch.ao.quantization import default_dynamic_qconfig, quantize_dynamic
@@ -383,6 +388,29 @@ def quantize_text_tower(model):
     return model
 
 
+def int8_text_if_close(encoder: Encoder, texts: Sequence[str] | None = None, min_cosine: float | None = None
+                       ) -> float:
+    """Quantise `encoder`'s text tower to int8 only where its embeddings of `texts` (default: the query
+    tower's check prompts) stay within `min_cosine` (default `INT8_TEXT_MIN_COSINE`) of the unquantised
+    tower's; otherwise put that tower back. Returns the measured minimum cosine either way."""
+    import copy
+
+    from cxrmodel.model.query_tower import CHECK_PROMPTS
+
+    texts = list(texts or CHECK_PROMPTS)
+    min_cosine = INT8_TEXT_MIN_COSINE if min_cosine is None else min_cosine
+    model = unwrap(encoder.model)
+    reference = encoder.encode_texts(texts)
+    kept = copy.deepcopy(model.text_model), copy.deepcopy(model.text_projection)
+    quantize_text_tower(model)
+    cosine = float(np.min(np.sum(encoder.encode_texts(texts) * reference, axis=1)))
+    if cosine < min_cosine:
+        model.text_model, model.text_projection = kept
+        log.info("int8 text tower not used: min cosine %.4f to the %s tower < %s", cosine,
+                 str(encoder.dtype).replace("torch.", ""), min_cosine)
+    return cosine
+
+
 def load_encoder(config: EncoderConfig) -> Encoder:
     """Load checkpoint, tokenizer, preprocessing and adapter as `config` says; raises ModelLoadError."""
     device = choose_device(config.device)
@@ -395,8 +423,6 @@ def load_encoder(config: EncoderConfig) -> Encoder:
     apply_fastpaths(model, device)
     if dtype != torch.float32:
         lower_matmul_weights(model, dtype)
-    if int8_text:
-        model = quantize_text_tower(model)
     model.eval()
     log.info("loaded %s%s on %s in %s", config.model,
              f" + adapter {config.adapter}" if config.adapter else "", device, dtype)
@@ -407,6 +433,7 @@ def load_encoder(config: EncoderConfig) -> Encoder:
     name = str(local.resolve()) if local.is_dir() else config.model
     encoder = Encoder(model, tokenizer, preprocess, model_name=name, adapter=adapter,
                       device=device, dtype=dtype, batch_size=config.batch_size)
+    encoder.int8_text_cosine = int8_text_if_close(encoder) if int8_text else None
     encoder.config = config  # so that other processes (e.g. Ray actors) can load the same encoder
     encoder.revision = None if local.is_dir() else hub_commit(config.model, config.revision)
     encoder.checkpoint_format = checkpoint_format_of(local, model)
