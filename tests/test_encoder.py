@@ -77,39 +77,38 @@ def test_preprocessing_matches_transformers_clip_processor(tiny_model_dir):
         assert np.abs(got - expected).max() < 0.02  # one 8-bit step after normalisation
 
 
-def test_auto_precision_runs_an_int8_text_tower_where_it_measures_close(tiny_model_dir, monkeypatch):
-    """Where int8 stays within the bar (the tiny random tower: ~0.99, so the bar is lowered here), the
-    text tower runs quantised; its vectors stay unit length and close to fp32."""
+TEXTS = ["a chest x-ray showing cardiomegaly", "lateral lumbar spine radiograph", "mri of the brain"]
+
+
+def _auto_and_fp32(model_dir, monkeypatch, int8_bar: float):
+    """An `auto` and an fp32 encoder of one model, with the int8 text tower's bar set to `int8_bar`."""
     import cxrmodel.model.encoder as encoder_module
     from cxrmodel.model.encoder import cpu_supports_bf16
 
     if not cpu_supports_bf16():
         pytest.skip("auto precision is fp32 on this CPU")
-    monkeypatch.setattr(encoder_module, "INT8_TEXT_MIN_COSINE", 0.95)
-    texts = ["a chest x-ray showing cardiomegaly", "lateral lumbar spine radiograph", "mri of the brain"]
-    auto = load_encoder(EncoderConfig(model=str(tiny_model_dir), precision="auto"))
-    exact = load_encoder(EncoderConfig(model=str(tiny_model_dir), precision="fp32"))
+    monkeypatch.setattr(encoder_module, "INT8_TEXT_MIN_COSINE", int8_bar)
+    return (load_encoder(EncoderConfig(model=str(model_dir), precision="auto")),
+            load_encoder(EncoderConfig(model=str(model_dir), precision="fp32")))
+
+
+def test_auto_precision_runs_an_int8_text_tower_where_it_measures_close(tiny_model_dir, monkeypatch):
+    """Where int8 stays within the bar (the tiny random tower: ~0.99, so the bar is lowered here), the
+    text tower runs quantised; its vectors stay unit length and close to fp32."""
+    auto, exact = _auto_and_fp32(tiny_model_dir, monkeypatch, 0.95)
     assert "quantized" in type(auto.model.text_projection).__module__
-    cos = np.sum(auto.encode_texts(texts) * exact.encode_texts(texts), axis=1)
+    cos = np.sum(auto.encode_texts(TEXTS) * exact.encode_texts(TEXTS), axis=1)
     assert cos.min() >= 0.95, cos
-    np.testing.assert_allclose(np.linalg.norm(auto.encode_texts(texts), axis=1), 1.0, atol=1e-5)
+    np.testing.assert_allclose(np.linalg.norm(auto.encode_texts(TEXTS), axis=1), 1.0, atol=1e-5)
     assert auto.int8_text_cosine >= 0.95 and exact.int8_text_cosine is None
 
 
 def test_auto_precision_keeps_the_unquantised_text_tower_where_int8_strays(tiny_model_dir, monkeypatch):
     """The int8 text tower is a measured choice, not a rule: where it is not close enough to the bf16 one
     (here: a bar no tower can meet), the encoder keeps bf16 text, within 0.9999 of fp32."""
-    import cxrmodel.model.encoder as encoder_module
-    from cxrmodel.model.encoder import cpu_supports_bf16
-
-    if not cpu_supports_bf16():
-        pytest.skip("auto precision is fp32 on this CPU")
-    monkeypatch.setattr(encoder_module, "INT8_TEXT_MIN_COSINE", 1.01)
-    texts = ["a chest x-ray showing cardiomegaly", "lateral lumbar spine radiograph", "mri of the brain"]
-    auto = load_encoder(EncoderConfig(model=str(tiny_model_dir), precision="auto"))
-    exact = load_encoder(EncoderConfig(model=str(tiny_model_dir), precision="fp32"))
+    auto, exact = _auto_and_fp32(tiny_model_dir, monkeypatch, 1.01)
     assert "quantized" not in type(auto.model.text_projection).__module__ and auto.int8_text_cosine < 1.01
-    assert np.sum(auto.encode_texts(texts) * exact.encode_texts(texts), axis=1).min() >= 0.9999
+    assert np.sum(auto.encode_texts(TEXTS) * exact.encode_texts(TEXTS), axis=1).min() >= 0.9999
 
 
 def test_the_bundled_models_text_vectors_under_auto_precision_match_fp32():
