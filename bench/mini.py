@@ -28,9 +28,18 @@ def auroc_interval(v: dict | None) -> str:
     return f"{v['auroc']:.2f} [{v['low']:.2f}-{v['high']:.2f}]" if v.get("low") is not None else f"{v['auroc']:.2f}"
 
 
-def _row(name: str, m: dict) -> str:
+def _row(name: str, m: dict, before: dict | None) -> str:
+    ap = "n/a" if m.get("AP") is None else f"{m['AP']:.2f}"
+    was = "n/a" if not before or before.get("AP") is None else f"{before['AP']:.2f}"
     return f"| {name} | {m['relevant']} | {m['R@1']:.2f} | {m['R@5']:.2f} | {m['R@10']:.2f} | " \
-           f"{m['P@10']:.2f} | {m['chance_P@10']:.2f} |"
+           f"{m['P@10']:.2f} | {m['chance_P@10']:.2f} | {ap} | {was} |"
+
+
+def _below_chance(query: str, m: dict) -> str:
+    """The card's limit line for a text query whose top ten held fewer relevant images than chance."""
+    whole = "" if m.get("AP") is None else f"; over the whole ranking AP {m['AP']:.2f}, chance {m['chance_AP']:.2f}"
+    return f"- Below chance on the test part's top ten for the text query \"{query}\" (P@10 {m['P@10']:.2f}, " \
+           f"chance {m['chance_P@10']:.2f}{whole})."
 
 
 def training_command(meta: dict, dest: str = "cxrmodel/assets/radlens-mini") -> str:
@@ -38,6 +47,8 @@ def training_command(meta: dict, dest: str = "cxrmodel/assets/radlens-mini") -> 
     parts = ["python -m bench.quality", f"--seed {meta['seed']}", f"--epochs {meta['epochs']}"]
     if meta.get("label_loss"):
         parts.append(f"--label-loss {meta['label_loss']:g}")
+    if meta.get("balance"):
+        parts.append(f"--balance {meta['balance']:g}")
     for key in ("image_size", "patch_size", "train_min_side"):
         if meta.get(key):
             parts.append(f"--{key.replace('_', '-')} {meta[key]}")
@@ -96,8 +107,12 @@ def write_card(dest: Path) -> Path:
         f"Weights `{WEIGHTS}` (fp16) sha256: `{sha}`", "",
         "## Data", "", SOURCES, "",
         "## Test-part figures (bench/quality)", "",
-        "| query | relevant | R@1 | R@5 | R@10 | P@10 | chance P@10 |", "|---|---|---|---|---|---|---|",
-        *[_row(q, m) for q, m in after["queries"].items()], "",
+        "Text -> image per structured query. AP: average precision over the whole ranking (it rests on every "
+        "relevant image, not ten; its chance level is the relevant share, as P@10's), next to the model it "
+        "replaces.", "",
+        "| query | relevant | R@1 | R@5 | R@10 | P@10 | chance P@10 | AP | AP, the model it replaces |",
+        "|---|---|---|---|---|---|---|---|---|",
+        *[_row(q, m, (before or {}).get("queries", {}).get(q)) for q, m in after["queries"].items()], "",
         f"Image -> image precision@10 by modality/view: {i2i['P@10']:.3f} (chance {i2i['chance']:.3f})"
         + (f"; the model it replaces: {before['image_to_image']['P@10']:.3f}." if before else "."), "",
     ]
@@ -115,9 +130,7 @@ def write_card(dest: Path) -> Path:
              "scanned film, photographs).",
              "- It sees 64 px: findings smaller than a few pixels at that size (small nodules, thin lines) are "
              "beyond it whatever the scores say.",
-             *[f"- Worse than chance on the test part for the text query \"{q}\" (P@10 {m['P@10']:.2f}, chance "
-               f"{m['chance_P@10']:.2f})."
-               for q, m in after["queries"].items() if m["P@10"] < m["chance_P@10"]],
+             *[_below_chance(q, m) for q, m in after["queries"].items() if m["P@10"] < m["chance_P@10"]],
              "- Pathology scores are reported only where `calibration.json` measured skill (below).",
              "- Not a medical device. Every output must be checked by a qualified person.", ""]
     if (dest / "calibration.json").exists():

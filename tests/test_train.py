@@ -271,3 +271,16 @@ def test_label_vectors_and_positive_weights():
     weights = positive_weights(targets, torch.tensor([True, True, True, False]))
     assert weights.tolist() == [2.0, 1.0, 1.0]  # Mass: 2 negatives / 1 positive; no positives: 1
 
+
+
+def test_query_retrieval_reports_average_precision_over_the_whole_ranking():
+    """AP rests on every relevant image: ranks 1 and 3 of 4 give (1/1 + 2/3) / 2, whatever P@10 says."""
+    from cxrmodel.training.evaluate import average_precision, query_retrieval
+
+    assert average_precision(np.array([1, 0, 1, 0])) == pytest.approx((1 + 2 / 3) / 2)
+    assert average_precision(np.array([0, 0])) is None
+    images = np.eye(4, dtype=np.float32)
+    query = np.array([[0.9, 0.5, 0.7, 0.1]], dtype=np.float32)  # ranks images 0, 2, 1, 3
+    relevant = np.array([[True, True, False, False]])
+    (row,) = query_retrieval(query, images, relevant)["per_query"]
+    assert row["AP"] == pytest.approx((1 + 2 / 3) / 2) and row["chance_AP"] == 0.5 and row["P@10"] == 0.5
