@@ -37,9 +37,9 @@ def _row(name: str, m: dict, before: dict | None) -> str:
 
 def _below_chance(query: str, m: dict) -> str:
     """The card's limit line for a text query whose top ten held fewer relevant images than chance."""
-    whole = "" if m.get("AP") is None else f"; over the whole ranking AP {m['AP']:.2f}, chance {m['chance_AP']:.2f}"
+    whole = "" if m.get("AP") is None else f"; over the whole ranking AP {m['AP']:.2f}, chance {m['chance_AP']:.3f}"
     return f"- Below chance on the test part's top ten for the text query \"{query}\" (P@10 {m['P@10']:.2f}, " \
-           f"chance {m['chance_P@10']:.2f}{whole})."
+           f"chance {m['chance_P@10']:.3f}{whole})."
 
 
 def training_command(meta: dict, dest: str = "cxrmodel/assets/radlens-mini") -> str:
@@ -102,8 +102,9 @@ def write_card(dest: Path) -> Path:
         "(`bench.quality.grown_split`, seed 0): training "
         f"{meta['train_images']:,} images; validation {meta['validation_images']} images of "
         f"{meta['validation_patients']} other patients (configurations were compared there, bench/README.md); "
-        f"test {meta['test_images']} images of {meta['test_patients']} further patients, evaluated once for the "
-        "chosen configuration and used for nothing else but `calibration.json`.", "",
+        f"test {meta['test_images']} images of {meta['test_patients']} further patients, used for the final "
+        "figures of each shipped model (this one and the one it replaces, each chosen on validation first) and "
+        "for `calibration.json`; nothing was tuned on it.", "",
         f"Weights `{WEIGHTS}` (fp16) sha256: `{sha}`", "",
         "## Data", "", SOURCES, "",
         "## Test-part figures (bench/quality)", "",
