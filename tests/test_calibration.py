@@ -279,3 +279,27 @@ def test_radlens_calibrate_measures_the_chest_radiograph_check_from_modality_col
     assert main(["calibrate", str(tmp_path / "none.csv"), "--model", str(tiny_model_dir), "--out",
                  str(tmp_path / "x.json")]) == 1
     assert "needs a `labels` column" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("lang, expected", [
+    ("en", "on the calibration set this threshold flagged 78% of films with effusion and 50% of films without"),
+    ("de", "markierte diese Schwelle 78% der Aufnahmen mit und 50% der Aufnahmen ohne diesen Befund")])
+def test_a_finding_says_what_its_threshold_flags_on_both_kinds_of_film(lang, expected):
+    """A calibrated finding is stated with its measured operating point, not a bare 'suspected': with a
+    specificity of 0.50, half the films without the finding cross the same threshold. A threshold set by
+    hand has no measured operating point, so none is claimed for it."""
+    from cxrmodel.labels.prompts import LabelConfig
+    from cxrmodel.labels.zeroshot import LabelScore
+    from cxrmodel.reporting.report import compose_report, sections
+
+    score = LabelScore("Effusion", 0.24, 0.57, 0.21, assessed=True,
+                       skill={"auroc": 0.67, "sensitivity": 0.78, "specificity": 0.50, "threshold": 0.21})
+    meta = {"modality": "X-ray", "body_part": "chest", "view": "PA"}
+    report = compose_report([score], meta, LabelConfig(), lang=lang)
+    (finding,) = [f for items in report.findings.values() for f in items]
+    assert (finding.present, finding.sensitivity, finding.specificity) == (True, 0.78, 0.50)
+    assert any(expected in line for _, lines in sections(report) for line in lines)
+    by_hand = compose_report([score], meta, LabelConfig(), threshold=0.1, lang=lang)
+    (finding,) = [f for items in by_hand.findings.values() for f in items]
+    assert finding.present and finding.sensitivity is None
+    assert not any("50%" in line for _, lines in sections(by_hand) for line in lines)

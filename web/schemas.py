@@ -164,6 +164,9 @@ class Finding(Strict):
     uncertainty: float
     threshold: float
     present: bool
+    sensitivity: float | None = Field(None, description="share of films with the finding that this threshold "
+                                      "flagged on the calibration set (null: threshold set by hand)")
+    specificity: float | None = Field(None, description="share of films without it that it left unflagged")
 
 
 class Report(Strict):

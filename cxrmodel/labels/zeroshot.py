@@ -85,7 +85,7 @@ def apply_calibration(scores: list[LabelScore], calibration) -> list[LabelScore]
         skill = {"reason": cal.reason, "auroc": cal.auroc, "auroc_95ci": [cal.auroc_low, cal.auroc_high],
                  "positives": cal.positives, "negatives": cal.negatives}
         if cal.assessed:
-            skill.update(sensitivity=cal.sensitivity, specificity=cal.specificity)
+            skill.update(sensitivity=cal.sensitivity, specificity=cal.specificity, threshold=float(cal.threshold))
             out.append(LabelScore(s.pathology, float(cal.probability(raw)), s.uncertainty, float(cal.threshold),
                                   s.members, True, skill, raw))
         else:

@@ -48,6 +48,9 @@ class Finding:
     uncertainty: float
     threshold: float
     present: bool
+    # measured by the calibration at this threshold (None when a threshold was set by hand or not measured)
+    sensitivity: float | None = None
+    specificity: float | None = None
 
 
 @dataclass
@@ -156,7 +159,8 @@ def compose_report(scores: list[LabelScore], metadata: dict, config: LabelConfig
                     for s in scores if not s.assessed]
     findings = [Finding(s.pathology, s.probability, s.uncertainty,
                         threshold if threshold is not None else s.threshold,
-                        s.probability >= (threshold if threshold is not None else s.threshold))
+                        s.probability >= (threshold if threshold is not None else s.threshold),
+                        *((s.skill["sensitivity"], s.skill["specificity"]) if _measured_at(s, threshold) else ()))
                 for s in assessed]
     by_region: dict[str, list[Finding]] = {r: [] for r in REGIONS}
     for f in findings:
@@ -175,6 +179,13 @@ def compose_report(scores: list[LabelScore], metadata: dict, config: LabelConfig
                   recommendations=recommendations, not_assessed=not_assessed, calibrated=calibrated, **common)
 
 
+def _measured_at(score: LabelScore, threshold: float | None) -> bool:
+    """Whether the calibration measured sensitivity and specificity at the threshold this report applies."""
+    skill = score.skill
+    return (threshold is None and skill.get("sensitivity") is not None and skill.get("specificity") is not None
+            and skill.get("threshold") is not None and abs(skill["threshold"] - score.threshold) < 1e-9)
+
+
 def region_sentence(items: list[Finding], t: dict) -> str:
     """What a report says about one region."""
     present = [f for f in items if f.present]
@@ -182,8 +193,17 @@ def region_sentence(items: list[Finding], t: dict) -> str:
         return t["not_assessed"]
     if not present:
         return t["no_evidence"].format(names=", ".join(_name(f.pathology, t).lower() for f in items))
-    return "; ".join(t["suspected"].format(name=_name(f.pathology, t), p=f.probability, u=f.uncertainty)
-                     for f in sorted(present, key=lambda f: -f.probability)) + "."
+    return "; ".join(finding_sentence(f, t) for f in sorted(present, key=lambda f: -f.probability)) + "."
+
+
+def finding_sentence(f: Finding, t: dict) -> str:
+    """A finding above its threshold, with what that threshold means where the calibration measured it:
+    the share of films with the finding, and of films without it, that it flags."""
+    if f.sensitivity is None or f.specificity is None:
+        return t["suspected"].format(name=_name(f.pathology, t), p=f.probability, u=f.uncertainty)
+    name = _name(f.pathology, t)
+    return t["above_threshold"].format(name=name, name_lower=name.lower(), p=f.probability, u=f.uncertainty,
+                                       thr=f.threshold, sens=f.sensitivity, fpr=1.0 - f.specificity)
 
 
 def sections(report: Report) -> list[tuple[str, list[str]]]:
