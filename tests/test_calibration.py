@@ -287,7 +287,7 @@ def test_radlens_calibrate_measures_the_chest_radiograph_check_from_modality_col
 def test_a_finding_says_what_its_threshold_flags_on_both_kinds_of_film(lang, expected):
     """A calibrated finding is stated with its measured operating point, not a bare 'suspected': with a
     specificity of 0.50, half the films without the finding cross the same threshold. A threshold set by
-    hand has no measured operating point, so none is claimed for it."""
+    hand has no measured operating point: the finding says so, and claims neither one nor a suspicion."""
     from cxrmodel.labels.prompts import LabelConfig
     from cxrmodel.labels.zeroshot import LabelScore
     from cxrmodel.reporting.report import compose_report, sections
@@ -302,4 +302,6 @@ def test_a_finding_says_what_its_threshold_flags_on_both_kinds_of_film(lang, exp
     by_hand = compose_report([score], meta, LabelConfig(), threshold=0.1, lang=lang)
     (finding,) = [f for items in by_hand.findings.values() for f in items]
     assert finding.present and finding.sensitivity is None
-    assert not any("50%" in line for _, lines in sections(by_hand) for line in lines)
+    lines = [line for _, part in sections(by_hand) for line in part]
+    assert not any("50%" in line or "suspected" in line.lower() or "verdacht" in line.lower() for line in lines)
+    assert any("0.24 >= 0.10" in line for line in lines)

@@ -200,7 +200,7 @@ def finding_sentence(f: Finding, t: dict) -> str:
     """A finding above its threshold, with what that threshold means where the calibration measured it:
     the share of films with the finding, and of films without it, that it flags."""
     if f.sensitivity is None or f.specificity is None:
-        return t["suspected"].format(name=_name(f.pathology, t), p=f.probability, u=f.uncertainty)
+        return t["suspected"].format(name=_name(f.pathology, t), p=f.probability, u=f.uncertainty, thr=f.threshold)
     name = _name(f.pathology, t)
     return t["above_threshold"].format(name=name, name_lower=name.lower(), p=f.probability, u=f.uncertainty,
                                        thr=f.threshold, sens=f.sensitivity, fpr=1.0 - f.specificity)
