@@ -157,11 +157,7 @@ def compose_report(scores: list[LabelScore], metadata: dict, config: LabelConfig
     calibrated = any(s.skill.get("auroc") is not None or s.assessed for s in scores)
     not_assessed = [{"pathology": s.pathology, "score": round(s.probability, 4), "skill": s.skill}
                     for s in scores if not s.assessed]
-    findings = [Finding(s.pathology, s.probability, s.uncertainty,
-                        threshold if threshold is not None else s.threshold,
-                        s.probability >= (threshold if threshold is not None else s.threshold),
-                        *((s.skill["sensitivity"], s.skill["specificity"]) if _measured_at(s, threshold) else ()))
-                for s in assessed]
+    findings = [_finding(s, threshold if threshold is not None else s.threshold) for s in assessed]
     by_region: dict[str, list[Finding]] = {r: [] for r in REGIONS}
     for f in findings:
         region = config.pathologies[f.pathology].region if f.pathology in config.pathologies else "other"
@@ -179,11 +175,13 @@ def compose_report(scores: list[LabelScore], metadata: dict, config: LabelConfig
                   recommendations=recommendations, not_assessed=not_assessed, calibrated=calibrated, **common)
 
 
-def _measured_at(score: LabelScore, threshold: float | None) -> bool:
-    """Whether the calibration measured sensitivity and specificity at the threshold this report applies."""
+def _finding(score: LabelScore, threshold: float) -> Finding:
+    """One assessed pathology at the threshold this report applies, with the sensitivity and specificity
+    the calibration measured there (none when the threshold is another one, e.g. set by hand)."""
     skill = score.skill
-    return (threshold is None and skill.get("sensitivity") is not None and skill.get("specificity") is not None
-            and skill.get("threshold") is not None and abs(skill["threshold"] - score.threshold) < 1e-9)
+    measured = skill.get("threshold") is not None and abs(skill["threshold"] - threshold) < 1e-9
+    return Finding(score.pathology, score.probability, score.uncertainty, threshold, score.probability >= threshold,
+                   *((skill.get("sensitivity"), skill.get("specificity")) if measured else ()))
 
 
 def region_sentence(items: list[Finding], t: dict) -> str:
@@ -199,9 +197,9 @@ def region_sentence(items: list[Finding], t: dict) -> str:
 def finding_sentence(f: Finding, t: dict) -> str:
     """A finding above its threshold, with what that threshold means where the calibration measured it:
     the share of films with the finding, and of films without it, that it flags."""
-    if f.sensitivity is None or f.specificity is None:
-        return t["suspected"].format(name=_name(f.pathology, t), p=f.probability, u=f.uncertainty, thr=f.threshold)
     name = _name(f.pathology, t)
+    if f.sensitivity is None or f.specificity is None:
+        return t["above_set_threshold"].format(name=name, p=f.probability, u=f.uncertainty, thr=f.threshold)
     return t["above_threshold"].format(name=name, name_lower=name.lower(), p=f.probability, u=f.uncertainty,
                                        thr=f.threshold, sens=f.sensitivity, fpr=1.0 - f.specificity)
 
