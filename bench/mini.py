@@ -28,11 +28,15 @@ def auroc_interval(v: dict | None) -> str:
     return f"{v['auroc']:.2f} [{v['low']:.2f}-{v['high']:.2f}]" if v.get("low") is not None else f"{v['auroc']:.2f}"
 
 
+def average_precision_text(m: dict | None, digits: int = 2) -> str:
+    """A bench.quality query entry's AP ("n/a" where it has none, or no entry)."""
+    return "n/a" if not m or m.get("AP") is None else f"{m['AP']:.{digits}f}"
+
+
 def _row(name: str, m: dict, before: dict | None) -> str:
-    ap = "n/a" if m.get("AP") is None else f"{m['AP']:.2f}"
-    was = "n/a" if not before or before.get("AP") is None else f"{before['AP']:.2f}"
     return f"| {name} | {m['relevant']} | {m['R@1']:.2f} | {m['R@5']:.2f} | {m['R@10']:.2f} | " \
-           f"{m['P@10']:.2f} | {m['chance_P@10']:.2f} | {ap} | {was} |"
+           f"{m['P@10']:.2f} | {m['chance_P@10']:.2f} | {average_precision_text(m)} | " \
+           f"{average_precision_text(before)} |"
 
 
 def _below_chance(query: str, m: dict) -> str:

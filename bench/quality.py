@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from bench.common import CORPUS, require, table
-from bench.mini import auroc_interval, export_mini
+from bench.mini import auroc_interval, average_precision_text, export_mini
 from cxrmodel.imaging.decode import load_image
 from cxrmodel.labels.prompts import LabelConfig
 from cxrmodel.model.dualencoder import ScratchSpec
@@ -123,10 +123,6 @@ def evaluate(encoder: Encoder, rows: list[dict], corpus: Path, labels: LabelConf
             "modality_only": neighbour_precision(vecs, [r["modality"] for r in rows], 10), "zero_shot": zero_shot}
 
 
-def _ap(m: dict) -> str:
-    return "n/a" if m.get("AP") is None else f"{m['AP']:.3f}"
-
-
 def print_report(before: dict, after: dict, meta: dict, part: str) -> None:
     print(f"\n{part}: {meta[part + '_images']} images of {meta[part + '_patients']} patients "
           f"(train: {meta['train_images']} images); trainable {meta['trainable_percent']:.2f}% of "
@@ -136,7 +132,7 @@ def print_report(before: dict, after: dict, meta: dict, part: str) -> None:
     for q, m in after["queries"].items():
         b = before["queries"][q]
         rows.append([q, m["relevant"], b["R@1"], m["R@1"], m["R@5"], m["R@10"], b["P@10"], m["P@10"],
-                     m["chance_P@10"], _ap(b), _ap(m)])
+                     m["chance_P@10"], average_precision_text(b, 3), average_precision_text(m, 3)])
     print("text -> image (structured queries; AP: average precision over the whole ranking, chance = P@10's)")
     print(table(["query", "relevant", "R@1 before", "R@1", "R@5", "R@10", "P@10 before", "P@10", "chance P@10",
                  "AP before", "AP"], rows))
