@@ -91,13 +91,14 @@ def naive_embed(model_dir: Path, paths: list[Path], batch: int = 32) -> tuple[np
 
 
 def radlens_embed(model_dir: Path, paths: list[Path], data_dir: Path, workers: int | None,
-                  precision: str, engine: str = "local", actors: int = 1):
+                  precision: str, engine: str = "local", actors: int = 1, decode: str = "auto"):
     """`radlens index` as a user runs it; returns (vectors in path order, its IndexSummary)."""
     from sqlalchemy import select
     from sqlalchemy.orm import Session
 
     from cxrmodel.model.encoder import EncoderConfig, load_encoder
     from indexer.pipeline import IndexJob, run_index
+    from indexer.schedule import ScheduleConfig
     from indexer.store import EmbeddingRow, ImageRow, default_db_url, open_db
 
     if data_dir.exists():
@@ -109,7 +110,7 @@ def radlens_embed(model_dir: Path, paths: list[Path], data_dir: Path, workers: i
 
         ray = RayConfig(actors=actors, cpus_per_actor=1)
     job = IndexJob(sources=[str(paths[0].parent)], data_dir=data_dir, progress=False,
-                   workers=workers, engine=engine, ray=ray)
+                   workers=workers, engine=engine, ray=ray, decode=ScheduleConfig(plan=decode))
     summary = run_index(job, encoder)
     db = open_db(default_db_url(data_dir))
     with Session(db) as s:
@@ -140,6 +141,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--format", choices=("png", "jpeg"), default="png",
                         help="store the images as PNG or as JPEG (quality 95)")
     parser.add_argument("--out", type=Path, default=Path("bench-out/indexing"))
+    parser.add_argument("--decode", default="",
+                        help="also run `radlens index --decode PLAN` (auto precision) for each comma-separated PLAN, "
+                             "e.g. turns,ahead,ahead:1:1,auto (auto measures its way to a plan from 4096 files)")
     parser.add_argument("--ray-actors", type=int, default=0,
                         help="also run `radlens index --engine ray` on a local Ray with this many embedding actors")
     args = parser.parse_args(argv)
@@ -163,10 +167,15 @@ def main(argv: list[str] | None = None) -> int:
     ours, ours_summary = radlens_embed(model_dir, paths, args.out / "data", args.workers, "auto")
     add("radlens index --precision fp32", *radlens_embed(model_dir, paths, args.out / "data-fp32", args.workers,
                                                          "fp32"))
-    add("radlens index (auto: bf16, fastpaths, decode in turns)", ours, ours_summary)
+    add("radlens index (auto: bf16, fast paths, --decode auto)", ours, ours_summary)
     if args.workers is None:  # the default against one decode process running beside the model
         add("radlens index --workers 1 (auto, a decode process beside)",
             *radlens_embed(model_dir, paths, args.out / "data-procs", 1, "auto"))
+    plans = [plan.strip() for plan in args.decode.split(",") if plan.strip()]
+    for plan in plans:
+        vectors, summary = radlens_embed(model_dir, paths, args.out / "data-decode", 0, "auto", decode=plan)
+        add(f"radlens index --decode {plan}", vectors, summary)
+        print(f"--decode {plan}: {summary.decode_plan}")
     if args.ray_actors:
         add(f"radlens index --engine ray (local Ray, {args.ray_actors} actor(s), bf16)",
             *radlens_embed(model_dir, paths, args.out / "data-ray", args.workers, "auto", "ray", args.ray_actors))
@@ -176,6 +185,7 @@ def main(argv: list[str] | None = None) -> int:
           f"{ours_summary.seconds - ours_summary.embed_seconds:.1f} s, {ours_summary.tower_seconds:.1f} s exported "
           f"the ONNX query tower")
     cos = np.sum(naive * ours, axis=1)
+    print(f"auto run: {ours_summary.decode_plan}")
     print(f"cosine(naive, radlens bf16) per image: min {cos.min():.4f}, median {np.median(cos):.4f}")
     return 0
 

@@ -1,7 +1,8 @@
 """The indexing pipeline: reader -> decode -> encoder batches -> writer (rows + vectors).
 
-Decoding takes turns with a CPU model on every core, or runs in worker processes beside a GPU model
-(`default_workers`); each decoded batch goes to the model at once.
+A CPU model's files are decoded in this process, in turns with the model or ahead of it, as measured
+fastest in the run (`schedule.py`); a GPU model's in worker processes beside it (`default_workers`). Each
+decoded batch goes to the model at once.
 
 Each chunk of images is written in one DB transaction (image rows, vectors, pathology scores,
 skipped files), so a run killed at any moment loses at most the chunk in flight and a restart
@@ -38,8 +39,9 @@ from cxrmodel.labels.zeroshot import prompt_bank, score_vectors
 from .dicomweb import is_dicomweb
 from .faults import checkpoint
 from .metadata import remove_legacy_salt, row_fields
-from .prepare import Prepared, PrepareTask, prepare_all
+from .prepare import Prepared, PrepareTask, available_cores, prepare_all
 from .pseudonyms import PatientKeyConfig, Pseudonymizer
+from .schedule import PlanTrial, ScheduleConfig
 from .sources import ManifestProblem, SourceRecord, check_sources, iter_sources
 from .store import (
     DecisionRow,
@@ -122,6 +124,7 @@ class IndexJob:
     patient_key: PatientKeyConfig = field(default_factory=PatientKeyConfig.from_env)
     query_tower: bool = True  # export the text tower to ONNX for torch-free text queries (query_tower.py)
     onnx_image_from: int = 512  # files to embed from which an fp32 CPU run moves its image tower to ONNX Runtime
+    decode: ScheduleConfig = field(default_factory=ScheduleConfig)  # in-process decoding: in turns, ahead, or measured
 
     @property
     def url(self) -> str:
@@ -145,6 +148,7 @@ class IndexSummary:
     index_type: str = ""
     query_tower: str = ""  # what became of the ONNX query tower (TowerExport.line)
     image_backend: str = ""  # which runtime embedded the images, when it was chosen (image_onnx.py)
+    decode_plan: str = ""  # how in-process decoding shared the cores with the model (schedule.py)
 
     @property
     def images_per_second(self) -> float:
@@ -342,6 +346,8 @@ def _embed(job: IndexJob, encoder, writer: ChunkWriter, tasks: list[PrepareTask]
                dynamic_ncols=True)
     t0 = time.perf_counter()
     chunk: list[Prepared] = []
+    trial: PlanTrial | None = None
+    model_threads = ModelThreads()
     try:
         if job.engine == "ray":
             from .ray_engine import RayConfig, embed_with_ray
@@ -355,8 +361,13 @@ def _embed(job: IndexJob, encoder, writer: ChunkWriter, tasks: list[PrepareTask]
         batches: list[np.ndarray] = []
         fresh: list[Prepared] = []
         workers = default_workers(encoder.device) if job.workers is None else job.workers
+        trial = None
+        if workers == 0:
+            trial = PlanTrial(available_cores(), len(tasks), job.decode, can_set_threads=encoder.image_tower is None
+                              and getattr(encoder.device, "type", "cpu") == "cpu")
+            summary.decode_plan = trial.describe()
         items = prepare_all(tasks, encoder.preprocess, job.limits, workers, batch=encoder.batch_size,
-                            while_starting=writer.warm_up)
+                            while_starting=writer.warm_up, trial=trial, set_model_threads=model_threads.set)
         for item in items:
             checkpoint("decode")
             chunk.append(item)
@@ -376,7 +387,33 @@ def _embed(job: IndexJob, encoder, writer: ChunkWriter, tasks: list[PrepareTask]
             writer.write_embedded(chunk, np.concatenate(batches), summary)
             bar.update(len(chunk))
     finally:
+        model_threads.restore()
+        if trial is not None:
+            summary.decode_plan = trial.describe()
         bar.close()
+
+
+class ModelThreads:
+    """torch's intra-op threads as a decode plan sets them, put back as they were after the run."""
+
+    def __init__(self) -> None:
+        self.before: int | None = None
+
+    def set(self, threads: int) -> None:
+        """Run the model on `threads` threads from now on."""
+        import torch
+
+        if self.before is None:
+            self.before = torch.get_num_threads()
+        torch.set_num_threads(threads)
+
+    def restore(self) -> None:
+        """The thread count before the first `set`."""
+        if self.before is not None:
+            import torch
+
+            torch.set_num_threads(self.before)
+            self.before = None
 
 
 class ChunkWriter:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
@@ -20,6 +21,7 @@ from cxrmodel.imaging.decode import ImageLimits, decode_bytes, header_metadata
 from cxrmodel.imaging.preprocess import ImagePreprocess
 
 from .dicomweb import fetch, is_dicomweb
+from .schedule import DecodePlan, PlanTrial, ScheduleConfig
 
 
 @dataclass
@@ -113,19 +115,24 @@ def _prepare_in_worker(task: PrepareTask) -> Prepared:
 
 def prepare_all(tasks: Iterable[PrepareTask], preprocess: ImagePreprocess, limits: ImageLimits,
                 workers: int, window: int = 256, while_starting: Callable[[], None] | None = None,
-                batch: int = 32, threads: int | None = None) -> Iterator[Prepared]:
+                batch: int = 32, threads: int | None = None, trial: PlanTrial | None = None,
+                set_model_threads: Callable[[int], None] | None = None) -> Iterator[Prepared]:
     """Prepare tasks in order.
 
     `workers` > 0: in that many processes, concurrently with the caller, at most `window` ahead.
-    `workers` == 0: in this process, `batch` files at a time on `threads` threads (default: every
-    core), taking turns with the caller -- nothing is decoded while the caller works on a batch, so a
-    CPU model then has every core to itself rather than sharing them with decoders.
+    `workers` == 0: in this process, `batch` files at a time on threads, as `trial` plans each batch
+    (default: in turns on `threads` threads, default every core -- nothing is decoded while the caller
+    works on a batch, so a CPU model then has every core to itself); see `prepare_scheduled`.
     `while_starting` runs once, before the first result is awaited.
     """
     if workers <= 0:
         if while_starting is not None:
             while_starting()
-        yield from prepare_in_turns(list(tasks), preprocess, limits, batch, threads or available_cores())
+        tasks = list(tasks)
+        if trial is None:
+            cores = threads or available_cores()
+            trial = PlanTrial(cores, len(tasks), ScheduleConfig(plan="turns"))
+        yield from prepare_scheduled(tasks, preprocess, limits, batch, trial, set_model_threads)
         return
     import multiprocessing
 
@@ -142,21 +149,50 @@ def available_cores() -> int:
         return os.cpu_count() or 1
 
 
-def prepare_in_turns(tasks: list[PrepareTask], preprocess: ImagePreprocess, limits: ImageLimits,
-                     batch: int, threads: int) -> Iterator[Prepared]:
-    """Prepare `batch` tasks at a time on a pool of threads (Pillow and hashlib release the GIL
-    while they decode, resize and hash); the next batch starts only when the caller asks for it."""
+def prepare_scheduled(tasks: list[PrepareTask], preprocess: ImagePreprocess, limits: ImageLimits, batch: int,
+                      trial: PlanTrial, set_model_threads: Callable[[int], None] | None = None,
+                      clock: Callable[[], float] = time.perf_counter) -> Iterator[Prepared]:
+    """Prepare `batch` tasks at a time on pools of threads (Pillow and hashlib release the GIL while they
+    decode, resize and hash), each batch as `trial.next_plan()` says: in turns (the batch is decoded when
+    the caller asks for it) or ahead (the next batch is submitted before this one is handed over, so it
+    decodes while the caller runs the model). Before a batch is handed over, `set_model_threads` gets the
+    plan's model threads; the batch's wall time (until the caller asks for the next one), decode wait and
+    decode CPU time go back to `trial`. Results come in task order whatever the plans.
+    """
     from concurrent.futures import ThreadPoolExecutor
 
-    def one(task: PrepareTask) -> Prepared:
-        return prepare(task, preprocess, limits)
+    def one(task: PrepareTask) -> tuple[Prepared, float]:
+        started = time.thread_time()
+        out = prepare(task, preprocess, limits)
+        return out, time.thread_time() - started
 
-    if threads <= 1:
-        yield from map(one, tasks)
-        return
-    with ThreadPoolExecutor(threads, thread_name_prefix="radlens-decode") as pool:
-        for start in range(0, len(tasks), batch):
-            yield from list(pool.map(one, tasks[start : start + batch]))
+    pools: dict[int, ThreadPoolExecutor] = {}
+
+    def submit(plan: DecodePlan, batch_tasks: list[PrepareTask]) -> list:
+        if plan.decode_threads not in pools:
+            pools[plan.decode_threads] = ThreadPoolExecutor(plan.decode_threads, thread_name_prefix="radlens-decode")
+        return [pools[plan.decode_threads].submit(one, t) for t in batch_tasks]
+
+    batches = [tasks[start : start + batch] for start in range(0, len(tasks), batch)]
+    ahead: list | None = None  # futures of the next batch, when it was submitted early
+    threads_now = None
+    try:
+        for n, batch_tasks in enumerate(batches):
+            plan = trial.next_plan()
+            started = clock()
+            results = [f.result() for f in (ahead if ahead is not None else submit(plan, batch_tasks))]
+            decoded = clock()
+            ahead = submit(plan, batches[n + 1]) if plan.ahead and n + 1 < len(batches) else None
+            if set_model_threads is not None and plan.model_threads != threads_now:
+                set_model_threads(plan.model_threads)
+                threads_now = plan.model_threads
+            for prepared, _ in results:
+                yield prepared
+            trial.record(plan, clock() - started, len(batch_tasks), decoded - started,
+                         sum(cpu for _, cpu in results))
+    finally:
+        for pool in pools.values():
+            pool.shutdown(wait=True, cancel_futures=True)
 
 
 def bounded_imap(submit: Callable, fn: Callable, items: Iterable, window: int,

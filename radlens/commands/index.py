@@ -19,6 +19,12 @@ def register(sub) -> None:
     p.add_argument("--workers", type=non_negative_int, default=None,
                    help="decode processes (default: 0 for a CPU model, which then decodes in turns with the "
                         "model on every core; cores - 1 for a GPU model)")
+    p.add_argument("--decode", default="auto", metavar="PLAN",
+                   help="with decoding in this process (--workers 0, a CPU model's default): auto (a run of 4096 "
+                        "files or more measures the plans below for a few batches each and keeps the fastest; "
+                        "smaller runs decode in turns), turns (a batch decoded on every core, then the model on "
+                        "every core), ahead (the next batch decoded while the model runs), or ahead:D:M (D "
+                        "decode threads, the model on M threads)")
     p.add_argument("--chunk-size", type=positive_int, default=256, help="images committed per transaction")
     p.add_argument("--index-type", default="auto",
                    help="auto (exact below --exact-below vectors, IVF above, IVFPQ from --compress-above), Flat, IVF, "
@@ -64,6 +70,8 @@ def run(args) -> int:
     from cxrmodel.labels.prompts import load_label_config
     from cxrmodel.model.encoder import load_encoder
     from indexer.pipeline import IndexJob, run_index
+    from indexer.prepare import available_cores
+    from indexer.schedule import ScheduleConfig, parse_plan
     from indexer.sources import check_sources
 
     ray = None
@@ -75,8 +83,9 @@ def run(args) -> int:
                         plan_slice=args.ray_slice)
 
     check_sources(args.sources)  # a wrong path or an unreachable archive fails before the slow model load
+    parse_plan(args.decode, available_cores())  # so does a misspelt --decode
     job = IndexJob(sources=args.sources, data_dir=Path(args.data_dir), db_url=args.db_url, rebuild=args.rebuild,
-                   prune=args.prune, workers=args.workers,
+                   prune=args.prune, workers=args.workers, decode=ScheduleConfig(plan=args.decode),
                    chunk_size=args.chunk_size, index=index_config(args),
                    labels=load_label_config(args.labels),  # a bad file fails before the slow model load
                    progress=not args.no_progress, engine=args.engine, ray=ray,
@@ -84,7 +93,7 @@ def run(args) -> int:
     encoder = load_encoder(encoder_config(args))
     summary = run_index(job, encoder)
     print(summary.line())
-    for line in (summary.image_backend, summary.query_tower):
+    for line in (summary.image_backend, summary.decode_plan, summary.query_tower):
         if line:
             print(line)
     _print_skipped(job)
