@@ -365,7 +365,6 @@ def _embed(job: IndexJob, encoder, writer: ChunkWriter, tasks: list[PrepareTask]
         if workers == 0:
             trial = PlanTrial(available_cores(), len(tasks), job.decode, can_set_threads=encoder.image_tower is None
                               and getattr(encoder.device, "type", "cpu") == "cpu")
-            summary.decode_plan = trial.describe()
         items = prepare_all(tasks, encoder.preprocess, job.limits, workers, batch=encoder.batch_size,
                             while_starting=writer.warm_up, trial=trial, set_model_threads=model_threads.set)
         for item in items:
@@ -388,7 +387,7 @@ def _embed(job: IndexJob, encoder, writer: ChunkWriter, tasks: list[PrepareTask]
             bar.update(len(chunk))
     finally:
         model_threads.restore()
-        if trial is not None:
+        if trial is not None and tasks:  # a run with nothing to read decoded nothing
             summary.decode_plan = trial.describe()
         bar.close()
 

@@ -235,6 +235,9 @@ def test_an_index_run_that_measures_its_plan_stores_what_a_run_in_turns_stores(t
     assert plans["turns"] == f"decode: in turns with the model on {prep.available_cores()} threads"
     assert "the fastest measured in this run (ms per file: turns " in plans["auto"]
     assert len(vectors["auto"]) == 60 and vectors["auto"].keys() == vectors["turns"].keys()
+    rerun = run_index(IndexJob(sources=[str(images)], data_dir=tmp_path / "turns", workers=0, progress=False,
+                               query_tower=False), encoder)
+    assert rerun.unchanged == 60 and rerun.decode_plan == ""  # nothing was decoded, so no plan is claimed
     for path, vector in vectors["turns"].items():
         np.testing.assert_allclose(vectors["auto"][path], vector, atol=1e-6)
 
