@@ -20,7 +20,7 @@ from sqlalchemy.orm import Session
 from cxrmodel.constants import DEFAULT_DATA_DIR, THUMBS_DIR
 from cxrmodel.errors import DataError, ModelLoadError, NotFoundError
 from cxrmodel.imaging.decode import DecodedImage, ImageLimits, decode_bytes, load_image, shrink_to_fit
-from cxrmodel.imaging.plausibility import assess as assess_plausibility
+from cxrmodel.imaging.plausibility import assess_image
 from cxrmodel.labels.applicability import Decision
 from cxrmodel.labels.prompts import LabelConfig, load_label_config
 from cxrmodel.labels.zeroshot import LabelScore
@@ -267,7 +267,7 @@ class Engine:
         for hit in hits:
             hit.match = baseline.image_match(hit.score)
         if query is not None and hits:
-            plausible = assess_plausibility(pil(query))
+            plausible = assess_image(query)
             if not plausible.radiological:
                 for hit in hits:
                     hit.match = Match("none", hit.match.percentile,

@@ -10,7 +10,7 @@ import numpy as np
 from PIL import Image
 
 from cxrmodel.imaging.decode import DecodedImage
-from cxrmodel.imaging.plausibility import assess as assess_plausibility
+from cxrmodel.imaging.plausibility import assess_image
 from cxrmodel.labels.applicability import Decision, decide_from_metadata, decide_from_model
 from cxrmodel.labels.calibration import Calibration, for_encoder
 from cxrmodel.labels.prompts import LabelConfig
@@ -82,7 +82,7 @@ class Labeller:
         decided = decide_from_metadata(meta)
         if decided is not None:
             return decided
-        plausible = assess_plausibility(pil(image))
+        plausible = assess_image(image)
         if not plausible.radiological:  # noise, flat colours, photographs...: no model is asked about them
             return Decision(False, "image statistics", 1.0, f"not a radiological image: {plausible.reason}",
                             kind="not a radiological image")

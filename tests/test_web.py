@@ -202,6 +202,20 @@ def test_pages_render(client, some_id, image_dir):
     assert bad.status_code == 415 and b"not a recognised image" in bad.data
 
 
+def test_an_upload_measures_its_image_statistics_once(client, image_dir, monkeypatch):
+    """The page's similar cases and its labels both ask whether the upload is a radiological image; the
+    model-free check (11 ms on a 2048-px film) runs once for both."""
+    import cxrmodel.imaging.plausibility as plausibility
+
+    calls = []
+    measure = plausibility.measure
+    monkeypatch.setattr(plausibility, "measure", lambda image: calls.append(image.size) or measure(image))
+    up = client.post("/upload", data=_upload((image_dir / "gray" / "g5.png").read_bytes(), "g5.png"),
+                     content_type="multipart/form-data")
+    assert up.status_code == 200 and b"Similar cases" in up.data
+    assert len(calls) == 1
+
+
 def test_pages_use_no_external_resources(client, some_id):
     for path in ["/", f"/image/{some_id}", "/upload"]:
         html = client.get(path).get_data(as_text=True)

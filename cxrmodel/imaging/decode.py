@@ -67,6 +67,7 @@ class DecodedImage:
     image: Image.Image
     format: str
     metadata: dict[str, str] = field(default_factory=dict)
+    plausibility: object = field(default=None, init=False, repr=False, compare=False)  # set by assess_image
 
     @property
     def width(self) -> int:

@@ -17,6 +17,8 @@ from dataclasses import dataclass, field
 import numpy as np
 from PIL import Image
 
+from .decode import DecodedImage
+
 
 @dataclass(frozen=True)
 class PlausibilityConfig:
@@ -84,6 +86,16 @@ def assess(image: Image.Image, config: PlausibilityConfig = PlausibilityConfig()
         if fired:
             return Plausibility(False, reason, m)
     return Plausibility(True, "image statistics within the range of radiological images", m)
+
+
+def assess_image(image: Image.Image | DecodedImage) -> Plausibility:
+    """`assess` of a PIL image, or of a `DecodedImage`: measured once and kept on it, however many answers
+    ask (an upload's similar cases and its labels both do)."""
+    if not isinstance(image, DecodedImage):
+        return assess(image)
+    if image.plausibility is None:
+        image.plausibility = assess(image.image)
+    return image.plausibility
 
 
 def _correlation(x: np.ndarray, y: np.ndarray) -> float:
