@@ -347,6 +347,7 @@ def _embed(job: IndexJob, encoder, writer: ChunkWriter, tasks: list[PrepareTask]
     t0 = time.perf_counter()
     chunk: list[Prepared] = []
     trial: PlanTrial | None = None
+    workers = 0
     model_threads = ModelThreads()
     try:
         if job.engine == "ray":
@@ -389,6 +390,8 @@ def _embed(job: IndexJob, encoder, writer: ChunkWriter, tasks: list[PrepareTask]
         model_threads.restore()
         if trial is not None and tasks:  # a run with nothing to read decoded nothing
             summary.decode_plan = trial.describe()
+        elif workers and tasks:
+            summary.decode_plan = f"decode: in {workers} worker process{'es' if workers != 1 else ''} beside the model"
         bar.close()
 
 

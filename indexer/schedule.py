@@ -32,8 +32,8 @@ class DecodePlan:
 
     def __str__(self) -> str:
         if not self.ahead:
-            return f"in turns with the model on {self.decode_threads} threads"
-        return f"ahead of the model: decode on {self.decode_threads} threads, model on {self.model_threads}"
+            return f"in turns with the model on {_threads(self.decode_threads)}"
+        return f"ahead of the model: decode on {_threads(self.decode_threads)}, model on {self.model_threads}"
 
     @property
     def spelling(self) -> str:
@@ -42,6 +42,10 @@ class DecodePlan:
 
 
 AUTO = "auto"
+
+
+def _threads(n: int) -> str:
+    return f"{n} thread" + ("s" if n != 1 else "")
 
 
 def parse_plan(text: str, cores: int) -> DecodePlan | None:

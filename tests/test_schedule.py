@@ -99,7 +99,7 @@ def test_a_cpu_whose_model_does_not_scale_decodes_ahead_on_a_split():
     assert set(ran) == {TURNS, AHEAD, SPLIT}
     assert ran[0] == TURNS and ran.count(TURNS) == 1 + 2  # warm-up, costs window; 33% slower: not tried again
     assert ran.count(SPLIT) == ran.count(AHEAD) == 2 * (1 + 2)  # two rounds: a batch to settle, two measured
-    assert "ahead of the model: decode on 1 threads, model on 1" in trial.describe()
+    assert "ahead of the model: decode on 1 thread, model on 1" in trial.describe()
     assert "turns 13.3" in trial.describe()  # 4.5 ms of decoding on two cores + 8.8 ms of model
 
 
@@ -251,3 +251,26 @@ def test_a_misspelt_decode_flag_fails_before_the_model_loads(tmp_path, capsys):
     err = capsys.readouterr().err
     assert code == 1 and "--decode 'sideways' is not a decode plan" in err and "Traceback" not in err
     assert "no-model" not in err
+
+
+def test_a_decode_plan_with_decode_processes_is_refused(tmp_path, capsys):
+    from radlens.cli import main
+
+    (tmp_path / "img").mkdir()
+    code = main(["index", str(tmp_path / "img"), "--data-dir", str(tmp_path / "d"), "--decode", "ahead",
+                 "--workers", "2", "--model", str(tmp_path / "no-model")])
+    err = capsys.readouterr().err
+    assert code == 1 and "with --workers 2 files are decoded in worker processes" in err and "no-model" not in err
+
+
+def test_a_run_with_decode_processes_says_so(tiny_encoder, tmp_path):
+    from indexer.pipeline import IndexJob, run_index
+    from tests.imagegen import gray_image
+
+    images = tmp_path / "images"
+    images.mkdir()
+    for i in range(3):
+        gray_image(i).save(images / f"g{i}.png")
+    summary = run_index(IndexJob(sources=[str(images)], data_dir=tmp_path / "d", workers=1, progress=False,
+                                 query_tower=False), tiny_encoder)
+    assert summary.added == 3 and summary.decode_plan == "decode: in 1 worker process beside the model"

@@ -67,6 +67,7 @@ def index_config(args):
 
 
 def run(args) -> int:
+    from cxrmodel.errors import DataError
     from cxrmodel.labels.prompts import load_label_config
     from cxrmodel.model.encoder import load_encoder
     from indexer.pipeline import IndexJob, run_index
@@ -84,6 +85,9 @@ def run(args) -> int:
 
     check_sources(args.sources)  # a wrong path or an unreachable archive fails before the slow model load
     parse_plan(args.decode, available_cores())  # so does a misspelt --decode
+    if args.workers and args.decode != "auto":
+        raise DataError(f"--decode {args.decode} plans decoding in this process; with --workers {args.workers} files "
+                        "are decoded in worker processes instead. Use one of the two.")
     job = IndexJob(sources=args.sources, data_dir=Path(args.data_dir), db_url=args.db_url, rebuild=args.rebuild,
                    prune=args.prune, workers=args.workers, decode=ScheduleConfig(plan=args.decode),
                    chunk_size=args.chunk_size, index=index_config(args),
