@@ -362,10 +362,11 @@ def _embed(job: IndexJob, encoder, writer: ChunkWriter, tasks: list[PrepareTask]
         batches: list[np.ndarray] = []
         fresh: list[Prepared] = []
         workers = default_workers(encoder.device) if job.workers is None else job.workers
-        trial = None
         if workers == 0:
-            trial = PlanTrial(available_cores(), len(tasks), job.decode, can_set_threads=encoder.image_tower is None
-                              and getattr(encoder.device, "type", "cpu") == "cpu")
+            cpu_model = getattr(encoder.device, "type", "cpu") == "cpu"
+            trial = PlanTrial(available_cores(), len(tasks), job.decode, can_set_threads=cpu_model
+                              and encoder.image_tower is None, model_threads=model_threads.current() if cpu_model
+                              else None)
         items = prepare_all(tasks, encoder.preprocess, job.limits, workers, batch=encoder.batch_size,
                             while_starting=writer.warm_up, trial=trial, set_model_threads=model_threads.set)
         for item in items:
@@ -400,6 +401,13 @@ class ModelThreads:
 
     def __init__(self) -> None:
         self.before: int | None = None
+
+    @staticmethod
+    def current() -> int:
+        """The threads the model runs on now (torch's default, or what OMP_NUM_THREADS set)."""
+        import torch
+
+        return torch.get_num_threads()
 
     def set(self, threads: int) -> None:
         """Run the model on `threads` threads from now on."""

@@ -32,7 +32,7 @@ class DecodePlan:
 
     def __str__(self) -> str:
         if not self.ahead:
-            return f"in turns with the model on {_threads(self.decode_threads)}"
+            return f"in turns with the model: decode on {_threads(self.decode_threads)}, model on {self.model_threads}"
         return f"ahead of the model: decode on {_threads(self.decode_threads)}, model on {self.model_threads}"
 
     @property
@@ -48,19 +48,21 @@ def _threads(n: int) -> str:
     return f"{n} thread" + ("s" if n != 1 else "")
 
 
-def parse_plan(text: str, cores: int) -> DecodePlan | None:
+def parse_plan(text: str, cores: int, model_threads: int | None = None) -> DecodePlan | None:
     """`--decode` value -> a fixed plan, or None for "auto" (measure). Raises DataError on a bad value.
 
-    "turns": in turns on every core; "ahead": ahead with every core for both stages; "ahead:D:M": ahead
-    with D decode threads and the model on M threads.
+    "turns": decoding on `cores` threads, then the model on `model_threads` (default `cores`: what the
+    model is given, e.g. by OMP_NUM_THREADS, is kept); "ahead": the same thread counts, the stages
+    overlapping; "ahead:D:M": ahead with D decode threads and the model on M threads.
     """
     value = text.strip().lower()
+    model_threads = model_threads or cores
     if value == AUTO:
         return None
     if value == "turns":
-        return DecodePlan(cores, cores, ahead=False)
+        return DecodePlan(cores, model_threads, ahead=False)
     if value == "ahead":
-        return DecodePlan(cores, cores, ahead=True)
+        return DecodePlan(cores, model_threads, ahead=True)
     parts = value.split(":")
     if len(parts) == 3 and parts[0] == "ahead" and all(p.isdigit() and int(p) > 0 for p in parts[1:]):
         return DecodePlan(int(parts[1]), int(parts[2]), ahead=True)
@@ -76,13 +78,15 @@ def balanced_split(cores: int, decode_core_s: float, model_core_s: float) -> int
     return min(max(round(cores * share), 1), cores - 1)
 
 
-def candidate_plans(cores: int, decode_core_s: float, model_core_s: float, can_set_threads: bool) -> list[DecodePlan]:
-    """The plans a run tries: in turns; ahead on every core; and, where the model's threads can be set and
-    there are two cores or more, ahead with the cores split between the stages by their measured costs."""
-    plans = [DecodePlan(cores, cores, ahead=False), DecodePlan(cores, cores, ahead=True)]
-    if can_set_threads and cores >= 2:
-        k = balanced_split(cores, decode_core_s, model_core_s)
-        plans.append(DecodePlan(k, cores - k, ahead=True))
+def candidate_plans(cores: int, decode_core_s: float, model_core_s: float, can_set_threads: bool,
+                    model_threads: int | None = None) -> list[DecodePlan]:
+    """The plans a run tries: in turns; ahead with the same threads; and, where the model's threads can be
+    set and it has two or more, ahead with its threads split between the stages by their measured costs."""
+    m = model_threads or cores
+    plans = [DecodePlan(cores, m, ahead=False), DecodePlan(cores, m, ahead=True)]
+    if can_set_threads and m >= 2:
+        k = balanced_split(m, decode_core_s, model_core_s)
+        plans.append(DecodePlan(k, m - k, ahead=True))
     return list(dict.fromkeys(plans))
 
 
@@ -133,10 +137,11 @@ class PlanTrial:
     The fastest by seconds per file is kept for the rest of the run.
     """
 
-    cores: int
+    cores: int  # decode threads in turns (the cores this process may use)
     files: int
     config: ScheduleConfig = field(default_factory=ScheduleConfig)
     can_set_threads: bool = True
+    model_threads: int | None = None  # the model's threads in turns (default: cores)
     chosen: DecodePlan | None = None
     measured: dict[DecodePlan, _Totals] = field(default_factory=dict)
     _queue: list[tuple[DecodePlan, bool]] = field(default_factory=list)  # (plan, measured?) of the batches to come
@@ -146,8 +151,9 @@ class PlanTrial:
     _candidates: list[DecodePlan] = field(default_factory=list)
 
     def __post_init__(self) -> None:
-        self.turns = DecodePlan(self.cores, self.cores, ahead=False)
-        fixed = parse_plan(self.config.plan, self.cores)
+        self.model_threads = self.model_threads or self.cores
+        self.turns = DecodePlan(self.cores, self.model_threads, ahead=False)
+        fixed = parse_plan(self.config.plan, self.cores, self.model_threads)
         if fixed is not None or self.files < self.config.trial_from:
             self.chosen = fixed or self.turns
             return
@@ -175,8 +181,8 @@ class PlanTrial:
             raise ValueError(f"batch ran {plan}, but the trial had queued {queued}")
         if measured:
             self.measured.setdefault(plan, _Totals()).add(seconds, files)
-            if self._round < 0:  # the costs window: in turns, so the model had every core
-                self._costs.add((seconds - decode_wait_s) * self.cores, files)
+            if self._round < 0:  # the costs window: in turns, so the model had all its threads
+                self._costs.add((seconds - decode_wait_s) * self.model_threads, files)
                 self._decode_core_s += decode_cpu_s
         if not self._queue:
             self._next_round()
@@ -187,7 +193,7 @@ class PlanTrial:
         if self._round == 0:
             files = max(self._costs.files, 1)
             self._candidates = candidate_plans(self.cores, self._decode_core_s / files, self._costs.per_file,
-                                               self.can_set_threads)
+                                               self.can_set_threads, self.model_threads)
             contenders = [p for p in self._candidates if p != self.turns]  # in turns was just measured
         else:
             best = min(t.per_file for t in self.measured.values())

@@ -232,7 +232,7 @@ def test_an_index_run_that_measures_its_plan_stores_what_a_run_in_turns_stores(t
         rows = fetch(default_db_url(tmp_path / plan), "select i.path, e.vector from embeddings e join images i "
                                                       "on i.id = e.image_id")
         vectors[plan] = {path: np.frombuffer(v, "<f4") for path, v in rows}
-    assert plans["turns"] == f"decode: in turns with the model on {prep.available_cores()} threads"
+    assert plans["turns"] == f"decode: {DecodePlan(prep.available_cores(), threads_before, ahead=False)}"
     assert "the fastest measured in this run (ms per file: turns " in plans["auto"]
     assert len(vectors["auto"]) == 60 and vectors["auto"].keys() == vectors["turns"].keys()
     rerun = run_index(IndexJob(sources=[str(images)], data_dir=tmp_path / "turns", workers=0, progress=False,
@@ -274,3 +274,31 @@ def test_a_run_with_decode_processes_says_so(tiny_encoder, tmp_path):
     summary = run_index(IndexJob(sources=[str(images)], data_dir=tmp_path / "d", workers=1, progress=False,
                                  query_tower=False), tiny_encoder)
     assert summary.added == 3 and summary.decode_plan == "decode: in 1 worker process beside the model"
+
+
+def test_the_threads_a_user_gave_the_model_are_kept(tiny_model_dir, tmp_path, monkeypatch):
+    """OMP_NUM_THREADS=1 (or torch.set_num_threads(1)) on a shared machine: decoding in turns, and the
+    trial's plans, never give the model more threads than that."""
+    import torch
+
+    from cxrmodel.model.encoder import EncoderConfig, load_encoder
+    from indexer.pipeline import IndexJob, run_index
+    from tests.imagegen import gray_image
+
+    images = tmp_path / "images"
+    images.mkdir()
+    for i in range(24):
+        gray_image(i).save(images / f"g{i:02d}.png")
+    encoder = load_encoder(EncoderConfig(model=str(tiny_model_dir), precision="fp32", batch_size=4))
+    before, given = torch.get_num_threads(), []
+    torch.set_num_threads(1)
+    try:
+        monkeypatch.setattr(torch, "set_num_threads", lambda n: given.append(n))
+        for plan in ("turns", "auto"):
+            run_index(IndexJob(sources=[str(images)], data_dir=tmp_path / plan, workers=0, progress=False,
+                               query_tower=False, decode=ScheduleConfig(plan=plan, trial_from=1, window=1,
+                                                                        rounds=1)), encoder)
+    finally:
+        monkeypatch.undo()
+        torch.set_num_threads(before)
+    assert given and set(given) == {1}

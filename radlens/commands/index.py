@@ -23,7 +23,7 @@ def register(sub) -> None:
                    help="with decoding in this process (--workers 0, a CPU model's default): auto (a run of 4096 "
                         "files or more measures the plans below for a few batches each and keeps the fastest; "
                         "smaller runs decode in turns), turns (a batch decoded on every core, then the model on "
-                        "every core), ahead (the next batch decoded while the model runs), or ahead:D:M (D "
+                        "its threads), ahead (the next batch decoded while the model runs), or ahead:D:M (D "
                         "decode threads, the model on M threads)")
     p.add_argument("--chunk-size", type=positive_int, default=256, help="images committed per transaction")
     p.add_argument("--index-type", default="auto",
