@@ -263,6 +263,16 @@ def test_a_decode_plan_with_decode_processes_is_refused(tmp_path, capsys):
     assert code == 1 and "with --workers 2 files are decoded in worker processes" in err and "no-model" not in err
 
 
+def test_auto_in_any_spelling_goes_with_decode_processes(tmp_path, capsys):
+    from radlens.cli import main
+
+    (tmp_path / "img").mkdir()
+    code = main(["index", str(tmp_path / "img"), "--data-dir", str(tmp_path / "d"), "--decode", "AUTO",
+                 "--workers", "2", "--model", str(tmp_path / "no-model")])
+    err = capsys.readouterr().err
+    assert code == 1 and "no-model" in err and "--decode" not in err  # refused for the model only
+
+
 def test_a_run_with_decode_processes_says_so(tiny_encoder, tmp_path):
     from indexer.pipeline import IndexJob, run_index
     from tests.imagegen import gray_image

@@ -84,8 +84,8 @@ def run(args) -> int:
                         plan_slice=args.ray_slice)
 
     check_sources(args.sources)  # a wrong path or an unreachable archive fails before the slow model load
-    parse_plan(args.decode, available_cores())  # so does a misspelt --decode
-    if args.workers and args.decode != "auto":
+    fixed_plan = parse_plan(args.decode, available_cores())  # so does a misspelt --decode
+    if args.workers and fixed_plan is not None:
         raise DataError(f"--decode {args.decode} plans decoding in this process; with --workers {args.workers} files "
                         "are decoded in worker processes instead. Use one of the two.")
     job = IndexJob(sources=args.sources, data_dir=Path(args.data_dir), db_url=args.db_url, rebuild=args.rebuild,
