@@ -96,7 +96,8 @@ def evaluate(encoder: Encoder, rows: list[dict], corpus: Path, labels: LabelConf
     from cxrmodel.labels.calibration import SkillRule, calibrate
     from cxrmodel.labels.zeroshot import prompt_bank, score_vectors
 
-    images = [load_image(corpus / r["file"]).image for r in rows]
+    images = [load_image(corpus / r["file"], model_side=encoder.preprocess.decode_side).model_input(encoder.preprocess)
+              for r in rows]
     vecs = encoder.encode_images(images)
     queries = list(STRUCTURED_QUERIES)
     relevant = np.array([[STRUCTURED_QUERIES[q](r) for r in rows] for q in queries])

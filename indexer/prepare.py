@@ -91,13 +91,13 @@ def _prepare_bytes(out: Prepared, data: bytes, task: PrepareTask, preprocess: Im
         out.metadata = header_metadata(data, Path(task.path).name)  # a touched file's header may have changed
         return out
     try:
-        decoded = decode_bytes(data, name=Path(task.path).name, limits=limits)
+        decoded = decode_bytes(data, name=Path(task.path).name, limits=limits, model_side=preprocess.decode_side)
     except ImageDecodeError as exc:
         out.error = str(exc)
         return out
-    out.width, out.height, out.format = decoded.width, decoded.height, decoded.format
+    (out.width, out.height), out.format = decoded.file_size, decoded.format
     out.metadata = decoded.metadata
-    out.pixels = preprocess.pixels(decoded.image)
+    out.pixels = np.asarray(decoded.model_input(preprocess), dtype=np.uint8)
     return out
 
 

@@ -40,7 +40,7 @@ from .filters import (
     suggest_value,
 )
 from .knn import Selection, candidate_rounds
-from .labelling import Labeller, pil, report_metadata
+from .labelling import Labeller, model_input, report_metadata
 from .relevance import Baseline, Match, baseline_key, build_baseline, cached_baseline
 from .served import ServedState, StateLoader
 
@@ -206,7 +206,8 @@ class Engine:
 
     def embed(self, image: Image.Image | DecodedImage, state: ServedState | None = None) -> np.ndarray:
         """One image's unit vector (compute it once when several queries need it)."""
-        return (state or self.state()).encoder.encode_images([pil(image)])[0]
+        encoder = (state or self.state()).encoder
+        return encoder.encode_images([model_input(image, encoder)])[0]
 
     def image(self, image: Image.Image | DecodedImage, k: int = 10, filters: Filters | None = None) -> list[Hit]:
         """Indexed images most similar to `image`, best first."""

@@ -18,16 +18,18 @@ from cxrmodel.labels.zeroshot import LabelScore, apply_calibration, label_image
 from cxrmodel.reporting.report import Report, compose_report
 
 
-def pil(image: Image.Image | DecodedImage) -> Image.Image:
-    """The PIL image of a decoded upload (or the image itself)."""
-    return image.image if isinstance(image, DecodedImage) else image
+def model_input(image: Image.Image | DecodedImage, encoder) -> Image.Image:
+    """What `encoder` is given of an image: a decoded file's model-sized input (`DecodedImage.model_input`,
+    made as `radlens index` makes it), or the PIL image itself."""
+    return image.model_input(encoder.preprocess) if isinstance(image, DecodedImage) else image
 
 
 def report_metadata(image: Image.Image | DecodedImage, metadata: dict | None) -> dict:
     """What a report knows of an image: a decoded file's own metadata and size, overlaid by `metadata`."""
     meta = dict(metadata or {})
     if isinstance(image, DecodedImage):
-        meta = {**image.metadata, "width": image.width, "height": image.height, **meta}
+        width, height = image.file_size
+        meta = {**image.metadata, "width": width, "height": height, **meta}
     return meta
 
 
@@ -51,7 +53,8 @@ class Labeller:
     def label(self, encoder, image: Image.Image | DecodedImage) -> list[LabelScore]:
         """The 14 pathologies' scores (whether or not they apply), read through the calibration: calibrated
         probabilities where it shows skill, raw scores marked not assessed elsewhere."""
-        return apply_calibration(label_image(encoder, pil(image), self.labels), self.calibration(encoder))
+        scores = label_image(encoder, model_input(image, encoder), self.labels)
+        return apply_calibration(scores, self.calibration(encoder))
 
     def with_stored(self, encoder, scores: list[LabelScore], stored: dict[str, float]) -> list[LabelScore]:
         """`scores` of an indexed image with their values replaced by the ones stored at index time, so that
@@ -86,7 +89,7 @@ class Labeller:
         if not plausible.radiological:  # noise, flat colours, photographs...: no model is asked about them
             return Decision(False, "image statistics", 1.0, f"not a radiological image: {plausible.reason}",
                             kind="not a radiological image")
-        vec = encoder.encode_images([pil(image)])[0] if vector is None else vector
+        vec = encoder.encode_images([model_input(image, encoder)])[0] if vector is None else vector
         calibration = self.calibration(encoder)
         return decide_from_model(encoder, vec[None, :], self.labels.applicability,
                                  calibration.applicability if calibration else None)[0]

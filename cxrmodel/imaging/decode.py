@@ -2,7 +2,10 @@
 
 Every entry point of RadLens -- the indexer, the CLI, the web upload, training -- reads images
 through `decode_bytes` / `load_image`, so preprocessing never drifts between them. Anything that
-is not a readable image raises `ImageDecodeError` with a one-line reason.
+is not a readable image raises `ImageDecodeError` with a one-line reason. What a model is given is one
+decode too: `decode_bytes(..., model_side=...)` where only a model needs the pixels (indexing, training,
+calibration), `DecodedImage.for_model` where the same file is also shown (uploads, an indexed image's
+labels); a JPEG then decodes at the reduced DCT scale the model needs.
 
 The result is 8-bit: mode ``L`` for grayscale sources (most radiographs, CT, MRI) and ``RGB``
 for colour ones. Grayscale is kept as one channel because it is three times cheaper to resize;
@@ -14,6 +17,7 @@ from __future__ import annotations
 import io
 import re
 import struct
+import sys
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,6 +47,8 @@ DICOM_METADATA_TAGS = {
 }
 
 
+EXIF_ORIENTATION = 0x0112
+ROTATED_BY_90 = (5, 6, 7, 8)  # EXIF orientations shown with width and height swapped
 PILLOW_MAX_PIXELS = 89_478_485  # PIL.Image.MAX_IMAGE_PIXELS's default: one limit for raster and DICOM alike
 
 
@@ -57,7 +63,8 @@ class ImageLimits:
     max_bytes: int = field(default=512 * 1024 * 1024, metadata={"help": "Largest encoded file accepted."})
     max_side: int | None = field(default=None, metadata={
         "help": "Reduce larger images to about this many pixels on the long side as they are decoded (JPEG "
-                "decodes reduced); None keeps full resolution. Uploads use it: labels and search need 224 px."})
+                "decodes reduced); None keeps full resolution. Uploads use it for what is shown; a model is "
+                "given its own view of the file (`DecodedImage.for_model`)."})
 
 
 @dataclass
@@ -67,7 +74,13 @@ class DecodedImage:
     image: Image.Image
     format: str
     metadata: dict[str, str] = field(default_factory=dict)
+    source_size: tuple[int, int] | None = None  # (width, height) in the file, when `image` was decoded reduced
+    reduced_by: int = 1  # `image` is this many times smaller than the file (a JPEG's DCT scale, a whole-factor
+    # reduction); its last column and row, rounded up, then stand for fewer of the file's pixels than the rest
+    model_side: int | None = None  # `image` was decoded for a model alone (`decode_bytes`'s `model_side`)
+    encoded: bytes | None = field(default=None, repr=False, compare=False)  # a JPEG's bytes, for `for_model`
     plausibility: object = field(default=None, init=False, repr=False, compare=False)  # set by assess_image
+    _model_views: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
     @property
     def width(self) -> int:
@@ -76,6 +89,31 @@ class DecodedImage:
     @property
     def height(self) -> int:
         return self.image.height
+
+    @property
+    def file_size(self) -> tuple[int, int]:
+        """(width, height) of the image as stored in the file (as shown), whatever size it was decoded at."""
+        return self.source_size or self.image.size
+
+    def for_model(self, side: int) -> DecodedImage:
+        """The file as a model whose `ImagePreprocess.decode_side` is `side` is given it: exactly what
+        `decode_bytes(..., model_side=side)` makes of it, as `radlens index` does, so an upload or a label
+        request sees what the index saw. Only a JPEG differs from this decode (it decodes reduced for a
+        model); that view is decoded once per side and kept."""
+        if self.encoded is None or self.model_side == side:
+            return self
+        if side not in self._model_views:
+            full = self.source_size is None and jpeg_scale(self.file_size, side) == 1
+            self._model_views[side] = self if full else _decode_raster(
+                self.encoded, "image", ImageLimits(max_pixels=sys.maxsize, max_bytes=sys.maxsize), side)
+        return self._model_views[side]
+
+    def model_input(self, preprocess) -> Image.Image:
+        """The model-sized image `preprocess` (an `ImagePreprocess`) makes of this file: its view for the model
+        (`for_model`), resized and cropped in the geometry of the file's full size, so a reduced decode
+        crops the same part of the image as a full one."""
+        view = self.for_model(preprocess.decode_side)
+        return preprocess.resize(view.image, view.file_size, view.reduced_by)
 
     def rgb(self) -> Image.Image:
         """The image as 8-bit RGB."""
@@ -99,9 +137,11 @@ WINDOW_PRESETS: dict[str, tuple[float, float]] = {
 HU_MODALITIES = {"CT"}
 
 
-def load_image(path: str | Path, limits: ImageLimits = ImageLimits(), window: str | None = None) -> DecodedImage:
+def load_image(path: str | Path, limits: ImageLimits = ImageLimits(), window: str | None = None,
+               model_side: int | None = None) -> DecodedImage:
     """Read and decode an image file; raises `ImageDecodeError` when it is not a readable image. `window`
-    (DICOM only): a `WINDOW_PRESETS` name, "file" (the file's own, the default) or "full" (min to max)."""
+    (DICOM only): a `WINDOW_PRESETS` name, "file" (the file's own, the default) or "full" (min to max).
+    `model_side`: as for `decode_bytes`."""
     path = Path(path)
     try:
         size = path.stat().st_size
@@ -110,12 +150,17 @@ def load_image(path: str | Path, limits: ImageLimits = ImageLimits(), window: st
         data = path.read_bytes()
     except OSError as exc:
         raise ImageDecodeError(f"{path.name}: cannot read file ({exc.strerror or exc})") from None
-    return decode_bytes(data, name=path.name, limits=limits, window=window)
+    return decode_bytes(data, name=path.name, limits=limits, window=window, model_side=model_side)
 
 
 def decode_bytes(data: bytes, name: str = "image", limits: ImageLimits = ImageLimits(),
-                 window: str | None = None) -> DecodedImage:
-    """Decode image bytes (raster or DICOM) into a `DecodedImage`."""
+                 window: str | None = None, model_side: int | None = None) -> DecodedImage:
+    """Decode image bytes (raster or DICOM) into a `DecodedImage`.
+
+    `model_side` (an `ImagePreprocess.decode_side`): the pixels go to that model alone, so a JPEG decodes at
+    the reduced DCT scale (1/2 .. 1/8) that keeps both sides at least this long -- the one model-input decode
+    every path shares (`DecodedImage.for_model` gives it from a display decode); `file_size` keeps the
+    file's size. Without it a JPEG keeps its bytes, so that `for_model` can decode the model's view."""
     if not data:
         raise ImageDecodeError(f"{name}: file is empty")
     if len(data) > limits.max_bytes:
@@ -124,10 +169,10 @@ def decode_bytes(data: bytes, name: str = "image", limits: ImageLimits = ImageLi
         return _decode_dicom(data, name, limits, window)
     if window not in (None, "file"):
         raise DataError(f"{name}: display windows apply to DICOM images only")
-    return _decode_raster(data, name, limits)
+    return _decode_raster(data, name, limits, model_side)
 
 
-def _decode_raster(data: bytes, name: str, limits: ImageLimits) -> DecodedImage:
+def _decode_raster(data: bytes, name: str, limits: ImageLimits, model_side: int | None = None) -> DecodedImage:
     try:
         with warnings.catch_warnings():
             # `_check_pixels` applies `limits.max_pixels`; Pillow's warning would apply its own number instead
@@ -136,11 +181,19 @@ def _decode_raster(data: bytes, name: str, limits: ImageLimits) -> DecodedImage:
             fmt = im.format or "unknown"
             _check_pixels(im.width * im.height * getattr(im, "n_frames", 1), name, limits)
             im.seek(0)
-            if limits.max_side and fmt == "JPEG":
-                im.draft(im.mode, (limits.max_side, limits.max_side))  # DCT scaling: decode 1/2 .. 1/8 size
+            stored_size, file_width, orientation = im.size, im.width, im.getexif().get(EXIF_ORIENTATION, 1)
+            if orientation in ROTATED_BY_90:  # exif_transpose below swaps the sides
+                stored_size = stored_size[::-1]
+            drafted = None
+            if model_side and fmt == "JPEG" and orientation == 1:  # (a flip or turn would move the rounded edge)
+                drafted = im.draft(im.mode, (model_side, model_side))  # DCT scale 1/2 .. 1/8: sides stay >= it
+            elif limits.max_side and fmt == "JPEG" and not model_side:
+                drafted = im.draft(im.mode, (limits.max_side, limits.max_side))
+            scale = round(file_width / drafted[1][2]) if drafted else 1  # draft's box: the file's size / scale
             im.load()
             ImageOps.exif_transpose(im, in_place=True)  # a returned copy would double a large image's memory
-            im = reduce_to(im, limits.max_side)
+            factor = reduction_factor(im.size, None if model_side else limits.max_side)
+            im, scale = (im.reduce(factor), scale * factor) if factor > 1 else (im, scale)
     except ImageDecodeError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
@@ -152,14 +205,21 @@ def _decode_raster(data: bytes, name: str, limits: ImageLimits) -> DecodedImage:
         raise UnsupportedImageError(f"{name}: not a recognised image format") from None
     except (OSError, SyntaxError, ValueError, TypeError, EOFError, struct.error) as exc:
         raise ImageDecodeError(f"{name}: corrupt or truncated image ({exc})") from None
-    return DecodedImage(image=_to_display_mode(im), format=fmt)
+    return DecodedImage(image=_to_display_mode(im), format=fmt,
+                        source_size=None if im.size == stored_size else stored_size, reduced_by=scale,
+                        model_side=model_side,
+                        encoded=data if fmt == "JPEG" and not model_side else None)
 
 
-def reduce_to(im: Image.Image, max_side: int | None) -> Image.Image:
-    """`im` shrunk by a whole factor (box filter) while its long side stays at least `max_side`."""
-    if not max_side or max(im.size) < 2 * max_side:
-        return im
-    return im.reduce(max(im.size) // max_side)
+def jpeg_scale(size: tuple[int, int], side: int) -> int:
+    """The DCT scale (1, 2, 4 or 8) Pillow decodes a JPEG of `size` at when both sides must stay >= `side`."""
+    fits = min(size[0] // side, size[1] // side)
+    return next(s for s in (8, 4, 2, 1) if fits >= s or s == 1)
+
+
+def reduction_factor(size: tuple[int, int], max_side: int | None) -> int:
+    """The whole factor an image of `size` is shrunk by while its long side stays at least `max_side`."""
+    return max(size) // max_side if max_side and max(size) >= 2 * max_side else 1
 
 
 def shrink_to_fit(im: Image.Image, box: int) -> Image.Image:
@@ -239,8 +299,11 @@ def _read_dicom(data: bytes, name: str, limits: ImageLimits, window: str | None 
     if pixels.ndim not in (2, 3) or 0 in pixels.shape:
         raise ImageDecodeError(f"{name}: DICOM pixel data has an unusable shape {pixels.shape}")
     mode = "RGB" if pixels.ndim == 3 else "L"
-    image = reduce_to(Image.fromarray(pixels, mode=mode), limits.max_side)
-    return DecodedImage(image=image, format="DICOM", metadata=dicom_metadata(ds))
+    image = Image.fromarray(pixels, mode=mode)
+    factor = reduction_factor(image.size, limits.max_side)
+    return DecodedImage(image=image.reduce(factor) if factor > 1 else image, format="DICOM",
+                        metadata=dicom_metadata(ds), source_size=image.size if factor > 1 else None,
+                        reduced_by=factor)
 
 
 def _dicom_display_pixels(ds, frames: int, window: str | None = None) -> np.ndarray:

@@ -101,16 +101,31 @@ class ImagePreprocess:
             return self.resize_to
         return (self.shortest_edge, self.shortest_edge)
 
-    def resize(self, image: Image.Image) -> Image.Image:
-        """Resize and crop one ``L`` or ``RGB`` image to the model's input size."""
-        w, h = image.size
+    @property
+    def decode_side(self) -> int:
+        """The side both of an image's sides must keep when it is decoded reduced for this model alone (a
+        JPEG's DCT scaling, `cxrmodel.imaging.decode`): twice the side `resize` makes, so the bicubic resize
+        still has at least two source pixels per output pixel to average."""
+        if self.resize_to is not None:
+            return 2 * max(self.resize_to)
+        return 2 * self.shortest_edge
+
+    def resize(self, image: Image.Image, full_size: tuple[int, int] | None = None, reduced_by: int = 1
+               ) -> Image.Image:
+        """Resize and crop one ``L`` or ``RGB`` image to the model's input size. `full_size` and `reduced_by`:
+        `image` was decoded that many times smaller than a file of `full_size` (`DecodedImage`), its last
+        column and row rounded up; sizes and crop then follow the full image, and the resize reads exactly
+        the part of `image` that stands for it, as if the full image had been resized."""
+        w, h = full_size or image.size
         if self.resize_to is not None:
             target = (self.resize_to[1], self.resize_to[0])
         else:
             short, long = (w, h) if w <= h else (h, w)
             new_long = int(self.shortest_edge * long / short)
             target = (self.shortest_edge, new_long) if w <= h else (new_long, self.shortest_edge)
-        if image.size != target:
+        if reduced_by > 1 and full_size is not None:
+            image = image.resize(target, resample=self.resample, box=(0, 0, w / reduced_by, h / reduced_by))
+        elif image.size != target:
             image = image.resize(target, resample=self.resample)
         if self.crop is not None:
             ch, cw = self.crop

@@ -52,7 +52,8 @@ def embed_pairs(encoder, pairs: list[Pair], batch: int = 64) -> tuple[np.ndarray
         images = []
         for pair in pairs[start : start + batch]:
             try:
-                images.append(load_image(pair.image).image)
+                images.append(load_image(pair.image, model_side=encoder.preprocess.decode_side)
+                              .model_input(encoder.preprocess))
                 kept.append(pair)
             except ImageDecodeError:
                 unreadable += 1

@@ -150,12 +150,14 @@ class PairImages(torch.utils.data.Dataset):
     def __getitem__(self, i: int):
         pair = self.pairs[i]
         try:
-            image = load_image(pair.image).image
+            decoded = load_image(pair.image, model_side=self.preprocess.decode_side)
         except ImageDecodeError:
             return None
-        if self.augment:
-            image = augment_image(image, random.Random(f"{self.seed}/{self.epoch}/{i}"))
-        return self.preprocess.pixels(image), pair.caption, self.targets[i]
+        if self.augment:  # a random crop: the decode's geometry need not follow the file's
+            image = self.preprocess.resize(augment_image(decoded.image, random.Random(f"{self.seed}/{self.epoch}/{i}")))
+        else:
+            image = decoded.model_input(self.preprocess)
+        return np.asarray(image, dtype=np.uint8), pair.caption, self.targets[i]
 
 
 class Collate:
