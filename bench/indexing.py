@@ -15,10 +15,12 @@ overlap of each image's top-10 neighbours.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import shutil
 import sys
 import time
 from pathlib import Path
+from unittest import mock
 
 import numpy as np
 import torch
@@ -26,6 +28,7 @@ from PIL import Image
 
 from bench.common import cpu_kind, table
 from bench.models import vit_b32_dir
+from cxrmodel.imaging.preprocess import ImagePreprocess
 
 
 def make_images(folder: Path, count: int, size: int, seed: int = 0) -> list[Path]:
@@ -131,6 +134,14 @@ def neighbour_agreement(a: np.ndarray, b: np.ndarray, k: int = 10) -> float:
     return recall_at_k(topk(b), topk(a), k)
 
 
+@contextlib.contextmanager
+def full_jpeg_decode():
+    """Within it, a model asks for pixels no JPEG can be decoded reduced to (`ImagePreprocess.decode_side`):
+    every JPEG decodes in full, as RadLens did before its one model-input decode. In-process decoding only."""
+    with mock.patch.object(ImagePreprocess, "decode_side", property(lambda self: 1 << 30)):
+        yield
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--images", type=int, default=512)
@@ -171,6 +182,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.workers is None:  # the default against one decode process running beside the model
         add("radlens index --workers 1 (auto, a decode process beside)",
             *radlens_embed(model_dir, paths, args.out / "data-procs", 1, "auto"))
+    if args.format == "jpeg":  # side by side: the same run, each JPEG decoded in full for the model as before
+        with full_jpeg_decode():
+            add("radlens index (auto), JPEGs decoded in full (before the model view)",
+                *radlens_embed(model_dir, paths, args.out / "data-full-jpeg", 0, "auto"))
     plans = [plan.strip() for plan in args.decode.split(",") if plan.strip()]
     for plan in plans:
         vectors, summary = radlens_embed(model_dir, paths, args.out / "data-decode", 0, "auto", decode=plan)

@@ -1,5 +1,5 @@
 """One model-input decode for every path: a JPEG decoded at the DCT scale its model needs, whether it is
-indexed, uploaded, labelled from the CLI, calibrated or trained on (`DecodedImage.for_model`)."""
+indexed, uploaded, labelled from the CLI, calibrated or trained on (`DecodedImage.model_input`)."""
 
 from __future__ import annotations
 
@@ -88,6 +88,31 @@ def test_a_reduced_decode_crops_the_same_part_as_a_full_one(size):
     as_the_file = np.abs(np.asarray(view.model_input(preprocess), dtype=float) - full).mean()
     as_decoded = np.abs(np.asarray(preprocess.resize(view.image), dtype=float) - full).mean()
     assert as_the_file < 1.5 and as_decoded > 2 * as_the_file
+
+
+@pytest.mark.parametrize("fmt", ["png", "dcm"])
+def test_an_upload_reduced_by_a_whole_factor_is_resized_as_the_whole_file(fmt, tmp_path):
+    """Formats without a reduced decode are shrunk for display by a whole factor (a 1001 px side by 3 is 334,
+    not 333.7): the model's input is still cut from where the full image's would be."""
+    from tests.imagegen import write_dicom
+
+    y, x = np.mgrid[:777, :1001]
+    waves = (128 + 60 * np.sin(2 * np.pi * x / 37) + 60 * np.cos(2 * np.pi * y / 41)).astype(np.uint8)
+    if fmt == "png":
+        buf = io.BytesIO()
+        Image.fromarray(waves).save(buf, format="PNG")
+        data = buf.getvalue()
+    else:
+        data = write_dicom(tmp_path / "w.dcm", waves).read_bytes()
+    preprocess = ImagePreprocess(shortest_edge=32, crop=(32, 32))
+    full = decode_bytes(data, f"w.{fmt}")
+    shown = decode_bytes(data, f"w.{fmt}", limits=ImageLimits(max_side=300))
+    assert shown.image.size == (334, 259) and shown.file_size == (1001, 777) and shown.reduced_by == 3
+    gap = np.abs(np.asarray(shown.model_input(preprocess), dtype=float)
+                 - np.asarray(full.model_input(preprocess), dtype=float)).mean()
+    shifted = np.abs(np.asarray(preprocess.resize(shown.image), dtype=float)
+                     - np.asarray(full.model_input(preprocess), dtype=float)).mean()
+    assert gap < 1.5 and shifted > 2 * gap
 
 
 def test_an_exif_rotated_jpeg_reports_its_size_as_shown():
