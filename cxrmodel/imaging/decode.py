@@ -26,6 +26,7 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from cxrmodel.errors import DataError, ImageDecodeError, ImageTooLargeError, UnsupportedImageError
+from cxrmodel.imaging.levels import map_to_uint8, scale_to_uint8
 
 DICOM_MAGIC_OFFSET = 128
 DICOM_EXTENSIONS = (".dcm", ".dicom")
@@ -242,7 +243,7 @@ def _to_display_mode(im: Image.Image) -> Image.Image:
     if im.mode in ("1",):
         return im.convert("L")
     if im.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):
-        return Image.fromarray(scale_to_uint8(np.asarray(im, dtype=np.float64)), mode="L")
+        return Image.fromarray(map_to_uint8(np.asarray(im)), mode="L")
     if im.mode in ("LA", "La"):
         return _flatten_alpha(im.convert("RGBA")).convert("L")
     if im.mode in ("RGBA", "RGBa", "PA") or (im.mode == "P" and "transparency" in im.info):
@@ -254,18 +255,6 @@ def _flatten_alpha(rgba: Image.Image) -> Image.Image:
     """Composite on black: radiographs are dark where nothing was imaged."""
     background = Image.new("RGBA", rgba.size, (0, 0, 0, 255))
     return Image.alpha_composite(background, rgba).convert("RGB")
-
-
-def scale_to_uint8(pixels: np.ndarray) -> np.ndarray:
-    """Linearly map an array's min..max onto 0..255 (a flat array becomes all zeros)."""
-    pixels = np.asarray(pixels, dtype=np.float64)
-    lo, hi = float(np.min(pixels)), float(np.max(pixels))
-    if not np.isfinite(lo) or not np.isfinite(hi):
-        pixels = np.nan_to_num(pixels, nan=0.0, posinf=0.0, neginf=0.0)
-        lo, hi = float(np.min(pixels)), float(np.max(pixels))
-    if hi <= lo:
-        return np.zeros(pixels.shape, dtype=np.uint8)
-    return np.round((pixels - lo) * (255.0 / (hi - lo))).astype(np.uint8)
 
 
 def _decode_dicom(data: bytes, name: str, limits: ImageLimits, window: str | None = None) -> DecodedImage:
@@ -319,19 +308,23 @@ def _dicom_display_pixels(ds, frames: int, window: str | None = None) -> np.ndar
         if arr.dtype != np.uint8:
             arr = scale_to_uint8(arr)
         return np.ascontiguousarray(arr)
-    arr = apply_modality_lut(arr, ds)
+    invert = str(getattr(ds, "PhotometricInterpretation", "")).upper() == "MONOCHROME1"
     if window in WINDOW_PRESETS:  # linear window on the modality values (Hounsfield units for CT)
         centre, width = WINDOW_PRESETS[window]
-        arr = np.clip((np.asarray(arr, dtype=np.float64) - (centre - width / 2)) / width, 0.0, 1.0) * 255.0
-        out = arr.astype(np.uint8)
-        return 255 - out if str(getattr(ds, "PhotometricInterpretation", "")).upper() == "MONOCHROME1" else out
+
+        def windowed(values: np.ndarray) -> np.ndarray:
+            modality = np.asarray(apply_modality_lut(values, ds), dtype=np.float64)
+            return (np.clip((modality - (centre - width / 2)) / width, 0.0, 1.0) * 255.0).astype(np.uint8)
+
+        return map_to_uint8(arr, windowed, scale=False, invert=invert)
     has_window = "WindowCenter" in ds and "WindowWidth" in ds
-    if window != "full" and (has_window or "VOILUTSequence" in ds):
-        arr = apply_voi_lut(arr, ds, index=0)
-    out = scale_to_uint8(arr)
-    if str(getattr(ds, "PhotometricInterpretation", "")).upper() == "MONOCHROME1":
-        out = 255 - out
-    return out
+    use_voi = window != "full" and (has_window or "VOILUTSequence" in ds)
+
+    def levels(values: np.ndarray) -> np.ndarray:
+        modality = apply_modality_lut(values, ds)
+        return apply_voi_lut(modality, ds, index=0) if use_voi else modality
+
+    return map_to_uint8(arr, levels, invert=invert)
 
 
 def header_metadata(data: bytes, name: str = "image") -> dict[str, str]:
