@@ -54,7 +54,7 @@ def _map_by_value(arr: np.ndarray, to_levels: Callable[[np.ndarray], np.ndarray]
                   lo: int, extremes: tuple[int, int]) -> np.ndarray | None:
     """The lookup for stored values lo..max (`extremes`: the image's min and max); None where it cannot match
     the per-pixel map (non-finite levels)."""
-    index = arr if lo == 0 else np.subtract(arr, lo, dtype=np.int64)
+    index = arr if lo == 0 else np.subtract(arr, lo, dtype=np.int32)  # < MAX_TABLE: fits, half the memory
     levels = to_levels(np.arange(lo, extremes[1] + 1).astype(arr.dtype))
     if not scale:
         table = np.asarray(levels, dtype=np.uint8)
