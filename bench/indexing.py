@@ -75,8 +75,9 @@ def corpus_images(folder: Path, count: int, size: int) -> list[Path]:
     return paths
 
 
-def naive_embed(model_dir: Path, paths: list[Path], batch: int = 32) -> tuple[np.ndarray, float]:
-    """What a user would write first; returns (unit vectors, seconds)."""
+def naive_embed(model_dir: Path, paths: list[Path], batch: int = 32,
+                open_image=lambda path: Image.open(path).convert("RGB")) -> tuple[np.ndarray, float]:
+    """What a user would write first (`open_image`: how they read a file); returns (unit vectors, seconds)."""
     from transformers import CLIPModel
     from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 
@@ -86,7 +87,7 @@ def naive_embed(model_dir: Path, paths: list[Path], batch: int = 32) -> tuple[np
     out = []
     with torch.inference_mode():
         for start in range(0, len(paths), batch):
-            images = [Image.open(p).convert("RGB") for p in paths[start : start + batch]]
+            images = [open_image(p) for p in paths[start : start + batch]]
             inputs = processor(images=images, return_tensors="pt")
             feats = model.get_image_features(pixel_values=inputs["pixel_values"]).pooler_output
             out.append(torch.nn.functional.normalize(feats, dim=-1).numpy())
