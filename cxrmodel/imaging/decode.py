@@ -193,8 +193,8 @@ def _decode_raster(data: bytes, name: str, limits: ImageLimits, model_side: int 
             scale = round(file_width / drafted[1][2]) if drafted else 1  # draft's box: the file's size / scale
             im.load()
             ImageOps.exif_transpose(im, in_place=True)  # a returned copy would double a large image's memory
-            factor = reduction_factor(im.size, None if model_side else limits.max_side)
-            im, scale = (im.reduce(factor), scale * factor) if factor > 1 else (im, scale)
+            im, factor = reduce_to(im, None if model_side else limits.max_side)
+            scale *= factor
     except ImageDecodeError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
@@ -218,9 +218,11 @@ def jpeg_scale(size: tuple[int, int], side: int) -> int:
     return next(s for s in (8, 4, 2, 1) if fits >= s or s == 1)
 
 
-def reduction_factor(size: tuple[int, int], max_side: int | None) -> int:
-    """The whole factor an image of `size` is shrunk by while its long side stays at least `max_side`."""
-    return max(size) // max_side if max_side and max(size) >= 2 * max_side else 1
+def reduce_to(im: Image.Image, max_side: int | None) -> tuple[Image.Image, int]:
+    """`im` shrunk by a whole factor (box filter) while its long side stays at least `max_side`, and that
+    factor (1: `im` itself)."""
+    factor = max(im.size) // max_side if max_side and max(im.size) >= 2 * max_side else 1
+    return (im.reduce(factor) if factor > 1 else im), factor
 
 
 def shrink_to_fit(im: Image.Image, box: int) -> Image.Image:
@@ -289,10 +291,9 @@ def _read_dicom(data: bytes, name: str, limits: ImageLimits, window: str | None 
         raise ImageDecodeError(f"{name}: DICOM pixel data has an unusable shape {pixels.shape}")
     mode = "RGB" if pixels.ndim == 3 else "L"
     image = Image.fromarray(pixels, mode=mode)
-    factor = reduction_factor(image.size, limits.max_side)
-    return DecodedImage(image=image.reduce(factor) if factor > 1 else image, format="DICOM",
-                        metadata=dicom_metadata(ds), source_size=image.size if factor > 1 else None,
-                        reduced_by=factor)
+    shown, factor = reduce_to(image, limits.max_side)
+    return DecodedImage(image=shown, format="DICOM", metadata=dicom_metadata(ds),
+                        source_size=image.size if factor > 1 else None, reduced_by=factor)
 
 
 def _dicom_display_pixels(ds, frames: int, window: str | None = None) -> np.ndarray:
