@@ -61,6 +61,8 @@ def test_a_display_decode_gives_the_model_the_same_view_once():
     assert view.image.size == model_only.image.size == (150, 113) and view.reduced_by == 8
     assert np.array_equal(np.asarray(view.image), np.asarray(model_only.image))
     assert shown.for_model(64) is view  # decoded once, kept
+    preprocess = ImagePreprocess(shortest_edge=32, crop=(32, 32))
+    assert shown.model_input(preprocess) is shown.model_input(preprocess)  # resized once, kept
     small = decode_bytes(_jpeg(_textured((100, 90))), "s.jpg")
     assert small.for_model(64) is small  # the scale would be 1: no second decode
 

@@ -81,7 +81,8 @@ class DecodedImage:
     model_side: int | None = None  # `image` was decoded for a model alone (`decode_bytes`'s `model_side`)
     encoded: bytes | None = field(default=None, repr=False, compare=False)  # a JPEG's bytes, for `for_model`
     plausibility: object = field(default=None, init=False, repr=False, compare=False)  # set by assess_image
-    _model_views: dict = field(default_factory=dict, init=False, repr=False, compare=False)
+    _model_views: dict = field(default_factory=dict, init=False, repr=False, compare=False)  # by decode side
+    _model_inputs: dict = field(default_factory=dict, init=False, repr=False, compare=False)  # by preprocess
 
     @property
     def width(self) -> int:
@@ -112,9 +113,12 @@ class DecodedImage:
     def model_input(self, preprocess) -> Image.Image:
         """The model-sized image `preprocess` (an `ImagePreprocess`) makes of this file: its view for the model
         (`for_model`), resized and cropped in the geometry of the file's full size, so a reduced decode
-        crops the same part of the image as a full one."""
-        view = self.for_model(preprocess.decode_side)
-        return preprocess.resize(view.image, view.file_size, view.reduced_by)
+        crops the same part of the image as a full one. Made once per preprocess and kept: an upload's
+        search and its labels both ask."""
+        if preprocess not in self._model_inputs:
+            view = self.for_model(preprocess.decode_side)
+            self._model_inputs[preprocess] = preprocess.resize(view.image, view.file_size, view.reduced_by)
+        return self._model_inputs[preprocess]
 
     def rgb(self) -> Image.Image:
         """The image as 8-bit RGB."""
