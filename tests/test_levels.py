@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 
 from cxrmodel.imaging import levels
-from cxrmodel.imaging.decode import decode_bytes
+from cxrmodel.imaging.decode import decode_bytes, unused_bits_clean
 from cxrmodel.imaging.levels import map_to_uint8, scale_to_uint8
 from tests.imagegen import write_dicom
 
@@ -73,8 +73,7 @@ CASES = {
 }
 
 
-@pytest.mark.parametrize("case", list(CASES))
-def test_dicom_levels_by_value_equal_the_per_pixel_chain(case, tmp_path, monkeypatch):
+def _case_file(case: str, tmp_path) -> tuple[bytes, str | None]:
     attrs, window = dict(CASES[case][0]), CASES[case][1]
     photometric = attrs.pop("photometric", "MONOCHROME2")
     pixels = _film()
@@ -90,6 +89,12 @@ def test_dicom_levels_by_value_equal_the_per_pixel_chain(case, tmp_path, monkeyp
         attrs["VOILUTSequence"] = _voi_sequence(attrs["VOILUTSequence"] == "zigzag")
     data = write_dicom(tmp_path / "x.dcm", pixels.astype(np.int16 if pixels.min() < 0 else np.uint16),
                        photometric, **attrs).read_bytes()
+    return data, window
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_dicom_levels_by_value_equal_the_per_pixel_chain(case, tmp_path, monkeypatch):
+    data, window = _case_file(case, tmp_path)
     expected = _per_pixel(data, window)
     calls = []
     real = levels._map_by_value
@@ -97,6 +102,34 @@ def test_dicom_levels_by_value_equal_the_per_pixel_chain(case, tmp_path, monkeyp
     got = np.asarray(decode_bytes(data, "x.dcm", window=window).image)
     assert calls, "the lookup was not used: the comparison would prove nothing"
     assert got.dtype == np.uint8 and np.array_equal(got, expected)
+
+
+def test_the_per_pixel_path_reads_the_file_in_place_too(tmp_path, monkeypatch):
+    """Where no lookup is made, pydicom's LUTs get the read-only view of the file's bytes: same levels."""
+    monkeypatch.setattr(levels, "MAX_TABLE", 0)
+    for case in CASES:
+        data, window = _case_file(case, tmp_path)
+        assert np.array_equal(np.asarray(decode_bytes(data, "x.dcm", window=window).image),
+                              _per_pixel(data, window)), case
+
+
+@pytest.mark.parametrize(("values", "stored", "clean"), [
+    (np.array([0, 4095], np.uint16), 12, True), (np.array([0, 4096], np.uint16), 12, False),
+    (np.array([-2048, 2047], np.int16), 12, True), (np.array([-2049, 0], np.int16), 12, False),
+    (np.array([0, 2048], np.int16), 12, False), (np.array([0, 65535], np.uint16), 16, True),
+])
+def test_unused_bits_are_clean_only_when_the_correction_would_change_nothing(values, stored, clean):
+    from pydicom.pixels.decoders.base import _correct_unused_bits
+
+    class Runner:  # what pydicom's correction reads of its runner
+        bits_allocated, bits_stored = 16, stored
+
+        @staticmethod
+        def get_option(name, default=None):
+            return default
+
+    assert unused_bits_clean(values, stored, 16) is clean
+    assert np.array_equal(_correct_unused_bits(values.copy(), Runner), values) is clean
 
 
 def test_a_map_that_turns_is_scaled_over_the_values_the_image_holds():
@@ -123,3 +156,42 @@ def test_wide_or_float_images_take_the_per_pixel_path(monkeypatch):
     assert np.array_equal(map_to_uint8(wide), scale_to_uint8(wide))
     floats = np.linspace(-3, 7, 4096).reshape(64, 64)
     assert np.array_equal(map_to_uint8(floats), scale_to_uint8(floats))
+
+
+def test_overlay_bits_above_bits_stored_are_masked_as_pydicom_masks_them(tmp_path):
+    """Bits above Bits Stored (old overlays) must not reach the grey levels: the file decodes as its clean twin."""
+    film = _film().astype(np.uint16)
+    dirty = film.copy()
+    dirty[40:90, 30:120] |= 1 << 14  # an overlay in an unused bit
+    attrs = {"WindowCenter": 2000, "WindowWidth": 2500}
+    clean = decode_bytes(write_dicom(tmp_path / "clean.dcm", film, **attrs).read_bytes(), "c.dcm")
+    data = write_dicom(tmp_path / "dirty.dcm", dirty, **attrs).read_bytes()
+    assert np.array_equal(np.asarray(decode_bytes(data, "d.dcm").image), np.asarray(clean.image))
+    assert np.array_equal(np.asarray(decode_bytes(data, "d.dcm").image), _per_pixel(data))
+
+
+def test_signed_values_not_sign_extended_decode_as_pydicom_corrects_them(tmp_path):
+    values = _film(lo=-1000, hi=1500).astype(np.int16)
+    attrs = {"PixelRepresentation": 1, "WindowCenter": 200, "WindowWidth": 2000}
+    extended = write_dicom(tmp_path / "ext.dcm", values.view(np.uint16), **attrs).read_bytes()
+    packed = write_dicom(tmp_path / "packed.dcm", values.view(np.uint16) & 0x0FFF, **attrs).read_bytes()
+    want = np.asarray(decode_bytes(extended, "e.dcm").image)
+    assert np.array_equal(want, _per_pixel(extended))
+    assert np.array_equal(np.asarray(decode_bytes(packed, "p.dcm").image), want)
+
+
+def test_a_clean_film_is_read_in_place_and_only_its_first_frame_decoded(tmp_path, monkeypatch):
+    """No copy and no unused-bits pass where the bits are already clean; one frame of a multi-frame file."""
+    import pydicom.pixels
+    from pydicom.pixels.decoders import base
+
+    frames = np.stack([_film(seed=s) for s in range(3)]).astype(np.uint16)
+    data = write_dicom(tmp_path / "mf.dcm", frames).read_bytes()
+    want = _per_pixel(write_dicom(tmp_path / "one.dcm", frames[0]).read_bytes())
+    monkeypatch.setattr(base, "_correct_unused_bits", lambda *a, **k: pytest.fail("corrected a clean film"))
+    decoded_shapes = []
+    real = pydicom.pixels.pixel_array
+    monkeypatch.setattr(pydicom.pixels, "pixel_array",
+                        lambda *a, **k: decoded_shapes.append(real(*a, **k).shape) or real(*a, **k))
+    assert np.array_equal(np.asarray(decode_bytes(data, "mf.dcm").image), want)
+    assert decoded_shapes == [frames.shape[1:]]

@@ -305,10 +305,8 @@ def _dicom_display_pixels(ds, frames: int, window: str | None = None) -> np.ndar
     inversion, first frame -> uint8."""
     from pydicom.pixels import apply_modality_lut, apply_voi_lut
 
-    arr = ds.pixel_array
     samples = int(getattr(ds, "SamplesPerPixel", 1) or 1)
-    if frames > 1:
-        arr = arr[0]
+    arr = stored_values(ds, frames, samples)
     if samples == 3:
         if arr.dtype != np.uint8:
             arr = scale_to_uint8(arr)
@@ -330,6 +328,35 @@ def _dicom_display_pixels(ds, frames: int, window: str | None = None) -> np.ndar
         return apply_voi_lut(modality, ds, index=0) if use_voi else modality
 
     return map_to_uint8(arr, levels, invert=invert)
+
+
+def stored_values(ds, frames: int = 1, samples: int = 1) -> np.ndarray:
+    """The first frame's stored values exactly as pydicom's `pixel_array` gives them, decoding only that frame.
+
+    For a grey image pydicom is asked for a read-only view of the file's bytes without its unused-bits
+    correction (a copy of every pixel and two shifts). The correction is run only where the bits above Bits
+    Stored are not already what it would make them, which a min and max tell: the same values, bit for bit,
+    while a 2500 x 3000 film skips about 3 ms of one core (`python -m bench.dicom_decode`)."""
+    from pydicom.pixels import pixel_array
+
+    index = 0 if frames > 1 else None
+    if samples != 1:
+        return pixel_array(ds, index=index)
+    arr = pixel_array(ds, index=index, view_only=True, correct_unused_bits=False)
+    if not unused_bits_clean(arr, int(ds.BitsStored), int(ds.BitsAllocated)):
+        return pixel_array(ds, index=index)
+    return arr
+
+
+def unused_bits_clean(arr: np.ndarray, bits_stored: int, bits_allocated: int) -> bool:
+    """Whether pydicom's unused-bits correction would leave `arr` as it is: every value already fits in
+    Bits Stored (unsigned), or is already sign-extended from it (signed)."""
+    if bits_stored >= bits_allocated or arr.dtype.kind not in "iu" or arr.size == 0:
+        return True
+    if arr.dtype.kind == "u":
+        return int(arr.max()) < 1 << bits_stored
+    half = 1 << (bits_stored - 1)
+    return -half <= int(arr.min()) and int(arr.max()) < half
 
 
 def header_metadata(data: bytes, name: str = "image") -> dict[str, str]:
