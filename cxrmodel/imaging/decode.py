@@ -290,7 +290,14 @@ def _read_dicom(data: bytes, name: str, limits: ImageLimits, window: str | None 
     if window in WINDOW_PRESETS and str(getattr(ds, "Modality", "")).upper() not in HU_MODALITIES:
         raise DataError(f"{name}: the {window} window is in Hounsfield units (CT); this image is "
                                     f"{getattr(ds, 'Modality', 'not CT')}: use file or full")
-    pixels = _dicom_display_pixels(ds, frames, window)
+    try:
+        pixels = _dicom_display_pixels(ds, frames, window)
+    except (RuntimeError, NotImplementedError) as exc:  # what pydicom raises when no plugin decodes the pixels
+        syntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
+        if syntax is None or not syntax.is_compressed:
+            raise
+        bits = int(getattr(ds, "BitsStored", 0) or 0)
+        raise ImageDecodeError(f"{name}: {no_decoder_message(syntax, bits, exc)}") from None
     if pixels.ndim not in (2, 3) or 0 in pixels.shape:
         raise ImageDecodeError(f"{name}: DICOM pixel data has an unusable shape {pixels.shape}")
     mode = "RGB" if pixels.ndim == 3 else "L"
@@ -328,6 +335,20 @@ def _dicom_display_pixels(ds, frames: int, window: str | None = None) -> np.ndar
         return apply_voi_lut(modality, ds, index=0) if use_voi else modality
 
     return map_to_uint8(arr, levels, invert=invert)
+
+
+DECODERS_HINT = ("RadLens decodes compressed DICOM with python-gdcm; pylibjpeg's plugins read more (12-bit JPEG "
+                 "Extended, HTJ2K): pip install pylibjpeg pylibjpeg-libjpeg pylibjpeg-openjpeg (pylibjpeg-libjpeg is "
+                 "GPL-3.0). Or re-export the study uncompressed (Explicit VR Little Endian) from the PACS")
+
+
+def no_decoder_message(syntax, bits_stored: int, exc: Exception) -> str:
+    """What a user reads when no installed decoder reads a file's compressed pixel data: the compression, each
+    decoder's reason as pydicom gives it, and what would read it (the file's name is added by the caller)."""
+    reasons = "; ".join(line.strip() for line in str(exc).splitlines()[1:] if line.strip())
+    bits = f", {bits_stored}-bit" if bits_stored else ""
+    return (f"its pixel data is compressed as {syntax.name}{bits}, which no installed decoder reads"
+            f"{f' ({reasons})' if reasons else ''}. {DECODERS_HINT}")
 
 
 def stored_values(ds, frames: int = 1, samples: int = 1) -> np.ndarray:
