@@ -1,7 +1,8 @@
 """DICOM decoding as RadLens does it now against what it did before, side by side: the film read in place with
 grey levels per stored value; the same after pydicom's copy and unused-bits pass on every file (before
 `decode.stored_values`); and that with the per-pixel float64 chain too (before `cxrmodel.imaging.levels`).
-Decode time per file, and `radlens index` over the same files (ViT-B/32 architecture).
+Decode time per file, and `radlens index` over the same files (ViT-B/32 architecture). Then the same films as JPEG
+Lossless (what archives hold most): libjpeg-turbo (`cxrmodel.imaging.dicom_codecs`) against GDCM, pydicom's plugin.
 
     python -m bench.dicom_decode [--images 128 --rows 3000 --cols 2500 --rounds 2]
 
@@ -17,6 +18,7 @@ import contextlib
 import statistics
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from unittest import mock
 
@@ -25,7 +27,7 @@ import numpy as np
 from bench.common import cpu_kind, table
 from bench.indexing import naive_embed, neighbour_agreement, radlens_embed
 from bench.models import vit_b32_dir
-from cxrmodel.imaging import decode, levels
+from cxrmodel.imaging import decode, dicom_codecs, levels
 from cxrmodel.imaging.decode import decode_bytes
 
 
@@ -59,6 +61,54 @@ def write_films(folder: Path, count: int, rows: int, cols: int, seed: int = 0) -
         ds.PixelData = np.clip(img, 0, 4095).astype(np.uint16).tobytes()
         ds.save_as(str(path), enforce_file_format=True)
     return paths
+
+
+def write_lossless(paths: list[Path], folder: Path) -> list[Path]:
+    """The films re-encoded as JPEG Lossless, first-order prediction (transfer syntax ...70; cached)."""
+    import imagecodecs
+    import pydicom
+    from pydicom.encaps import encapsulate
+
+    folder.mkdir(parents=True, exist_ok=True)
+    out = [folder / p.name for p in paths]
+    for src, dst in zip(paths, out, strict=True):
+        if dst.exists():
+            continue
+        ds = pydicom.dcmread(src)
+        codestream = imagecodecs.jpeg8_encode(ds.pixel_array, lossless=True, predictor=1,
+                                              bitspersample=int(ds.BitsStored))
+        ds.file_meta.TransferSyntaxUID = pydicom.uid.JPEGLosslessSV1
+        ds.PixelData = encapsulate([codestream])
+        ds["PixelData"].VR, ds["PixelData"].is_undefined_length = "OB", True
+        ds.save_as(dst, enforce_file_format=True)
+    return out
+
+
+@contextlib.contextmanager
+def with_gdcm():
+    """Within it, compressed films go to pydicom's own plugin order (GDCM first), as before."""
+    with mock.patch.object(dicom_codecs, "preferred_plugin", lambda *a: ""):
+        yield
+
+
+def lossless_decode_ms(paths: list[Path], rounds: int = 2) -> list[list]:
+    """ms per JPEG Lossless film, libjpeg-turbo against GDCM, on one thread and on two (wall time per film)."""
+    datas = [p.read_bytes() for p in paths[:8]]
+    rows = []
+    for name, mode in (("libjpeg-turbo (now)", contextlib.nullcontext), ("GDCM (before)", with_gdcm)):
+        one, two = [], []
+        for _ in range(rounds):
+            with mode():
+                start = time.perf_counter()
+                for data in datas:
+                    decode_bytes(data, "x.dcm")
+                one.append(1000 * (time.perf_counter() - start) / len(datas))
+                start = time.perf_counter()
+                with ThreadPoolExecutor(2) as pool:
+                    list(pool.map(lambda data: decode_bytes(data, "x.dcm"), datas))
+                two.append(1000 * (time.perf_counter() - start) / len(datas))
+        rows.append([name, statistics.median(one), statistics.median(two)])
+    return rows
 
 
 def naive_dicom(path: Path):
@@ -140,6 +190,19 @@ def main(argv: list[str] | None = None) -> int:
     first = next(iter(vectors.values()))
     same = all(np.array_equal(a, b) for other in vectors.values() for a, b in zip(first, other, strict=True))
     print(f"vectors identical in every mode: {same}")
+
+    lossless = write_lossless(paths, args.out / f"dicom-{args.rows}x{args.cols}-jpeg-lossless")
+    print(table(["JPEG Lossless decoder", "ms per film, one thread", "ms per film, two threads (wall)"],
+                lossless_decode_ms(lossless)))
+    rows = []
+    for name, mode in (("libjpeg-turbo (now)", contextlib.nullcontext), ("GDCM (before)", with_gdcm)):
+        with mode():
+            got, summary = radlens_embed(model_dir, lossless, args.out / "data-dicom", None, "auto")
+        rows.append([f"radlens index, JPEG Lossless, {name}", len(lossless) / summary.embed_seconds,
+                     bool(np.array_equal(got, first))])
+    print(table(["pipeline", "img/s (embedding phase)", "vectors identical to the uncompressed films'"],
+                [[r[0], r[1], r[2]] for r in rows]))
+    print(f"libjpeg-turbo / GDCM, embedding phase: {rows[0][1] / rows[1][1]:.2f}x")
     return 0
 
 

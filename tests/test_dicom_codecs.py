@@ -63,14 +63,67 @@ def test_compressed_films_decode_on_threads_as_the_indexer_runs_them(tmp_path):
     assert all(np.array_equal(g, want[i % 4]) for i, g in enumerate(got))
 
 
-@pytest.mark.skipif(importlib.util.find_spec("libjpeg") is not None, reason="pylibjpeg-libjpeg reads it")
-def test_a_compression_no_installed_decoder_reads_is_named_with_what_would_read_it():
+def _encapsulated(raw: Path, dst: Path, codestream: bytes, syntax: str) -> Path:
+    """`raw`'s header with `codestream` as its one compressed frame, in transfer syntax `syntax`."""
+    import pydicom
+    from pydicom.encaps import encapsulate
+
+    ds = pydicom.dcmread(raw)
+    ds.file_meta.TransferSyntaxUID = syntax
+    ds.PixelData = encapsulate([codestream])
+    ds["PixelData"].VR, ds["PixelData"].is_undefined_length = "OB", True
+    ds.save_as(dst, enforce_file_format=True)
+    return dst
+
+
+@pytest.mark.parametrize("syntax", ["JPEGLosslessProcess14", "JPEGLosslessProcess14_1"])
+def test_grey_jpeg_lossless_is_decoded_by_libjpeg_turbo_and_gdcm_alike(syntax, tmp_path, monkeypatch):
+    """The fast plugin decodes it (not GDCM, five times slower); when it fails, GDCM gives the same pixels."""
+    import imagecodecs
+
+    raw = write_dicom(tmp_path / "raw.dcm", _film(), WindowCenter=1600, WindowWidth=2200)
+    data = _compress(raw, tmp_path / "packed.dcm", syntax).read_bytes()
+    want = np.asarray(decode_bytes(raw.read_bytes(), "raw.dcm").image)
+    calls = []
+    real = imagecodecs.jpeg8_decode
+    monkeypatch.setattr(imagecodecs, "jpeg8_decode", lambda *a, **k: calls.append(1) or real(*a, **k))
+    assert np.array_equal(np.asarray(decode_bytes(data, "x.dcm").image), want) and calls
+
+    def broken(*a, **k):
+        raise RuntimeError("codec failure")
+
+    monkeypatch.setattr(imagecodecs, "jpeg8_decode", broken)
+    assert np.array_equal(np.asarray(decode_bytes(data, "x.dcm").image), want)
+
+
+def test_twelve_bit_jpeg_extended_decodes_to_the_film_within_its_loss(tmp_path):
+    """GDCM and Pillow refuse 12-bit JPEG Extended (old CR archives): libjpeg-turbo reads it."""
+    import imagecodecs
     import pydicom
 
-    twelve_bit_jpeg = Path(pydicom.__file__).parent / "data" / "test_files" / "JPEG-lossy.dcm"
+    from cxrmodel.imaging.decode import stored_values
+
+    film = _film()
+    raw = write_dicom(tmp_path / "raw.dcm", film)
+    codestream = imagecodecs.jpeg8_encode(film, level=95, bitspersample=12)
+    assert b"\xff\xc1" in codestream  # SOF1: extended sequential, DICOM's JPEG Extended (Process 2 and 4)
+    lossy = _encapsulated(raw, tmp_path / "lossy.dcm", codestream, pydicom.uid.JPEGExtended12Bit)
+    ds = pydicom.dcmread(lossy)
+    error = np.abs(stored_values(ds).astype(np.int32) - film)
+    assert error.max() <= 16 and error.mean() < 2
+    decoded = decode_bytes(lossy.read_bytes(), "lossy.dcm")
+    assert decoded.image.size == (film.shape[1], film.shape[0])
+
+
+@pytest.mark.skipif(importlib.util.find_spec("openjpeg") is not None, reason="pylibjpeg-openjpeg reads it")
+def test_a_compression_no_installed_decoder_reads_is_named_with_what_would_read_it(tmp_path):
+    """HTJ2K (no decoder installed by default) gets one line: the compression, each plugin's reason, the fix."""
+    import pydicom
+
+    raw = write_dicom(tmp_path / "raw.dcm", _film())
+    htj2k = _encapsulated(raw, tmp_path / "htj2k.dcm", b"\xff\x4f\xff\x51" + bytes(64), pydicom.uid.HTJ2K)
     with pytest.raises(ImageDecodeError) as err:
-        decode_bytes(twelve_bit_jpeg.read_bytes(), "film.dcm")
+        decode_bytes(htj2k.read_bytes(), "film.dcm")
     message = str(err.value)
-    assert message.startswith("film.dcm: its pixel data is compressed as JPEG Extended")
-    assert "12-bit" in message and "pip install pylibjpeg" in message and "GDCM does not support" in message
-    assert "Traceback" not in message
+    assert message.startswith("film.dcm: its pixel data is compressed as High-Throughput JPEG 2000")
+    assert "pip install pylibjpeg" in message and "requires" in message and "\n" not in message

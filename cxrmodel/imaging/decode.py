@@ -337,9 +337,10 @@ def _dicom_display_pixels(ds, frames: int, window: str | None = None) -> np.ndar
     return map_to_uint8(arr, levels, invert=invert)
 
 
-DECODERS_HINT = ("RadLens decodes compressed DICOM with python-gdcm; pylibjpeg's plugins read more (12-bit JPEG "
-                 "Extended, HTJ2K): pip install pylibjpeg pylibjpeg-libjpeg pylibjpeg-openjpeg (pylibjpeg-libjpeg is "
-                 "GPL-3.0). Or re-export the study uncompressed (Explicit VR Little Endian) from the PACS")
+DECODERS_HINT = ("RadLens decodes compressed DICOM with libjpeg-turbo (imagecodecs), Pillow and python-gdcm; "
+                 "pylibjpeg's plugins read more (HTJ2K, colour 12-bit JPEG): pip install pylibjpeg pylibjpeg-libjpeg "
+                 "pylibjpeg-openjpeg (pylibjpeg-libjpeg is GPL-3.0). Or re-export the study uncompressed (Explicit "
+                 "VR Little Endian) from the PACS")
 
 
 def no_decoder_message(syntax, bits_stored: int, exc: Exception) -> str:
@@ -360,12 +361,25 @@ def stored_values(ds, frames: int = 1, samples: int = 1) -> np.ndarray:
     while a 2500 x 3000 film skips about 3 ms of one core (`python -m bench.dicom_decode`)."""
     from pydicom.pixels import pixel_array
 
+    from cxrmodel.imaging.dicom_codecs import preferred_plugin
+
     index = 0 if frames > 1 else None
+    syntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", "")
+    plugin = preferred_plugin(syntax, samples)
+
+    def decoded(**options) -> np.ndarray:
+        if plugin:
+            try:
+                return pixel_array(ds, index=index, decoding_plugin=plugin, **options)
+            except Exception:  # noqa: BLE001 -- pydicom's own plugins get their turn, and report their reasons
+                pass
+        return pixel_array(ds, index=index, **options)
+
     if samples != 1:
-        return pixel_array(ds, index=index)
-    arr = pixel_array(ds, index=index, view_only=True, correct_unused_bits=False)
+        return decoded()
+    arr = decoded(view_only=True, correct_unused_bits=False)
     if not unused_bits_clean(arr, int(ds.BitsStored), int(ds.BitsAllocated)):
-        return pixel_array(ds, index=index)
+        return decoded()
     return arr
 
 
