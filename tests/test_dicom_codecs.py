@@ -127,3 +127,27 @@ def test_a_compression_no_installed_decoder_reads_is_named_with_what_would_read_
     message = str(err.value)
     assert message.startswith("film.dcm: its pixel data is compressed as High-Throughput JPEG 2000")
     assert "pip install pylibjpeg" in message and "requires" in message and "\n" not in message
+
+
+def test_a_codestream_claiming_more_pixels_than_its_header_is_refused_before_allocation(tmp_path):
+    """The header's size passes the pixel limit; a forged JPEG frame inside must not pick its own buffer size."""
+    import tracemalloc
+
+    import imagecodecs
+    import pydicom
+
+    film = _film()[:64, :48]
+    codestream = bytearray(imagecodecs.jpeg8_encode(film, lossless=True, predictor=1, bitspersample=12))
+    sof = codestream.find(b"\xff\xc3")
+    codestream[sof + 5 : sof + 9] = (8000).to_bytes(2, "big") * 2  # claims 8000 x 8000: 128 MB of samples
+    raw = write_dicom(tmp_path / "raw.dcm", film)
+    data = _encapsulated(raw, tmp_path / "bomb.dcm", bytes(codestream), pydicom.uid.JPEGLosslessSV1).read_bytes()
+    tracemalloc.start()
+    try:
+        with pytest.raises(ImageDecodeError) as err:
+            decode_bytes(data, "bomb.dcm")
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 32 * 1024 * 1024
+    assert "could not be decoded" in str(err.value) and "may be damaged" in str(err.value)

@@ -344,12 +344,15 @@ DECODERS_HINT = ("RadLens decodes compressed DICOM with libjpeg-turbo (imagecode
 
 
 def no_decoder_message(syntax, bits_stored: int, exc: Exception) -> str:
-    """What a user reads when no installed decoder reads a file's compressed pixel data: the compression, each
-    decoder's reason as pydicom gives it, and what would read it (the file's name is added by the caller)."""
+    """What a user reads when a file's compressed pixel data is not decoded: the compression, each decoder's
+    reason as pydicom gives it, and what to do (the file's name is added by the caller)."""
     reasons = "; ".join(line.strip() for line in str(exc).splitlines()[1:] if line.strip())
-    bits = f", {bits_stored}-bit" if bits_stored else ""
-    return (f"its pixel data is compressed as {syntax.name}{bits}, which no installed decoder reads"
-            f"{f' ({reasons})' if reasons else ''}. {DECODERS_HINT}")
+    what = f"{syntax.name}{f', {bits_stored}-bit' if bits_stored else ''}"
+    why = f" ({reasons})" if reasons else ""
+    if "missing dependencies" in str(exc):
+        return f"its pixel data is compressed as {what}, which no installed decoder reads{why}. {DECODERS_HINT}"
+    return (f"its pixel data, compressed as {what}, could not be decoded{why}: the file may be damaged. If it "
+            f"opens elsewhere: {DECODERS_HINT}")
 
 
 def stored_values(ds, frames: int = 1, samples: int = 1) -> np.ndarray:

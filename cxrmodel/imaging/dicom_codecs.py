@@ -35,9 +35,10 @@ def decode_frame(src: bytes, runner) -> bytes:
     dtype = {8: np.uint8, 16: np.uint16}.get(runner.bits_allocated)
     if dtype is None:
         raise NotImplementedError(f"{runner.bits_allocated} bits allocated")
-    samples = imagecodecs.jpeg8_decode(src)
-    if samples.shape != (runner.rows, runner.columns):
-        raise ValueError(f"the codestream holds {samples.shape}, the header says {(runner.rows, runner.columns)}")
+    # Decoded into the header's size, which the pixel limit has checked: a codestream claiming more is refused
+    # before anything is allocated for it (ValueError), never decoded into a buffer of its own choosing.
+    out = np.empty((runner.rows, runner.columns), dtype=np.uint8 if runner.bits_stored <= 8 else np.uint16)
+    samples = imagecodecs.jpeg8_decode(src, out=out)
     return np.ascontiguousarray(samples, dtype=dtype).tobytes()
 
 
