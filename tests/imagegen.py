@@ -92,3 +92,29 @@ def write_dicom(path: Path, pixels: np.ndarray, photometric: str = "MONOCHROME2"
     ds.PixelData = pixels.astype(np.uint8 if photometric == "RGB" else np.uint16).tobytes()
     ds.save_as(str(path), enforce_file_format=True)
     return path
+
+
+def transcode_dicom(src: Path, dst: Path, syntax: str) -> Path:
+    """`src` re-encoded by GDCM in the named transfer syntax (as a PACS or dcmtk would store it)."""
+    import gdcm
+
+    reader = gdcm.ImageReader()
+    reader.SetFileName(str(src))
+    assert reader.Read()
+    change = gdcm.ImageChangeTransferSyntax()
+    change.SetTransferSyntax(gdcm.TransferSyntax(getattr(gdcm.TransferSyntax, syntax)))
+    change.SetInput(reader.GetImage())
+    assert change.Change()
+    writer = gdcm.ImageWriter()
+    writer.SetFileName(str(dst))
+    writer.SetFile(reader.GetFile())
+    writer.SetImage(change.GetOutput())
+    assert writer.Write()
+    return dst
+
+
+def film12(seed: int = 0) -> np.ndarray:
+    """A 160 x 128 12-bit film (smooth anatomy-like shading plus noise), as stored values."""
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[:160, :128]
+    return (1500 + 900 * np.sin(x / 19) * np.cos(y / 23) + rng.normal(0, 60, y.shape)).clip(0, 4095).astype(np.uint16)

@@ -12,50 +12,25 @@ import pytest
 
 from cxrmodel.errors import ImageDecodeError
 from cxrmodel.imaging.decode import decode_bytes
-from tests.imagegen import write_dicom
+from tests.imagegen import film12, transcode_dicom, write_dicom
 
 LOSSLESS = ["JPEGLosslessProcess14", "JPEGLosslessProcess14_1", "JPEGLSLossless", "JPEG2000Lossless",
             "RLELossless"]
-
-
-def _compress(src: Path, dst: Path, syntax: str) -> Path:
-    """`src` re-encoded by GDCM in the named transfer syntax (as a PACS or dcmtk would store it)."""
-    import gdcm
-
-    reader = gdcm.ImageReader()
-    reader.SetFileName(str(src))
-    assert reader.Read()
-    change = gdcm.ImageChangeTransferSyntax()
-    change.SetTransferSyntax(gdcm.TransferSyntax(getattr(gdcm.TransferSyntax, syntax)))
-    change.SetInput(reader.GetImage())
-    assert change.Change()
-    writer = gdcm.ImageWriter()
-    writer.SetFileName(str(dst))
-    writer.SetFile(reader.GetFile())
-    writer.SetImage(change.GetOutput())
-    assert writer.Write()
-    return dst
-
-
-def _film(seed: int = 0) -> np.ndarray:
-    rng = np.random.default_rng(seed)
-    y, x = np.mgrid[:160, :128]
-    return (1500 + 900 * np.sin(x / 19) * np.cos(y / 23) + rng.normal(0, 60, y.shape)).clip(0, 4095).astype(np.uint16)
 
 
 @pytest.mark.parametrize("syntax", LOSSLESS)
 def test_lossless_compressed_films_decode_to_the_uncompressed_pixels(syntax, tmp_path):
     import pydicom
 
-    raw = write_dicom(tmp_path / "raw.dcm", _film(), WindowCenter=1600, WindowWidth=2200)
-    packed = _compress(raw, tmp_path / "packed.dcm", syntax)
+    raw = write_dicom(tmp_path / "raw.dcm", film12(), WindowCenter=1600, WindowWidth=2200)
+    packed = transcode_dicom(raw, tmp_path / "packed.dcm", syntax)
     assert pydicom.dcmread(packed, stop_before_pixels=True).file_meta.TransferSyntaxUID.is_compressed
     want = np.asarray(decode_bytes(raw.read_bytes(), "raw.dcm").image)
     assert np.array_equal(np.asarray(decode_bytes(packed.read_bytes(), "packed.dcm").image), want)
 
 
 def test_compressed_films_decode_on_threads_as_the_indexer_runs_them(tmp_path):
-    files = [_compress(write_dicom(tmp_path / f"raw{i}.dcm", _film(i)), tmp_path / f"ll{i}.dcm",
+    files = [transcode_dicom(write_dicom(tmp_path / f"raw{i}.dcm", film12(i)), tmp_path / f"ll{i}.dcm",
                        "JPEGLosslessProcess14_1").read_bytes() for i in range(4)]
     want = [np.asarray(decode_bytes(data, "x.dcm").image) for data in files]
     with ThreadPoolExecutor(2) as pool:
@@ -81,8 +56,8 @@ def test_grey_jpeg_lossless_is_decoded_by_libjpeg_turbo_and_gdcm_alike(syntax, t
     """The fast plugin decodes it (not GDCM, five times slower); when it fails, GDCM gives the same pixels."""
     import imagecodecs
 
-    raw = write_dicom(tmp_path / "raw.dcm", _film(), WindowCenter=1600, WindowWidth=2200)
-    data = _compress(raw, tmp_path / "packed.dcm", syntax).read_bytes()
+    raw = write_dicom(tmp_path / "raw.dcm", film12(), WindowCenter=1600, WindowWidth=2200)
+    data = transcode_dicom(raw, tmp_path / "packed.dcm", syntax).read_bytes()
     want = np.asarray(decode_bytes(raw.read_bytes(), "raw.dcm").image)
     calls = []
     real = imagecodecs.jpeg8_decode
@@ -103,7 +78,7 @@ def test_twelve_bit_jpeg_extended_decodes_to_the_film_within_its_loss(tmp_path):
 
     from cxrmodel.imaging.decode import stored_values
 
-    film = _film()
+    film = film12()
     raw = write_dicom(tmp_path / "raw.dcm", film)
     codestream = imagecodecs.jpeg8_encode(film, level=95, bitspersample=12)
     assert b"\xff\xc1" in codestream  # SOF1: extended sequential, DICOM's JPEG Extended (Process 2 and 4)
@@ -120,7 +95,7 @@ def test_a_compression_no_installed_decoder_reads_is_named_with_what_would_read_
     """HTJ2K (no decoder installed by default) gets one line: the compression, each plugin's reason, the fix."""
     import pydicom
 
-    raw = write_dicom(tmp_path / "raw.dcm", _film())
+    raw = write_dicom(tmp_path / "raw.dcm", film12())
     htj2k = _encapsulated(raw, tmp_path / "htj2k.dcm", b"\xff\x4f\xff\x51" + bytes(64), pydicom.uid.HTJ2K)
     with pytest.raises(ImageDecodeError) as err:
         decode_bytes(htj2k.read_bytes(), "film.dcm")
@@ -136,7 +111,7 @@ def test_a_codestream_claiming_more_pixels_than_its_header_is_refused_before_all
     import imagecodecs
     import pydicom
 
-    film = _film()[:64, :48]
+    film = film12()[:64, :48]
     codestream = bytearray(imagecodecs.jpeg8_encode(film, lossless=True, predictor=1, bitspersample=12))
     sof = codestream.find(b"\xff\xc3")
     codestream[sof + 5 : sof + 9] = (8000).to_bytes(2, "big") * 2  # claims 8000 x 8000: 128 MB of samples

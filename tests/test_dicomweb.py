@@ -17,7 +17,7 @@ import pytest
 from indexer import dicomweb
 from indexer.pipeline import IndexJob, run_index
 from indexer.store import default_db_url
-from tests.imagegen import write_dicom
+from tests.imagegen import film12, transcode_dicom, write_dicom
 from tests.servers import ORTHANC_PASSWORD, ORTHANC_USER, Orthanc, free_port, orthanc_server
 
 ORTHANC = shutil.which("Orthanc")
@@ -187,3 +187,23 @@ def test_a_killed_run_resumes_and_equals_an_uninterrupted_one(orthanc, archive, 
     assert resumed.added + resumed.unchanged == len(archive)
     run_index(_job(orthanc, whole), tiny_encoder)
     assert sorted(_rows(killed)) == sorted(_rows(whole))
+
+
+def test_a_jpeg_lossless_instance_is_fetched_as_stored_and_decoded_to_its_pixels(tmp_path, credentials):
+    """Archives keep CR/DX as JPEG Lossless: WADO-RS hands it over compressed, and it decodes like the original."""
+    import io
+
+    import pydicom
+
+    from cxrmodel.imaging.decode import decode_bytes
+    raw = write_dicom(tmp_path / "raw.dcm", film12(), WindowCenter=1600, WindowWidth=2200)
+    lossless = transcode_dicom(raw, tmp_path / "ll.dcm", "JPEGLosslessProcess14_1")
+    (tmp_path / "orthanc").mkdir()
+    with orthanc_server(tmp_path / "orthanc", ORTHANC) as server:
+        server.upload(lossless)
+        (locator,) = list(dicomweb.list_locators(server.source))
+        data = dicomweb.fetch(locator)
+    fetched = pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True).file_meta.TransferSyntaxUID
+    assert fetched == pydicom.uid.JPEGLosslessSV1
+    assert np.array_equal(np.asarray(decode_bytes(data, "x.dcm").image),
+                          np.asarray(decode_bytes(raw.read_bytes(), "raw.dcm").image))
