@@ -51,24 +51,52 @@ def _encapsulated(raw: Path, dst: Path, codestream: bytes, syntax: str) -> Path:
     return dst
 
 
-@pytest.mark.parametrize("syntax", ["JPEGLosslessProcess14", "JPEGLosslessProcess14_1"])
-def test_grey_jpeg_lossless_is_decoded_by_libjpeg_turbo_and_gdcm_alike(syntax, tmp_path, monkeypatch):
-    """The fast plugin decodes it (not GDCM, five times slower); when it fails, GDCM gives the same pixels."""
+FILMS = {  # (stored values, write_dicom attributes)
+    "12-bit CR": (lambda: film12(), {"WindowCenter": 1600, "WindowWidth": 2200}),
+    "signed 16-bit CT": (lambda: (film12().astype(np.int32) * 3 - 4000).astype(np.int16).view(np.uint16),
+                         {"Modality": "CT", "PixelRepresentation": 1, "BitsStored": 16, "HighBit": 15,
+                          "RescaleIntercept": -24, "RescaleSlope": 1, "WindowCenter": 40, "WindowWidth": 400}),
+    "8-bit": (lambda: (film12() // 16).astype(np.uint16), {"BitsStored": 8, "HighBit": 7}),
+}
+FAST = {"JPEGLosslessProcess14": "jpeg8_decode", "JPEGLosslessProcess14_1": "jpeg8_decode",
+        "JPEGLSLossless": "jpegls_decode"}
+
+
+@pytest.mark.parametrize("film", list(FILMS))
+@pytest.mark.parametrize("syntax", list(FAST))
+def test_grey_jpeg_and_jpeg_ls_are_decoded_by_imagecodecs_and_gdcm_alike(syntax, film, tmp_path, monkeypatch):
+    """The fast plugin decodes them (not GDCM, two to five times slower); when it fails, GDCM gives the same
+    pixels. Signed CT goes through pydicom's sign handling after the plugin, as after any other."""
     import imagecodecs
 
-    raw = write_dicom(tmp_path / "raw.dcm", film12(), WindowCenter=1600, WindowWidth=2200)
+    values, attrs = FILMS[film]
+    raw = write_dicom(tmp_path / "raw.dcm", values(), **attrs)
     data = transcode_dicom(raw, tmp_path / "packed.dcm", syntax).read_bytes()
     want = np.asarray(decode_bytes(raw.read_bytes(), "raw.dcm").image)
+    assert want.std() > 10  # a film with contrast: a misread sign or bit depth could not match it
     calls = []
-    real = imagecodecs.jpeg8_decode
-    monkeypatch.setattr(imagecodecs, "jpeg8_decode", lambda *a, **k: calls.append(1) or real(*a, **k))
+    real = getattr(imagecodecs, FAST[syntax])
+    monkeypatch.setattr(imagecodecs, FAST[syntax], lambda *a, **k: calls.append(1) or real(*a, **k))
     assert np.array_equal(np.asarray(decode_bytes(data, "x.dcm").image), want) and calls
 
     def broken(*a, **k):
         raise RuntimeError("codec failure")
 
-    monkeypatch.setattr(imagecodecs, "jpeg8_decode", broken)
+    monkeypatch.setattr(imagecodecs, FAST[syntax], broken)
     assert np.array_equal(np.asarray(decode_bytes(data, "x.dcm").image), want)
+
+
+def test_near_lossless_jpeg_ls_decodes_within_its_bound(tmp_path):
+    import imagecodecs
+    import pydicom
+
+    from cxrmodel.imaging.decode import stored_values
+
+    film = film12()
+    raw = write_dicom(tmp_path / "raw.dcm", film)
+    near = _encapsulated(raw, tmp_path / "near.dcm", imagecodecs.jpegls_encode(film, level=3),
+                         pydicom.uid.JPEGLSNearLossless)
+    assert np.abs(stored_values(pydicom.dcmread(near)).astype(np.int32) - film).max() <= 3
 
 
 def test_twelve_bit_jpeg_extended_decodes_to_the_film_within_its_loss(tmp_path):
