@@ -337,7 +337,7 @@ def _dicom_display_pixels(ds, frames: int, window: str | None = None) -> np.ndar
     return map_to_uint8(arr, levels, invert=invert)
 
 
-DECODERS_HINT = ("RadLens decodes compressed DICOM with libjpeg-turbo (imagecodecs), Pillow and python-gdcm; "
+DECODERS_HINT = ("RadLens decodes compressed DICOM with imagecodecs (libjpeg-turbo, CharLS), Pillow and python-gdcm; "
                  "pylibjpeg's plugins read more (HTJ2K, colour 12-bit JPEG): pip install pylibjpeg pylibjpeg-libjpeg "
                  "pylibjpeg-openjpeg (pylibjpeg-libjpeg is GPL-3.0). Or re-export the study uncompressed (Explicit "
                  "VR Little Endian) from the PACS")
