@@ -208,8 +208,7 @@ def main(argv: list[str] | None = None) -> int:
             got, summary = radlens_embed(model_dir, lossless, args.out / "data-dicom", None, "auto")
         rows.append([f"radlens index, JPEG Lossless, {name}", len(lossless) / summary.embed_seconds,
                      bool(np.array_equal(got, first))])
-    print(table(["pipeline", "img/s (embedding phase)", "vectors identical to the uncompressed films'"],
-                [[r[0], r[1], r[2]] for r in rows]))
+    print(table(["pipeline", "img/s (embedding phase)", "vectors identical to the uncompressed films'"], rows))
     print(f"libjpeg-turbo / GDCM, embedding phase: {rows[0][1] / rows[1][1]:.2f}x")
     return 0
 
