@@ -3,7 +3,9 @@ indexed, uploaded, labelled from the CLI, calibrated or trained on (`DecodedImag
 
 from __future__ import annotations
 
+import dataclasses
 import io
+from unittest import mock
 
 import numpy as np
 import pytest
@@ -106,15 +108,48 @@ def test_an_upload_reduced_by_a_whole_factor_is_resized_as_the_whole_file(fmt, t
         data = buf.getvalue()
     else:
         data = write_dicom(tmp_path / "w.dcm", waves).read_bytes()
-    preprocess = ImagePreprocess(shortest_edge=32, crop=(32, 32))
     full = decode_bytes(data, f"w.{fmt}")
     shown = decode_bytes(data, f"w.{fmt}", limits=ImageLimits(max_side=300))
     assert shown.image.size == (334, 259) and shown.file_size == (1001, 777) and shown.reduced_by == 3
-    gap = np.abs(np.asarray(shown.model_input(preprocess), dtype=float)
-                 - np.asarray(full.model_input(preprocess), dtype=float)).mean()
-    shifted = np.abs(np.asarray(preprocess.resize(shown.image), dtype=float)
+    for reducing_gap in (None, 3.0):  # the geometry alone, then with the block averaging both paths start with
+        preprocess = ImagePreprocess(shortest_edge=32, crop=(32, 32), reducing_gap=reducing_gap)
+        gap = np.abs(np.asarray(shown.model_input(preprocess), dtype=float)
                      - np.asarray(full.model_input(preprocess), dtype=float)).mean()
-    assert gap < 1.5 and shifted > 2 * gap
+        shifted = np.abs(np.asarray(preprocess.resize(shown.image), dtype=float)
+                         - np.asarray(full.model_input(preprocess), dtype=float)).mean()
+        assert gap < 1.5 and shifted > (2 * gap if reducing_gap is None else gap)
+
+
+def _resized_and_reduce_calls(preprocess: ImagePreprocess, image: Image.Image):
+    with mock.patch.object(Image.Image, "reduce", autospec=True, side_effect=Image.Image.reduce) as reduce:
+        out = np.asarray(preprocess.resize(image), dtype=float)
+    return out, [call.args[1] for call in reduce.call_args_list]
+
+
+@pytest.mark.parametrize("size,factor", [((2500, 3000), 3), ((3000, 2400), 3), ((1344, 1400), 2)])
+def test_a_film_many_times_the_input_is_averaged_over_blocks_before_the_bicubic_pass(size, factor):
+    """Over 6 x the model's input the bicubic pass starts from whole-block averages (Pillow's `reduce`; a
+    3000 x 2500 film resizes ~5x faster), and stays within a level or so of resampling the full image."""
+    film = _textured(size)  # heavy pixel noise: the hardest case for block averaging
+    preprocess = ImagePreprocess()  # ViT-B/32: 224
+    fast, calls = _resized_and_reduce_calls(preprocess, film)
+    exact, exact_calls = _resized_and_reduce_calls(dataclasses.replace(preprocess, reducing_gap=None), film)
+    assert calls == [(factor, factor)] and exact_calls == []
+    assert fast.shape == exact.shape == (224, 224)
+    assert np.abs(fast - exact).mean() < 1.0 and np.abs(fast - exact).max() <= 6
+
+
+@pytest.mark.parametrize("size", [(1343, 1343), (300, 1900), (256, 256)])
+def test_an_image_under_six_times_the_input_is_resized_exactly_as_before(size):
+    """Every image of the shared corpus (256 px at most) is under it: for them nothing changed, so the bundled
+    model's calibration still describes what it is given."""
+    image = _textured(size, seed=2)
+    for preprocess in (ImagePreprocess(), ImagePreprocess(shortest_edge=64, crop=(64, 64))):
+        if min(size) >= 6 * preprocess.output_size[0]:
+            continue
+        fast, calls = _resized_and_reduce_calls(preprocess, image)
+        exact, _ = _resized_and_reduce_calls(dataclasses.replace(preprocess, reducing_gap=None), image)
+        assert calls == [] and np.array_equal(fast, exact)
 
 
 def test_an_exif_rotated_jpeg_reports_its_size_as_shown():
