@@ -77,6 +77,38 @@ def test_pixel_limit_stops_decompression_bombs():
         decode_bytes(data, limits=ImageLimits(max_pixels=1_000_000))
 
 
+def _multipage_tiff(pages: np.ndarray) -> bytes:
+    images = [Image.fromarray(page) for page in pages]
+    buf = io.BytesIO()
+    images[0].save(buf, format="TIFF", save_all=True, append_images=images[1:])
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("kind", ["dicom", "dicom-jpeg-lossless", "tiff"])
+def test_a_multiframe_file_is_bounded_by_the_frame_it_decodes(kind, tmp_path):
+    """Only the first frame of a tomosynthesis, cine or multi-page file is ever decoded, so the pixel limit
+    counts one frame: 4 frames of 300 x 200 pass a 100,000-pixel limit, one frame of 400 x 300 does not."""
+    from cxrmodel.errors import ImageTooLargeError
+    from tests.imagegen import transcode_dicom
+
+    frames = np.random.default_rng(0).integers(0, 4096, (4, 200, 300)).astype(np.uint16)
+    big = np.zeros((300, 400), np.uint16)
+    if kind == "tiff":
+        frames, big = (frames >> 4).astype(np.uint8), big.astype(np.uint8)
+        data, first, single = _multipage_tiff(frames), _multipage_tiff(frames[:1]), _multipage_tiff(big[None])
+    else:
+        data, first, single = (write_dicom(tmp_path / f"{name}.dcm", pixels).read_bytes()
+                               for name, pixels in (("mf", frames), ("first", frames[0]), ("big", big)))
+        if kind == "dicom-jpeg-lossless":
+            data = transcode_dicom(tmp_path / "mf.dcm", tmp_path / "mfj.dcm", "JPEGLosslessProcess14_1").read_bytes()
+    limits = ImageLimits(max_pixels=100_000)
+    decoded = decode_bytes(data, "mf", limits=limits)
+    assert decoded.image.size == (300, 200)
+    assert np.array_equal(np.asarray(decoded.image), np.asarray(decode_bytes(first, "first").image))
+    with pytest.raises(ImageTooLargeError, match="120,000 pixels, over the 100,000-pixel limit"):
+        decode_bytes(single, "big", limits=limits)
+
+
 def test_byte_limit():
     with pytest.raises(ImageDecodeError, match="byte limit"):
         decode_bytes(b"x" * 2000, limits=ImageLimits(max_bytes=1000))

@@ -58,9 +58,9 @@ class ImageLimits:
     """Bounds that protect a process against hostile or absurd inputs."""
 
     max_pixels: int = field(default=PILLOW_MAX_PIXELS, metadata={
-        "help": "Largest width*height*frames decoded, checked from the header before decoding. The default is "
-                "Pillow's own (89,478,485); raster images beyond twice that are refused by Pillow whatever this "
-                "says."})
+        "help": "Largest width*height decoded, checked from the header before decoding; of a multi-frame file "
+                "only the first frame is decoded. The default is Pillow's own (89,478,485); raster images beyond "
+                "twice that are refused by Pillow whatever this says."})
     max_bytes: int = field(default=512 * 1024 * 1024, metadata={"help": "Largest encoded file accepted."})
     max_side: int | None = field(default=None, metadata={
         "help": "Reduce larger images to about this many pixels on the long side as they are decoded (JPEG "
@@ -184,7 +184,7 @@ def _decode_raster(data: bytes, name: str, limits: ImageLimits, model_side: int 
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             im = Image.open(io.BytesIO(data))
             fmt = im.format or "unknown"
-            _check_pixels(im.width * im.height * getattr(im, "n_frames", 1), name, limits)
+            _check_pixels(im.width * im.height, name, limits)  # the first frame: the only one decoded
             im.seek(0)
             stored_size, file_width, orientation = im.size, im.width, im.getexif().get(EXIF_ORIENTATION, 1)
             if orientation in ROTATED_BY_90:  # exif_transpose below swaps the sides
@@ -286,7 +286,7 @@ def _read_dicom(data: bytes, name: str, limits: ImageLimits, window: str | None 
         frames = int(getattr(ds, "NumberOfFrames", 1) or 1)
     except (AttributeError, TypeError, ValueError):
         raise ImageDecodeError(f"{name}: DICOM file lacks valid Rows/Columns") from None
-    _check_pixels(rows * cols * max(frames, 1), name, limits)
+    _check_pixels(rows * cols, name, limits)  # the first frame: the only one decoded (`stored_values`)
     if window in WINDOW_PRESETS and str(getattr(ds, "Modality", "")).upper() not in HU_MODALITIES:
         raise DataError(f"{name}: the {window} window is in Hounsfield units (CT); this image is "
                                     f"{getattr(ds, 'Modality', 'not CT')}: use file or full")
