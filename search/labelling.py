@@ -25,11 +25,13 @@ def model_input(image: Image.Image | DecodedImage, encoder) -> Image.Image:
 
 
 def report_metadata(image: Image.Image | DecodedImage, metadata: dict | None) -> dict:
-    """What a report knows of an image: a decoded file's own metadata and size, overlaid by `metadata`."""
+    """What a report knows of an image: a decoded file's own metadata, size and (when it holds more than one)
+    frame count, overlaid by `metadata`."""
     meta = dict(metadata or {})
     if isinstance(image, DecodedImage):
         width, height = image.file_size
-        meta = {**image.metadata, "width": width, "height": height, **meta}
+        frames = {"frames": image.frames} if image.frames > 1 else {}
+        meta = {**image.metadata, "width": width, "height": height, **frames, **meta}
     return meta
 
 

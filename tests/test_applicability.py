@@ -245,3 +245,31 @@ def test_the_german_technique_line_uses_german_words():
     assert describe_technique(meta, text_for("en")) == "X-ray of the chest (AP supine view)."
     german = describe_technique(meta, text_for("de"))
     assert german == "Röntgen, Region Thorax (a.p.-Projektion im Liegen)." and "chest" not in german
+
+
+def test_a_report_of_a_multiframe_file_says_only_the_first_frame_was_assessed(tmp_path, tiny_encoder):
+    """Uploaded or indexed, a 3-frame DICOM's report says the other 2 frames were not looked at, in every
+    language, and its JSON carries the count; a single-frame file's report says nothing of frames."""
+    from indexer.pipeline import IndexJob, run_index
+    from search.engine import Engine, EngineConfig
+
+    src = tmp_path / "src"
+    src.mkdir()
+    frames = np.stack([np.asarray(gray_image(500 + i, (64, 64)), np.uint16) * 16 for i in range(3)])
+    write_dicom(src / "tomo.dcm", frames)
+    write_dicom(src / "film.dcm", frames[0])
+    data = tmp_path / "data"
+    run_index(IndexJob(sources=[str(src)], data_dir=data, workers=0, progress=False), tiny_encoder)
+    engine = Engine.open(EngineConfig(data_dir=data), encoder=tiny_encoder)
+    ids = {h.image["file_name"]: h.id for h in engine.text("x", k=10)}
+    for name, frames_said in (("tomo.dcm", True), ("film.dcm", False)):
+        upload = engine.decode_upload((src / name).read_bytes(), name)
+        for report in (engine.report(upload, {}), engine.report_for_id(ids[name])[0]):
+            said = [line for line in report.limitations if "frames" in line]
+            expected = ("This file holds 3 frames (a series such as tomosynthesis or cine); only the first was shown, "
+                        "embedded and assessed, and the other 2 were not looked at.")
+            assert said == ([expected] if frames_said else [])
+            assert report.metadata.get("frames") == (3 if frames_said else None)
+    german = engine.report(engine.decode_upload((src / "tomo.dcm").read_bytes(), "tomo.dcm"), {}, lang="de")
+    assert any("3 Bilder" in line and "übrigen 2" in line for line in german.limitations)
+    engine.close()

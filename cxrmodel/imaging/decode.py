@@ -79,6 +79,7 @@ class DecodedImage:
     reduced_by: int = 1  # `image` is this many times smaller than the file (a JPEG's DCT scale, a whole-factor
     # reduction); its last column and row, rounded up, then stand for fewer of the file's pixels than the rest
     model_side: int | None = None  # `image` was decoded for a model alone (`decode_bytes`'s `model_side`)
+    frames: int = 1  # frames (pages) in the file; only the first is ever decoded, shown and embedded
     encoded: bytes | None = field(default=None, repr=False, compare=False)  # a JPEG's bytes, for `for_model`
     plausibility: object = field(default=None, init=False, repr=False, compare=False)  # set by assess_image
     _model_views: dict = field(default_factory=dict, init=False, repr=False, compare=False)  # by decode side
@@ -185,6 +186,7 @@ def _decode_raster(data: bytes, name: str, limits: ImageLimits, model_side: int 
             im = Image.open(io.BytesIO(data))
             fmt = im.format or "unknown"
             _check_pixels(im.width * im.height, name, limits)  # the first frame: the only one decoded
+            frames = max(1, int(getattr(im, "n_frames", 1) or 1))
             im.seek(0)
             stored_size, file_width, orientation = im.size, im.width, im.getexif().get(EXIF_ORIENTATION, 1)
             if orientation in ROTATED_BY_90:  # exif_transpose below swaps the sides
@@ -212,7 +214,7 @@ def _decode_raster(data: bytes, name: str, limits: ImageLimits, model_side: int 
         raise ImageDecodeError(f"{name}: corrupt or truncated image ({exc})") from None
     return DecodedImage(image=_to_display_mode(im), format=fmt,
                         source_size=None if im.size == stored_size else stored_size, reduced_by=scale,
-                        model_side=model_side,
+                        model_side=model_side, frames=frames,
                         encoded=data if fmt == "JPEG" and not model_side else None)
 
 
@@ -304,7 +306,7 @@ def _read_dicom(data: bytes, name: str, limits: ImageLimits, window: str | None 
     image = Image.fromarray(pixels, mode=mode)
     shown, factor = reduce_to(image, limits.max_side)
     return DecodedImage(image=shown, format="DICOM", metadata=dicom_metadata(ds),
-                        source_size=image.size if factor > 1 else None, reduced_by=factor)
+                        source_size=image.size if factor > 1 else None, reduced_by=factor, frames=max(frames, 1))
 
 
 def _dicom_display_pixels(ds, frames: int, window: str | None = None) -> np.ndarray:
@@ -410,6 +412,28 @@ def header_metadata(data: bytes, name: str = "image") -> dict[str, str]:
         return dicom_metadata(ds)
     except Exception:  # noqa: BLE001 -- a header pydicom cannot parse simply has no metadata
         return {}
+
+
+def frame_count(path: str | Path) -> int:
+    """How many frames (pages) an image file holds, read from its header alone; 1 when it holds one or the
+    header cannot tell. Only the first is ever decoded, so a report says what was not looked at."""
+    path = Path(path)
+    try:
+        with path.open("rb") as f:
+            head = f.read(DICOM_MAGIC_OFFSET + 4)
+        if looks_like_dicom(head) or path.suffix.lower() in DICOM_EXTENSIONS:
+            import pydicom
+
+            ds = pydicom.dcmread(path, force=True, stop_before_pixels=True, specific_tags=["NumberOfFrames"])
+            frames = int(getattr(ds, "NumberOfFrames", 1) or 1)
+        else:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+                with Image.open(path) as im:
+                    frames = int(getattr(im, "n_frames", 1) or 1)
+    except Exception:  # noqa: BLE001 -- an unreadable header tells nothing more than "one frame"
+        return 1
+    return max(frames, 1)
 
 
 def dicom_metadata(ds) -> dict[str, str]:

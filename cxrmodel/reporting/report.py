@@ -18,7 +18,7 @@ from cxrmodel.labels.prompts import REGIONS, LabelConfig
 from cxrmodel.labels.zeroshot import LabelScore
 
 TEMPLATES_FILE = Path(__file__).with_name("report_templates.json")
-SAFE_METADATA = ("id", "modality", "body_part", "view", "width", "height", "file_name", "age_band", "sex")
+SAFE_METADATA = ("id", "modality", "body_part", "view", "width", "height", "frames", "file_name", "age_band", "sex")
 
 
 @lru_cache(maxsize=1)
@@ -106,6 +106,18 @@ def describe_technique(metadata: dict, t: dict) -> str:
     return text + "."
 
 
+def limitations(metadata: dict, t: dict) -> list[str]:
+    """The standing limitations, and what was not looked at: every frame of a multi-frame file but the first."""
+    out = list(t["limitations"])
+    try:
+        frames = int(metadata.get("frames") or 1)
+    except (TypeError, ValueError):
+        frames = 1
+    if frames > 1:
+        out.append(t["first_frame_only"].format(frames=frames, rest=frames - 1))
+    return out
+
+
 def clinical_information(metadata: dict, t: dict) -> list[str]:
     """Study description, indication, age band and sex where the metadata has them -- never identity."""
     lines = []
@@ -145,7 +157,7 @@ def compose_report(scores: list[LabelScore], metadata: dict, config: LabelConfig
     """Build the report; `threshold`, when given, replaces every per-pathology threshold. With a
     not-applicable `decision` the report says so and assesses no finding."""
     t = text_for(lang)
-    common = dict(technique=describe_technique(metadata, t), limitations=list(t["limitations"]),
+    common = dict(technique=describe_technique(metadata, t), limitations=limitations(metadata, t),
                   disclaimer=t["disclaimer"], clinical_information=clinical_information(metadata, t),
                   applicability=decision.to_dict() if decision is not None else None, lang=lang,
                   metadata={k: v for k, v in metadata.items() if k in SAFE_METADATA})
