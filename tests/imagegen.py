@@ -94,6 +94,36 @@ def write_dicom(path: Path, pixels: np.ndarray, photometric: str = "MONOCHROME2"
     return path
 
 
+def write_palette_dicom(path: Path, indices: np.ndarray, colours: list[tuple[int, int, int]], entry_bits: int = 16,
+                        nominal_bits: int | None = None) -> Path:
+    """A PALETTE COLOR DICOM (ultrasound, nuclear medicine, secondary captures): 8-bit `indices` into `colours`
+    (8-bit RGB), the tables stored with `entry_bits` per entry; `nominal_bits` is what the descriptors declare
+    (8 with 16-bit entries: the common deviation of 8-bit values padded into 16 bits)."""
+    from pydicom.dataset import FileDataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, UltrasoundImageStorage, generate_uid
+
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = UltrasoundImageStorage
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = FileDataset(str(path), {}, file_meta=meta, preamble=b"\0" * 128)
+    ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
+    ds.Modality = "US"
+    ds.Rows, ds.Columns = indices.shape
+    ds.PhotometricInterpretation, ds.SamplesPerPixel = "PALETTE COLOR", 1
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 8, 8, 7, 0
+    table = np.array(colours, dtype=np.uint16)
+    if entry_bits == 16 and (nominal_bits or 16) == 16:
+        table = table * 257  # full 16-bit range
+    dtype = np.uint16 if entry_bits == 16 else np.uint8
+    for channel, name in enumerate(("Red", "Green", "Blue")):
+        setattr(ds, f"{name}PaletteColorLookupTableDescriptor", [len(colours), 0, nominal_bits or entry_bits])
+        setattr(ds, f"{name}PaletteColorLookupTableData", table[:, channel].astype(dtype).tobytes())
+    ds.PixelData = indices.astype(np.uint8).tobytes()
+    ds.save_as(str(path), enforce_file_format=True)
+    return path
+
+
 def transcode_dicom(src: Path, dst: Path, syntax: str) -> Path:
     """`src` re-encoded by GDCM in the named transfer syntax (as a PACS or dcmtk would store it)."""
     import gdcm

@@ -143,6 +143,20 @@ def test_dicom_multiframe_takes_first_frame(tmp_path):
     assert arr.shape == (6, 6) and arr[0, 0] == 255 and arr[1, 1] == 0
 
 
+@pytest.mark.parametrize("entry_bits,nominal_bits", [(16, 16), (8, 8), (16, 8)])
+def test_a_palette_colour_dicom_is_shown_in_its_colours(entry_bits, nominal_bits, tmp_path):
+    """Ultrasound and nuclear-medicine files often store indices into red, green and blue tables: the image is
+    those colours, not the indices as grey levels; 8-bit entries padded into 16 bits read as 8-bit."""
+    from tests.imagegen import write_palette_dicom
+
+    colours = [(0, 0, 0), (255, 0, 0), (0, 200, 0), (30, 60, 250)]
+    indices = np.arange(24).reshape(4, 6) % 4
+    path = write_palette_dicom(tmp_path / "p.dcm", indices, colours, entry_bits, nominal_bits)
+    decoded = decode_bytes(path.read_bytes(), "p.dcm")
+    assert decoded.image.mode == "RGB" and decoded.image.size == (6, 4)
+    assert np.array_equal(np.asarray(decoded.image), np.array(colours, np.uint8)[indices])
+
+
 def test_dicom_rgb(tmp_path):
     rgb = np.zeros((4, 5, 3), np.uint8)
     rgb[..., 0] = 200

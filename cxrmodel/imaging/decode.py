@@ -311,7 +311,7 @@ def _read_dicom(data: bytes, name: str, limits: ImageLimits, window: str | None 
 
 def _dicom_display_pixels(ds, frames: int, window: str | None = None) -> np.ndarray:
     """Modality LUT (rescale), VOI LUT (the file's window, a preset, or the full range), MONOCHROME1
-    inversion, first frame -> uint8."""
+    inversion, first frame -> uint8; colour as stored, a PALETTE COLOR image through its tables."""
     from pydicom.pixels import apply_modality_lut, apply_voi_lut
 
     samples = int(getattr(ds, "SamplesPerPixel", 1) or 1)
@@ -320,7 +320,10 @@ def _dicom_display_pixels(ds, frames: int, window: str | None = None) -> np.ndar
         if arr.dtype != np.uint8:
             arr = scale_to_uint8(arr)
         return np.ascontiguousarray(arr)
-    invert = str(getattr(ds, "PhotometricInterpretation", "")).upper() == "MONOCHROME1"
+    photometric = str(getattr(ds, "PhotometricInterpretation", "")).strip().upper()
+    if photometric == "PALETTE COLOR":
+        return palette_rgb(arr, ds)
+    invert = photometric == "MONOCHROME1"
     if window in WINDOW_PRESETS:  # linear window on the modality values (Hounsfield units for CT)
         centre, width = WINDOW_PRESETS[window]
 
@@ -337,6 +340,20 @@ def _dicom_display_pixels(ds, frames: int, window: str | None = None) -> np.ndar
         return apply_voi_lut(modality, ds, index=0) if use_voi else modality
 
     return map_to_uint8(arr, levels, invert=invert)
+
+
+def palette_rgb(indices: np.ndarray, ds) -> np.ndarray:
+    """A PALETTE COLOR image's stored indices through its red, green and blue lookup tables (pydicom's
+    `apply_color_lut`: plain, segmented or a well-known palette), as 8-bit RGB. 16-bit entries keep their high
+    byte; 8-bit entries stored in 16 bits (a common deviation, PS3.3 C.7.6.3.1.5) are read as 8-bit."""
+    from pydicom.pixels import apply_color_lut
+
+    rgb = apply_color_lut(indices, ds)[..., :3]  # an alpha table, where present, is not shown
+    if rgb.dtype == np.uint16:
+        nominal = int(ds.RedPaletteColorLookupTableDescriptor[2]) if "RedPaletteColorLookupTableDescriptor" in ds \
+            else 16
+        rgb = rgb >> 8 if nominal > 8 else np.minimum(rgb, 255)
+    return np.ascontiguousarray(rgb, dtype=np.uint8)
 
 
 DECODERS_HINT = ("RadLens decodes compressed DICOM with imagecodecs (libjpeg-turbo, CharLS), Pillow and python-gdcm; "
