@@ -57,18 +57,25 @@ def png_bytes(im: Image.Image) -> bytes:
     return buf.getvalue()
 
 
-def write_dicom(path: Path, pixels: np.ndarray, photometric: str = "MONOCHROME2", **attrs) -> Path:
-    """A minimal but valid DICOM file with the given pixels and attributes (patient tags included)."""
+def new_dataset(path: Path, sop_class: str):
+    """An empty DICOM Part 10 dataset of `sop_class` in Explicit VR Little Endian, with fresh instance UIDs."""
     from pydicom.dataset import FileDataset, FileMetaDataset
-    from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
+    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
     meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
+    meta.MediaStorageSOPClassUID = sop_class
     meta.MediaStorageSOPInstanceUID = generate_uid()
     meta.TransferSyntaxUID = ExplicitVRLittleEndian
     ds = FileDataset(str(path), {}, file_meta=meta, preamble=b"\0" * 128)
-    ds.SOPClassUID = meta.MediaStorageSOPClassUID
-    ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
+    ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
+    return ds
+
+
+def write_dicom(path: Path, pixels: np.ndarray, photometric: str = "MONOCHROME2", **attrs) -> Path:
+    """A minimal but valid DICOM file with the given pixels and attributes (patient tags included)."""
+    from pydicom.uid import SecondaryCaptureImageStorage
+
+    ds = new_dataset(path, SecondaryCaptureImageStorage)
     ds.PatientName = "DOE^JANE"
     ds.PatientID = "PHI-123456"
     ds.PatientBirthDate = "19700101"
@@ -99,15 +106,9 @@ def write_palette_dicom(path: Path, indices: np.ndarray, colours: list[tuple[int
     """A PALETTE COLOR DICOM (ultrasound, nuclear medicine, secondary captures): 8-bit `indices` into `colours`
     (8-bit RGB), the tables stored with `entry_bits` per entry; `nominal_bits` is what the descriptors declare
     (8 with 16-bit entries: the common deviation of 8-bit values padded into 16 bits)."""
-    from pydicom.dataset import FileDataset, FileMetaDataset
-    from pydicom.uid import ExplicitVRLittleEndian, UltrasoundImageStorage, generate_uid
+    from pydicom.uid import UltrasoundImageStorage
 
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = UltrasoundImageStorage
-    meta.MediaStorageSOPInstanceUID = generate_uid()
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds = FileDataset(str(path), {}, file_meta=meta, preamble=b"\0" * 128)
-    ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
+    ds = new_dataset(path, UltrasoundImageStorage)
     ds.Modality = "US"
     ds.Rows, ds.Columns = indices.shape
     ds.PhotometricInterpretation, ds.SamplesPerPixel = "PALETTE COLOR", 1
