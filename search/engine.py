@@ -19,7 +19,7 @@ from sqlalchemy.orm import Session
 
 from cxrmodel.constants import DEFAULT_DATA_DIR, THUMBS_DIR
 from cxrmodel.errors import DataError, ModelLoadError, NotFoundError
-from cxrmodel.imaging.decode import DecodedImage, ImageLimits, decode_bytes, frame_count, load_image, shrink_to_fit
+from cxrmodel.imaging.decode import DecodedImage, ImageLimits, decode_bytes, file_facts, load_image, shrink_to_fit
 from cxrmodel.imaging.plausibility import assess_image
 from cxrmodel.labels.applicability import Decision
 from cxrmodel.labels.prompts import LabelConfig, load_label_config
@@ -389,15 +389,14 @@ class Engine:
                 scores = self.labeller.with_stored(state.encoder, scores, stored_raw)
         else:
             decision, scores = self.assess(self.load(image_id), meta, state=state)
-        return self.labeller.report(scores, decision, {**meta, **self._frames(image_id)}, threshold, lang), \
+        return self.labeller.report(scores, decision, {**meta, **self._file_facts(image_id)}, threshold, lang), \
             scores, decision, meta
 
-    def _frames(self, image_id: int) -> dict:
-        """{"frames": N} when an indexed file holds N > 1 frames (read from its header; an archived instance is
-        not fetched again for it), else {}: a report says that only the first was assessed."""
+    def _file_facts(self, image_id: int) -> dict:
+        """What a report says of an indexed file beyond its pixels: its frame count and lossy compression, read
+        from its header (`cxrmodel.imaging.decode.file_facts`); an archived instance is not fetched again for it."""
         path = self.catalog.path(image_id)
-        frames = 1 if is_dicomweb(path) else frame_count(path)
-        return {"frames": frames} if frames > 1 else {}
+        return {} if is_dicomweb(path) else file_facts(path)
 
     def priors(self, image_id: int) -> dict:
         """The same patient's indexed studies in date order, with stored scores and the change per pathology."""

@@ -247,16 +247,18 @@ def test_the_german_technique_line_uses_german_words():
     assert german == "Röntgen, Region Thorax (a.p.-Projektion im Liegen)." and "chest" not in german
 
 
-def test_a_report_of_a_multiframe_file_says_only_the_first_frame_was_assessed(tmp_path, tiny_encoder):
-    """Uploaded or indexed, a 3-frame DICOM's report says the other 2 frames were not looked at, in every
-    language, and its JSON carries the count; a single-frame file's report says nothing of frames."""
+def test_a_report_says_what_the_file_shows_was_not_looked_at_or_was_lost(tmp_path, tiny_encoder):
+    """Uploaded or indexed, a 3-frame DICOM's report says the other 2 frames were not looked at, and a film flagged
+    as lossy compressed says detail may be lost, in every language, with the facts in its JSON; a single-frame,
+    never-compressed film's report says neither."""
     from indexer.pipeline import IndexJob, run_index
     from search.engine import Engine, EngineConfig
 
     src = tmp_path / "src"
     src.mkdir()
     frames = np.stack([np.asarray(gray_image(500 + i, (64, 64)), np.uint16) * 16 for i in range(3)])
-    write_dicom(src / "tomo.dcm", frames)
+    write_dicom(src / "tomo.dcm", frames, LossyImageCompression="01", LossyImageCompressionRatio=8,
+                LossyImageCompressionMethod="ISO_10918_1")
     write_dicom(src / "film.dcm", frames[0])
     data = tmp_path / "data"
     run_index(IndexJob(sources=[str(src)], data_dir=data, workers=0, progress=False), tiny_encoder)
@@ -270,6 +272,11 @@ def test_a_report_of_a_multiframe_file_says_only_the_first_frame_was_assessed(tm
                         "embedded and assessed, and the other 2 were not looked at.")
             assert said == ([expected] if frames_said else [])
             assert report.metadata.get("frames") == (3 if frames_said else None)
+            lossy = [line for line in report.limitations if "with loss" in line]
+            assert lossy == (["The image was compressed with loss (JPEG, ratio 8:1): fine detail may be missing or "
+                              "altered."] if frames_said else [])
+            assert report.metadata.get("lossy_ratio") == ("8:1" if frames_said else None)
     german = engine.report(engine.decode_upload((src / "tomo.dcm").read_bytes(), "tomo.dcm"), {}, lang="de")
     assert any("3 Bilder" in line and "übrigen 2" in line for line in german.limitations)
+    assert any("verlustbehaftet" in line and "Verhältnis 8:1" in line for line in german.limitations)
     engine.close()

@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 
 from cxrmodel.errors import ImageDecodeError
-from cxrmodel.imaging.decode import ImageLimits, decode_bytes, frame_count, load_image
+from cxrmodel.imaging.decode import ImageLimits, decode_bytes, file_facts, load_image
 from tests.imagegen import gray_image, png_bytes, write_dicom
 
 
@@ -105,7 +105,7 @@ def test_a_multiframe_file_is_bounded_by_the_frame_it_decodes(kind, tmp_path):
     decoded = decode_bytes(data, "mf", limits=limits)
     assert decoded.image.size == (300, 200) and decoded.frames == 4 and decode_bytes(first, "first").frames == 1
     (tmp_path / "mf.file").write_bytes(data)
-    assert frame_count(tmp_path / "mf.file") == 4 and frame_count(tmp_path / "absent.dcm") == 1
+    assert file_facts(tmp_path / "mf.file") == {"frames": 4} and file_facts(tmp_path / "absent.dcm") == {}
     assert np.array_equal(np.asarray(decoded.image), np.asarray(decode_bytes(first, "first").image))
     with pytest.raises(ImageTooLargeError, match="120,000 pixels, over the 100,000-pixel limit"):
         decode_bytes(single, "big", limits=limits)

@@ -26,6 +26,7 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from cxrmodel.errors import DataError, ImageDecodeError, ImageTooLargeError, UnsupportedImageError
+from cxrmodel.imaging.compression import dicom_compression, raster_compression
 from cxrmodel.imaging.levels import map_to_uint8, scale_to_uint8
 
 DICOM_MAGIC_OFFSET = 128
@@ -212,7 +213,7 @@ def _decode_raster(data: bytes, name: str, limits: ImageLimits, model_side: int 
         raise UnsupportedImageError(f"{name}: not a recognised image format") from None
     except (OSError, SyntaxError, ValueError, TypeError, EOFError, struct.error) as exc:
         raise ImageDecodeError(f"{name}: corrupt or truncated image ({exc})") from None
-    return DecodedImage(image=_to_display_mode(im), format=fmt,
+    return DecodedImage(image=_to_display_mode(im), format=fmt, metadata=raster_compression(fmt),
                         source_size=None if im.size == stored_size else stored_size, reduced_by=scale,
                         model_side=model_side, frames=frames,
                         encoded=data if fmt == "JPEG" and not model_side else None)
@@ -431,9 +432,10 @@ def header_metadata(data: bytes, name: str = "image") -> dict[str, str]:
         return {}
 
 
-def frame_count(path: str | Path) -> int:
-    """How many frames (pages) an image file holds, read from its header alone; 1 when it holds one or the
-    header cannot tell. Only the first is ever decoded, so a report says what was not looked at."""
+def file_facts(path: str | Path) -> dict:
+    """What a report says of a file beyond its pixels, read from its header alone: {"frames": N} when it holds
+    N > 1 frames (only the first is ever decoded) and {"lossy": ..., "lossy_ratio": ...} when its pixels are
+    known to have been compressed with loss; {} when neither, or when the header cannot be read."""
     path = Path(path)
     try:
         with path.open("rb") as f:
@@ -441,22 +443,25 @@ def frame_count(path: str | Path) -> int:
         if looks_like_dicom(head) or path.suffix.lower() in DICOM_EXTENSIONS:
             import pydicom
 
-            ds = pydicom.dcmread(path, force=True, stop_before_pixels=True, specific_tags=["NumberOfFrames"])
-            frames = int(getattr(ds, "NumberOfFrames", 1) or 1)
+            ds = pydicom.dcmread(path, force=True, stop_before_pixels=True, specific_tags=[
+                "NumberOfFrames", "LossyImageCompression", "LossyImageCompressionRatio",
+                "LossyImageCompressionMethod"])
+            frames, facts = int(getattr(ds, "NumberOfFrames", 1) or 1), dicom_compression(ds)
         else:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", Image.DecompressionBombWarning)
                 with Image.open(path) as im:
-                    frames = int(getattr(im, "n_frames", 1) or 1)
-    except Exception:  # noqa: BLE001 -- an unreadable header tells nothing more than "one frame"
-        return 1
-    return max(frames, 1)
+                    frames, facts = int(getattr(im, "n_frames", 1) or 1), raster_compression(im.format or "")
+    except Exception:  # noqa: BLE001 -- an unreadable header tells nothing more
+        return {}
+    return {**({"frames": frames} if frames > 1 else {}), **facts}
 
 
 def dicom_metadata(ds) -> dict[str, str]:
     """The whitelisted DICOM attributes (modality, body part, view, age, sex, study date, and the patient
-    key that the indexer keeps only as a keyed pseudonym)."""
-    out = {}
+    key that the indexer keeps only as a keyed pseudonym), and whether the pixels were compressed with loss
+    (`cxrmodel.imaging.compression`)."""
+    out = dicom_compression(ds)
     for key, keyword in DICOM_METADATA_TAGS.items():
         value = getattr(ds, keyword, None)
         if value not in (None, ""):

@@ -18,7 +18,8 @@ from cxrmodel.labels.prompts import REGIONS, LabelConfig
 from cxrmodel.labels.zeroshot import LabelScore
 
 TEMPLATES_FILE = Path(__file__).with_name("report_templates.json")
-SAFE_METADATA = ("id", "modality", "body_part", "view", "width", "height", "frames", "file_name", "age_band", "sex")
+SAFE_METADATA = ("id", "modality", "body_part", "view", "width", "height", "frames", "lossy", "lossy_ratio",
+                 "file_name", "age_band", "sex")
 
 
 @lru_cache(maxsize=1)
@@ -107,7 +108,8 @@ def describe_technique(metadata: dict, t: dict) -> str:
 
 
 def limitations(metadata: dict, t: dict) -> list[str]:
-    """The standing limitations, and what was not looked at: every frame of a multi-frame file but the first."""
+    """The standing limitations, and what this image's file shows was not looked at or was lost: every frame of
+    a multi-frame file but the first; detail lost to lossy compression."""
     out = list(t["limitations"])
     try:
         frames = int(metadata.get("frames") or 1)
@@ -115,6 +117,9 @@ def limitations(metadata: dict, t: dict) -> list[str]:
         frames = 1
     if frames > 1:
         out.append(t["first_frame_only"].format(frames=frames, rest=frames - 1))
+    if metadata.get("lossy"):
+        ratio = t["lossy_ratio"].format(ratio=metadata["lossy_ratio"]) if metadata.get("lossy_ratio") else ""
+        out.append(t["lossy"].format(method=metadata["lossy"], ratio=ratio))
     return out
 
 
