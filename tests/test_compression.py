@@ -35,7 +35,7 @@ def _dataset(syntax: str = "1.2.840.10008.1.2.1", **attrs) -> Dataset:
     ("1.2.840.10008.1.2.1", {"LossyImageCompression": "01", "LossyImageCompressionRatio": [10, 2],
                              "LossyImageCompressionMethod": ["ISO_10918_1", "ISO_14495_1"]},
      {"lossy": "JPEG, JPEG-LS", "lossy_ratio": "10:1, 2:1"}),  # decompressed since: the flag stays
-    ("1.2.840.10008.1.2.1", {"LossyImageCompression": "01"}, {"lossy": "method not recorded"}),
+    ("1.2.840.10008.1.2.1", {"LossyImageCompression": "01"}, {"lossy": "unrecorded"}),
 ])
 def test_lossy_compression_is_claimed_only_where_the_file_proves_it(syntax, attrs, expected):
     assert dicom_compression(_dataset(syntax, **attrs)) == expected
@@ -62,3 +62,14 @@ def test_a_flagged_dicom_and_a_jpeg_carry_it_from_decode_and_header_alike(tmp_pa
     buf = io.BytesIO()
     Image.new("L", (8, 8)).save(buf, format="PNG")
     assert decode_bytes(buf.getvalue(), "y.png").metadata == {}
+
+
+def test_a_report_words_an_unrecorded_method_in_its_language():
+    from cxrmodel.labels.prompts import LabelConfig
+    from cxrmodel.reporting.report import compose_report
+
+    meta = {"lossy": "unrecorded"}
+    en = compose_report([], meta, LabelConfig(), lang="en").limitations[-1]
+    de = compose_report([], meta, LabelConfig(), lang="de").limitations[-1]
+    assert en == "The image was compressed with loss (method not recorded): fine detail may be missing or altered."
+    assert "Verfahren nicht angegeben" in de and "unrecorded" not in de

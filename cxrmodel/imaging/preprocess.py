@@ -36,7 +36,7 @@ class ImagePreprocess:
     crop_rounding: str = "floor"  # the crop's offset: floor (transformers) or round (torchvision, open_clip)
     # An image more than 2 x this many times the model's input is first averaged over whole blocks (Pillow's
     # `reduce`), leaving the bicubic pass at least this many source pixels per output pixel; Pillow documents
-    # 3.0 as indistinguishable from resampling the full image in most cases. A 3000 x 2500 film resizes ~5x
+    # 3.0 as indistinguishable from resampling the full image in most cases. A 3000 x 2500 film resizes ~4x
     # faster; an image under 6 x the input is resized exactly as transformers does. None: always in full.
     reducing_gap: float | None = 3.0
 

@@ -14,6 +14,7 @@ from functools import lru_cache
 from pathlib import Path
 
 from cxrmodel.errors import DataError
+from cxrmodel.imaging.compression import UNRECORDED
 from cxrmodel.labels.prompts import REGIONS, LabelConfig
 from cxrmodel.labels.zeroshot import LabelScore
 
@@ -118,8 +119,9 @@ def limitations(metadata: dict, t: dict) -> list[str]:
     if frames > 1:
         out.append(t["first_frame_only"].format(frames=frames, rest=frames - 1))
     if metadata.get("lossy"):
+        method = t["lossy_unrecorded"] if metadata["lossy"] == UNRECORDED else metadata["lossy"]
         ratio = t["lossy_ratio"].format(ratio=metadata["lossy_ratio"]) if metadata.get("lossy_ratio") else ""
-        out.append(t["lossy"].format(method=metadata["lossy"], ratio=ratio))
+        out.append(t["lossy"].format(method=method, ratio=ratio))
     return out
 
 
