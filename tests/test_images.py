@@ -157,6 +157,32 @@ def test_a_palette_colour_dicom_is_shown_in_its_colours(entry_bits, nominal_bits
     assert np.array_equal(np.asarray(decoded.image), np.array(colours, np.uint8)[indices])
 
 
+def test_an_enhanced_multiframe_files_levels_come_from_its_functional_groups(tmp_path):
+    """Enhanced CT/MR and tomosynthesis files keep rescale and window in functional groups, per frame or shared:
+    the first frame's are applied (per-frame over shared) as a classic file's top-level ones, presets in HU too."""
+    from pydicom.dataset import Dataset
+
+    def item(**attrs) -> Dataset:
+        ds = Dataset()
+        for key, value in attrs.items():
+            setattr(ds, key, value)
+        return ds
+
+    frames = np.random.default_rng(3).integers(0, 2000, (2, 16, 16)).astype(np.uint16)
+    classic = write_dicom(tmp_path / "classic.dcm", frames[0], Modality="CT", RescaleSlope=1, RescaleIntercept=-1024,
+                          WindowCenter=40, WindowWidth=400)
+    shared = item(PixelValueTransformationSequence=[item(RescaleSlope=1, RescaleIntercept=-1024, RescaleType="HU")],
+                  FrameVOILUTSequence=[item(WindowCenter=300, WindowWidth=1000)])
+    per_frame = [item(FrameVOILUTSequence=[item(WindowCenter=40, WindowWidth=400)]),
+                 item(FrameVOILUTSequence=[item(WindowCenter=900, WindowWidth=50)])]
+    enhanced = write_dicom(tmp_path / "enhanced.dcm", frames, Modality="CT", SharedFunctionalGroupsSequence=[shared],
+                           PerFrameFunctionalGroupsSequence=per_frame)
+    for window in (None, "lung", "full"):
+        want = np.asarray(decode_bytes(classic.read_bytes(), "c.dcm", window=window).image)
+        got = np.asarray(decode_bytes(enhanced.read_bytes(), "e.dcm", window=window).image)
+        assert np.array_equal(got, want), window
+
+
 def test_dicom_rgb(tmp_path):
     rgb = np.zeros((4, 5, 3), np.uint8)
     rgb[..., 0] = 200

@@ -317,6 +317,7 @@ def _dicom_display_pixels(ds, frames: int, window: str | None = None) -> np.ndar
 
     samples = int(getattr(ds, "SamplesPerPixel", 1) or 1)
     arr = stored_values(ds, frames, samples)
+    lift_first_frame_levels(ds)
     if samples == 3:
         if arr.dtype != np.uint8:
             arr = scale_to_uint8(arr)
@@ -341,6 +342,26 @@ def _dicom_display_pixels(ds, frames: int, window: str | None = None) -> np.ndar
         return apply_voi_lut(modality, ds, index=0) if use_voi else modality
 
     return map_to_uint8(arr, levels, invert=invert)
+
+
+# Functional groups that hold the grey-level transforms of an enhanced multi-frame file (Enhanced CT/MR/XA, breast
+# tomosynthesis, ...), PS3.3 C.7.6.16: where pydicom's `apply_modality_lut` / `apply_voi_lut` do not look
+FRAME_LEVEL_GROUPS = ("PixelValueTransformationSequence", "FrameVOILUTSequence")
+
+
+def lift_first_frame_levels(ds) -> None:
+    """Copy the first frame's rescale and window from an enhanced multi-frame file's functional groups (its
+    per-frame group first, then the shared one) to the top level of `ds`, where pydicom's LUT functions read
+    them; attributes already at the top level are kept. Without it such a CT would lose its Hounsfield
+    intercept and its window."""
+    groups = [getattr(ds, name, None) for name in ("PerFrameFunctionalGroupsSequence",
+                                                   "SharedFunctionalGroupsSequence")]
+    for group in (g[0] for g in groups if g):
+        for name in FRAME_LEVEL_GROUPS:
+            for item in getattr(group, name, None) or []:
+                for element in item:
+                    if element.tag not in ds:
+                        ds[element.tag] = element
 
 
 def palette_rgb(indices: np.ndarray, ds) -> np.ndarray:
