@@ -340,8 +340,11 @@ class Engine:
         return load_image(path, self.config.limits, window)
 
     def decode_upload(self, data: bytes, name: str = "upload") -> DecodedImage:
-        """Decode uploaded bytes under this engine's limits, reduced to a working size (`upload_side`)."""
-        return decode_bytes(data, name=name, limits=replace(self.config.limits, max_side=self.config.upload_side))
+        """Decode uploaded bytes under this engine's limits, reduced to a working size (`upload_side`); the served
+        model's input is made from the full decode first, so an indexed file uploaded again is given to the model
+        exactly as the index gave it, whatever its size."""
+        return decode_bytes(data, name=name, limits=replace(self.config.limits, max_side=self.config.upload_side),
+                            model_preprocess=self.state().encoder.preprocess)
 
     def label(self, image: Image.Image | DecodedImage, state: ServedState | None = None) -> list[LabelScore]:
         """Full-ensemble zero-shot scores of the 14 pathologies for one image (whether or not they apply)."""

@@ -111,6 +111,17 @@ def test_a_multiframe_file_is_bounded_by_the_frame_it_decodes(kind, tmp_path):
         decode_bytes(single, "big", limits=limits)
 
 
+@pytest.mark.parametrize("mode", ["I;16", "P", "1", "L"])
+def test_a_large_upload_in_any_mode_is_shrunk_for_display(mode):
+    """Pillow's `reduce` refuses 16-bit, palette and 1-bit images: they are brought to 8 bits before an upload is
+    shrunk for display (a 16-bit PNG over twice the upload side used to be refused as "corrupt")."""
+    film = np.asarray(gray_image(9, (1001, 777)))
+    image = Image.fromarray(film.astype(np.uint16) * 257) if mode == "I;16" else Image.fromarray(film).convert(mode)
+    assert image.mode == mode
+    shown = decode_bytes(png_bytes(image), "big.png", limits=ImageLimits(max_side=300))
+    assert shown.image.size == (334, 259) and shown.file_size == (1001, 777) and shown.image.mode in ("L", "RGB")
+
+
 def test_byte_limit():
     with pytest.raises(ImageDecodeError, match="byte limit"):
         decode_bytes(b"x" * 2000, limits=ImageLimits(max_bytes=1000))

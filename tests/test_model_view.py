@@ -118,6 +118,36 @@ def test_an_upload_reduced_by_a_whole_factor_is_resized_as_the_whole_file(fmt, t
         shifted = np.abs(np.asarray(preprocess.resize(shown.image), dtype=float)
                          - np.asarray(full.model_input(preprocess), dtype=float)).mean()
         assert gap < 1.5 and shifted > (2 * gap if reducing_gap is None else gap)
+        # told which model it is for, the display decode makes that model's input before it shrinks: exact
+        told = decode_bytes(data, f"w.{fmt}", limits=ImageLimits(max_side=300), model_preprocess=preprocess)
+        assert told.image.size == (334, 259)
+        assert np.array_equal(np.asarray(told.model_input(preprocess)), np.asarray(full.model_input(preprocess)))
+
+
+@pytest.mark.parametrize("fmt", ["png", "dcm", "png16"])
+def test_an_indexed_file_uploaded_again_at_any_size_finds_its_stored_vector(fmt, tmp_path, tiny_encoder):
+    """Over the upload side a PNG or DICOM is shrunk for display; the model is still given what the index gave it."""
+    from indexer.pipeline import IndexJob, run_index
+    from search.engine import Engine, EngineConfig
+    from tests.imagegen import write_dicom
+
+    folder = tmp_path / "src"
+    folder.mkdir()
+    film = np.asarray(_textured((1001, 777), seed=7))
+    if fmt == "dcm":
+        path = write_dicom(folder / "film.dcm", film.astype(np.uint16) * 16)
+    else:
+        path = folder / "film.png"
+        Image.fromarray(film.astype(np.uint16) * 257 if fmt == "png16" else film).save(path)
+    data = tmp_path / "data"
+    run_index(IndexJob(sources=[str(folder)], data_dir=data, workers=0, progress=False), tiny_encoder)
+    engine = Engine.open(EngineConfig(data_dir=data, upload_side=300), encoder=tiny_encoder)
+    image_id, stored = _stored(engine, path.name)
+    upload = engine.decode_upload(path.read_bytes(), path.name)
+    assert upload.image.size == (334, 259)  # shrunk for display by 3
+    assert float(np.abs(engine.embed(upload) - stored).max()) < 1e-6
+    assert engine.image(upload, k=1)[0].id == image_id
+    engine.close()
 
 
 def _resized_and_reduce_calls(preprocess: ImagePreprocess, image: Image.Image):

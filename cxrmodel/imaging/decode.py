@@ -161,25 +161,30 @@ def load_image(path: str | Path, limits: ImageLimits = ImageLimits(), window: st
 
 
 def decode_bytes(data: bytes, name: str = "image", limits: ImageLimits = ImageLimits(),
-                 window: str | None = None, model_side: int | None = None) -> DecodedImage:
+                 window: str | None = None, model_side: int | None = None,
+                 model_preprocess=None) -> DecodedImage:
     """Decode image bytes (raster or DICOM) into a `DecodedImage`.
 
     `model_side` (an `ImagePreprocess.decode_side`): the pixels go to that model alone, so a JPEG decodes at
     the reduced DCT scale (1/2 .. 1/8) that keeps both sides at least this long -- the one model-input decode
     every path shares (`DecodedImage.for_model` gives it from a display decode); `file_size` keeps the
-    file's size. Without it a JPEG keeps its bytes, so that `for_model` can decode the model's view."""
+    file's size. Without it a JPEG keeps its bytes, so that `for_model` can decode the model's view.
+    `model_preprocess` (an `ImagePreprocess`): the model an image shrunk for display (`limits.max_side`) will
+    be given; its input is made from the full decode before the shrink, as `radlens index` makes it, and
+    `DecodedImage.model_input` returns it (a JPEG needs none: it is decoded again at the model's scale)."""
     if not data:
         raise ImageDecodeError(f"{name}: file is empty")
     if len(data) > limits.max_bytes:
         raise ImageTooLargeError(f"{name}: {len(data)} bytes, over the {limits.max_bytes}-byte limit")
     if looks_like_dicom(data) or name.lower().endswith(DICOM_EXTENSIONS):
-        return _decode_dicom(data, name, limits, window)
+        return _decode_dicom(data, name, limits, window, model_preprocess)
     if window not in (None, "file"):
         raise DataError(f"{name}: display windows apply to DICOM images only")
-    return _decode_raster(data, name, limits, model_side)
+    return _decode_raster(data, name, limits, model_side, model_preprocess)
 
 
-def _decode_raster(data: bytes, name: str, limits: ImageLimits, model_side: int | None = None) -> DecodedImage:
+def _decode_raster(data: bytes, name: str, limits: ImageLimits, model_side: int | None = None,
+                   model_preprocess=None) -> DecodedImage:
     try:
         with warnings.catch_warnings():
             # `_check_pixels` applies `limits.max_pixels`; Pillow's warning would apply its own number instead
@@ -200,7 +205,10 @@ def _decode_raster(data: bytes, name: str, limits: ImageLimits, model_side: int 
             scale = round(file_width / drafted[1][2]) if drafted else 1  # draft's box: the file's size / scale
             im.load()
             ImageOps.exif_transpose(im, in_place=True)  # a returned copy would double a large image's memory
-            im, factor = reduce_to(im, None if model_side else limits.max_side)
+            im = _to_display_mode(im)  # 8-bit L or RGB before any shrink: `reduce` refuses 16-bit, palette, 1-bit
+            max_side = None if model_side else limits.max_side
+            full_input = _model_input_before_shrink(im, max_side, model_preprocess) if scale == 1 else None
+            im, factor = reduce_to(im, max_side)
             scale *= factor
     except ImageDecodeError:
         raise
@@ -213,10 +221,10 @@ def _decode_raster(data: bytes, name: str, limits: ImageLimits, model_side: int 
         raise UnsupportedImageError(f"{name}: not a recognised image format") from None
     except (OSError, SyntaxError, ValueError, TypeError, EOFError, struct.error) as exc:
         raise ImageDecodeError(f"{name}: corrupt or truncated image ({exc})") from None
-    return DecodedImage(image=_to_display_mode(im), format=fmt, metadata=raster_compression(fmt),
-                        source_size=None if im.size == stored_size else stored_size, reduced_by=scale,
-                        model_side=model_side, frames=frames,
-                        encoded=data if fmt == "JPEG" and not model_side else None)
+    return _with_model_input(DecodedImage(
+        image=im, format=fmt, metadata=raster_compression(fmt),
+        source_size=None if im.size == stored_size else stored_size, reduced_by=scale, model_side=model_side,
+        frames=frames, encoded=data if fmt == "JPEG" and not model_side else None), model_preprocess, full_input)
 
 
 def jpeg_scale(size: tuple[int, int], side: int) -> int:
@@ -228,8 +236,26 @@ def jpeg_scale(size: tuple[int, int], side: int) -> int:
 def reduce_to(im: Image.Image, max_side: int | None) -> tuple[Image.Image, int]:
     """`im` shrunk by a whole factor (box filter) while its long side stays at least `max_side`, and that
     factor (1: `im` itself)."""
-    factor = max(im.size) // max_side if max_side and max(im.size) >= 2 * max_side else 1
+    factor = _shrink_factor(im.size, max_side)
     return (im.reduce(factor) if factor > 1 else im), factor
+
+
+def _shrink_factor(size: tuple[int, int], max_side: int | None) -> int:
+    return max(size) // max_side if max_side and max(size) >= 2 * max_side else 1
+
+
+def _model_input_before_shrink(im: Image.Image, max_side: int | None, preprocess) -> Image.Image | None:
+    """`preprocess`'s input made from `im` at full size, when `im` is about to be shrunk for display (None
+    otherwise): what `DecodedImage.model_input` gives for the same file decoded in full."""
+    if preprocess is None or _shrink_factor(im.size, max_side) == 1:
+        return None
+    return preprocess.resize(im)
+
+
+def _with_model_input(decoded: DecodedImage, preprocess, model_input: Image.Image | None) -> DecodedImage:
+    if model_input is not None:
+        decoded._model_inputs[preprocess] = model_input
+    return decoded
 
 
 def shrink_to_fit(im: Image.Image, box: int) -> Image.Image:
@@ -266,11 +292,12 @@ def _flatten_alpha(rgba: Image.Image) -> Image.Image:
     return Image.alpha_composite(background, rgba).convert("RGB")
 
 
-def _decode_dicom(data: bytes, name: str, limits: ImageLimits, window: str | None = None) -> DecodedImage:
+def _decode_dicom(data: bytes, name: str, limits: ImageLimits, window: str | None = None,
+                  model_preprocess=None) -> DecodedImage:
     if window not in (None, "file", "full", *WINDOW_PRESETS):
         raise DataError(f"unknown window {window!r}: use file, full or {', '.join(WINDOW_PRESETS)}")
     try:
-        return _read_dicom(data, name, limits, window)
+        return _read_dicom(data, name, limits, window, model_preprocess)
     except (ImageDecodeError, DataError):
         raise
     except Exception as exc:  # pydicom raises many types on malformed files; all mean "unreadable"
@@ -278,7 +305,8 @@ def _decode_dicom(data: bytes, name: str, limits: ImageLimits, window: str | Non
                                f"{str(exc).splitlines()[0][:200] if str(exc) else ''})") from None
 
 
-def _read_dicom(data: bytes, name: str, limits: ImageLimits, window: str | None = None) -> DecodedImage:
+def _read_dicom(data: bytes, name: str, limits: ImageLimits, window: str | None = None,
+                model_preprocess=None) -> DecodedImage:
     import pydicom
 
     ds = pydicom.dcmread(io.BytesIO(data), force=not looks_like_dicom(data))
@@ -305,9 +333,11 @@ def _read_dicom(data: bytes, name: str, limits: ImageLimits, window: str | None 
         raise ImageDecodeError(f"{name}: DICOM pixel data has an unusable shape {pixels.shape}")
     mode = "RGB" if pixels.ndim == 3 else "L"
     image = Image.fromarray(pixels, mode=mode)
+    full_input = _model_input_before_shrink(image, limits.max_side, model_preprocess)
     shown, factor = reduce_to(image, limits.max_side)
-    return DecodedImage(image=shown, format="DICOM", metadata=dicom_metadata(ds),
-                        source_size=image.size if factor > 1 else None, reduced_by=factor, frames=max(frames, 1))
+    return _with_model_input(DecodedImage(
+        image=shown, format="DICOM", metadata=dicom_metadata(ds), source_size=image.size if factor > 1 else None,
+        reduced_by=factor, frames=max(frames, 1)), model_preprocess, full_input)
 
 
 def _dicom_display_pixels(ds, frames: int, window: str | None = None) -> np.ndarray:
