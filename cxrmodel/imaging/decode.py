@@ -192,7 +192,7 @@ def _decode_raster(data: bytes, name: str, limits: ImageLimits, model_side: int 
             im = Image.open(io.BytesIO(data))
             fmt = im.format or "unknown"
             _check_pixels(im.width * im.height, name, limits)  # the first frame: the only one decoded
-            frames = max(1, int(getattr(im, "n_frames", 1) or 1))
+            frames = frame_count(im)
             im.seek(0)
             stored_size, file_width, orientation = im.size, im.width, im.getexif().get(EXIF_ORIENTATION, 1)
             if orientation in ROTATED_BY_90:  # exif_transpose below swaps the sides
@@ -207,7 +207,7 @@ def _decode_raster(data: bytes, name: str, limits: ImageLimits, model_side: int 
             ImageOps.exif_transpose(im, in_place=True)  # a returned copy would double a large image's memory
             im = _to_display_mode(im)  # 8-bit L or RGB before any shrink: `reduce` refuses 16-bit, palette, 1-bit
             max_side = None if model_side else limits.max_side
-            full_input = _model_input_before_shrink(im, max_side, model_preprocess) if scale == 1 else None
+            inputs = _inputs_before_shrink(im, max_side, model_preprocess) if scale == 1 else {}
             im, factor = reduce_to(im, max_side)
             scale *= factor
     except ImageDecodeError:
@@ -221,10 +221,12 @@ def _decode_raster(data: bytes, name: str, limits: ImageLimits, model_side: int 
         raise UnsupportedImageError(f"{name}: not a recognised image format") from None
     except (OSError, SyntaxError, ValueError, TypeError, EOFError, struct.error) as exc:
         raise ImageDecodeError(f"{name}: corrupt or truncated image ({exc})") from None
-    return _with_model_input(DecodedImage(
-        image=im, format=fmt, metadata=raster_compression(fmt),
-        source_size=None if im.size == stored_size else stored_size, reduced_by=scale, model_side=model_side,
-        frames=frames, encoded=data if fmt == "JPEG" and not model_side else None), model_preprocess, full_input)
+    decoded = DecodedImage(image=im, format=fmt, metadata=raster_compression(fmt),
+                           source_size=None if im.size == stored_size else stored_size, reduced_by=scale,
+                           model_side=model_side, frames=frames,
+                           encoded=data if fmt == "JPEG" and not model_side else None)
+    decoded._model_inputs.update(inputs)
+    return decoded
 
 
 def jpeg_scale(size: tuple[int, int], side: int) -> int:
@@ -244,18 +246,12 @@ def _shrink_factor(size: tuple[int, int], max_side: int | None) -> int:
     return max(size) // max_side if max_side and max(size) >= 2 * max_side else 1
 
 
-def _model_input_before_shrink(im: Image.Image, max_side: int | None, preprocess) -> Image.Image | None:
-    """`preprocess`'s input made from `im` at full size, when `im` is about to be shrunk for display (None
-    otherwise): what `DecodedImage.model_input` gives for the same file decoded in full."""
+def _inputs_before_shrink(im: Image.Image, max_side: int | None, preprocess) -> dict:
+    """{preprocess: its input made from `im` at full size} when `im` is about to be shrunk for display, else {}:
+    what `DecodedImage.model_input` gives for the same file decoded in full (kept in its `_model_inputs`)."""
     if preprocess is None or _shrink_factor(im.size, max_side) == 1:
-        return None
-    return preprocess.resize(im)
-
-
-def _with_model_input(decoded: DecodedImage, preprocess, model_input: Image.Image | None) -> DecodedImage:
-    if model_input is not None:
-        decoded._model_inputs[preprocess] = model_input
-    return decoded
+        return {}
+    return {preprocess: preprocess.resize(im)}
 
 
 def shrink_to_fit(im: Image.Image, box: int) -> Image.Image:
@@ -314,7 +310,7 @@ def _read_dicom(data: bytes, name: str, limits: ImageLimits, window: str | None 
         raise ImageDecodeError(f"{name}: DICOM file has no pixel data")
     try:
         rows, cols = int(ds.Rows), int(ds.Columns)
-        frames = int(getattr(ds, "NumberOfFrames", 1) or 1)
+        frames = frame_count(ds)
     except (AttributeError, TypeError, ValueError):
         raise ImageDecodeError(f"{name}: DICOM file lacks valid Rows/Columns") from None
     _check_pixels(rows * cols, name, limits)  # the first frame: the only one decoded (`stored_values`)
@@ -333,11 +329,12 @@ def _read_dicom(data: bytes, name: str, limits: ImageLimits, window: str | None 
         raise ImageDecodeError(f"{name}: DICOM pixel data has an unusable shape {pixels.shape}")
     mode = "RGB" if pixels.ndim == 3 else "L"
     image = Image.fromarray(pixels, mode=mode)
-    full_input = _model_input_before_shrink(image, limits.max_side, model_preprocess)
+    inputs = _inputs_before_shrink(image, limits.max_side, model_preprocess)
     shown, factor = reduce_to(image, limits.max_side)
-    return _with_model_input(DecodedImage(
-        image=shown, format="DICOM", metadata=dicom_metadata(ds), source_size=image.size if factor > 1 else None,
-        reduced_by=factor, frames=max(frames, 1)), model_preprocess, full_input)
+    decoded = DecodedImage(image=shown, format="DICOM", metadata=dicom_metadata(ds),
+                           source_size=image.size if factor > 1 else None, reduced_by=factor, frames=frames)
+    decoded._model_inputs.update(inputs)
+    return decoded
 
 
 def _dicom_display_pixels(ds, frames: int, window: str | None = None) -> np.ndarray:
@@ -483,6 +480,13 @@ def header_metadata(data: bytes, name: str = "image") -> dict[str, str]:
         return {}
 
 
+def frame_count(source) -> int:
+    """Frames (pages) in an opened Pillow image or a pydicom dataset, at least 1 (ValueError when a DICOM's
+    Number of Frames is not a number)."""
+    value = getattr(source, "n_frames", 1) if isinstance(source, Image.Image) else getattr(source, "NumberOfFrames", 1)
+    return max(1, int(value or 1))
+
+
 def file_facts(path: str | Path) -> dict:
     """What a report says of a file beyond its pixels, read from its header alone: {"frames": N} when it holds
     N > 1 frames (only the first is ever decoded) and {"lossy": ..., "lossy_ratio": ...} when its pixels are
@@ -497,12 +501,12 @@ def file_facts(path: str | Path) -> dict:
             ds = pydicom.dcmread(path, force=True, stop_before_pixels=True, specific_tags=[
                 "NumberOfFrames", "LossyImageCompression", "LossyImageCompressionRatio",
                 "LossyImageCompressionMethod"])
-            frames, facts = int(getattr(ds, "NumberOfFrames", 1) or 1), dicom_compression(ds)
+            frames, facts = frame_count(ds), dicom_compression(ds)
         else:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", Image.DecompressionBombWarning)
                 with Image.open(path) as im:
-                    frames, facts = int(getattr(im, "n_frames", 1) or 1), raster_compression(im.format or "")
+                    frames, facts = frame_count(im), raster_compression(im.format or "")
     except Exception:  # noqa: BLE001 -- an unreadable header tells nothing more
         return {}
     return {**({"frames": frames} if frames > 1 else {}), **facts}
