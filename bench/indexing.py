@@ -38,14 +38,21 @@ def make_images(folder: Path, count: int, size: int, seed: int = 0) -> list[Path
     if all(p.exists() for p in paths):
         return paths
     rng = np.random.default_rng(seed)
-    yy, xx = np.mgrid[0:size, 0:size] / size
     for path in paths:
-        img = 40 + 60 * yy + rng.normal(0, 6, (size, size))
-        for _ in range(rng.integers(3, 8)):
-            cy, cx, r = rng.uniform(0.2, 0.8), rng.uniform(0.2, 0.8), rng.uniform(0.05, 0.3)
-            img += rng.uniform(30, 120) * np.exp(-(((yy - cy) ** 2 + (xx - cx) ** 2) / (2 * r * r)))
-        Image.fromarray(np.clip(img, 0, 255).astype(np.uint8), mode="L").save(path)
+        radiograph(rng, (size, size)).save(path)
     return paths
+
+
+def radiograph(rng: np.random.Generator, size: tuple[int, int], blobs: int | None = None) -> Image.Image:
+    """One radiograph-like 8-bit film of `size` (width, height): a gradient, film noise and `blobs` smooth
+    anatomy-like blobs (3 to 7 drawn from `rng` when None)."""
+    w, h = size
+    yy, xx = np.mgrid[0:h, 0:w] / max(w, h)
+    img = 40 + 60 * yy + rng.normal(0, 6, (h, w))
+    for _ in range(rng.integers(3, 8) if blobs is None else blobs):
+        cy, cx, r = rng.uniform(0.2, 0.8), rng.uniform(0.2, 0.8), rng.uniform(0.05, 0.3)
+        img += rng.uniform(30, 120) * np.exp(-(((yy - cy) ** 2 + (xx - cx) ** 2) / (2 * r * r)))
+    return Image.fromarray(np.clip(img, 0, 255).astype(np.uint8), mode="L")
 
 
 def as_jpeg(paths: list[Path], folder: Path, quality: int = 95) -> list[Path]:

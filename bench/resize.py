@@ -25,7 +25,7 @@ from PIL import Image
 
 from bench.common import CORPUS, cpu_kind, table
 from bench.dicom_decode import naive_dicom, write_films
-from bench.indexing import make_images, naive_embed, neighbour_agreement, radlens_embed
+from bench.indexing import make_images, naive_embed, neighbour_agreement, radiograph, radlens_embed
 from bench.models import vit_b32_dir
 from cxrmodel.imaging.preprocess import ImagePreprocess
 from cxrmodel.model.bundled import bundled_model_dir
@@ -49,15 +49,8 @@ MODES = {"blocks, then bicubic (now)": contextlib.nullcontext, "bicubic from the
 
 
 def film(size: tuple[int, int], seed: int = 0) -> Image.Image:
-    """A radiograph-like 8-bit film: a gradient, soft blobs and pixel noise (bench.indexing's recipe)."""
-    rng = np.random.default_rng(seed)
-    w, h = size
-    yy, xx = np.mgrid[0:h, 0:w] / max(w, h)
-    img = 40 + 60 * yy + rng.normal(0, 6, (h, w))
-    for _ in range(5):
-        cy, cx, r = rng.uniform(0.2, 0.8), rng.uniform(0.2, 0.8), rng.uniform(0.05, 0.3)
-        img += rng.uniform(30, 120) * np.exp(-(((yy - cy) ** 2 + (xx - cx) ** 2) / (2 * r * r)))
-    return Image.fromarray(np.clip(img, 0, 255).astype(np.uint8))
+    """A radiograph-like 8-bit film with five blobs (`bench.indexing.radiograph`)."""
+    return radiograph(np.random.default_rng(seed), size, blobs=5)
 
 
 def resize_ms(preprocess: ImagePreprocess, image: Image.Image, repeat: int = 7) -> float:
