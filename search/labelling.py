@@ -5,6 +5,7 @@ full-ensemble scores, and the structured report. No DB access; `Engine` hands in
 from __future__ import annotations
 
 import threading
+from dataclasses import replace
 
 import numpy as np
 from PIL import Image
@@ -61,10 +62,14 @@ class Labeller:
     def with_stored(self, encoder, scores: list[LabelScore], stored: dict[str, float]) -> list[LabelScore]:
         """`scores` of an indexed image with their values replaced by the ones stored at index time, so that
         page, reports and downloads show exactly what the grid and the filters use (one number per image
-        and pathology); the ensemble's uncertainty and members are kept."""
-        raw = [LabelScore(s.pathology, stored.get(s.pathology, s.raw), s.uncertainty,
-                          float(self.labels.thresholds.get(s.pathology, 0.5)), s.members,
-                          raw=stored.get(s.pathology, s.raw)) for s in scores]
+        and pathology); the ensemble's members and other variants are kept, the stored value standing for the
+        original view."""
+        raw = []
+        for s in scores:
+            value = stored.get(s.pathology, s.raw)
+            variants = {**s.variants, "original": value} if s.variants else {}
+            raw.append(replace(s, probability=value, raw=value, variants=variants, assessed=False, skill={},
+                               low_high=None, threshold=float(self.labels.thresholds.get(s.pathology, 0.5))))
         return apply_calibration(raw, self.calibration(encoder))
 
     def stored(self, encoder, scores: dict[str, float]) -> dict[str, float]:

@@ -48,6 +48,11 @@ class Match:
     basis: str
     by_score: bool = True  # False: decided before the score, e.g. the query is not a radiological image
 
+    @property
+    def words(self) -> str:
+        """The verdict as shown: "strong match", "weak match", "no match" or "match not measured"."""
+        return {"none": "no match", "not measured": "match not measured"}.get(self.verdict, f"{self.verdict} match")
+
     def to_dict(self) -> dict:
         return {"verdict": self.verdict, "percentile": None if self.percentile is None else round(self.percentile, 3),
                 "basis": self.basis}

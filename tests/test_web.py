@@ -143,7 +143,7 @@ def test_downloads(client, some_id):
     assert md.status_code == 200 and b"## Impression" in md.data
     assert client.get(f"{base}/report", query_string={"format": "pdf"}).data.startswith(b"%PDF")
     csv = client.get(f"{base}/findings.csv", query_string={"threshold": "0.5"}).get_data(as_text=True)
-    assert csv.splitlines()[0] == "pathology,kind,value,uncertainty,threshold,positive,skill"
+    assert csv.splitlines()[0] == "pathology,kind,value,uncertainty,threshold,positive,skill,low,high"
     assert len(csv.splitlines()) == 15
     assert len(client.get(f"{base}/findings.json").json) == 14
     assert client.get(f"{base}/chart.png").data.startswith(b"\x89PNG")

@@ -130,7 +130,8 @@ class SimilarToResults(Strict):
 
 class StoredScore(Strict):
     score: float = Field(description="the raw zero-shot score stored at index time (not a probability)")
-    uncertainty: float
+    uncertainty: float = Field(description="2 SD of the raw score across the prompt sets, stored at index time: "
+                               "raw units, not an error bar (the report's range is across preprocessings)")
     assessed: bool
     probability: float | None = Field(default=None, description="present only where the model is assessed")
 
@@ -151,19 +152,25 @@ class Label(Strict):
     probability: float | None = None
     score: float | None = None
     raw_score: float
-    uncertainty: float
+    uncertainty: float = Field(description="2 SD of the value across the preprocessing ensemble, in the value's "
+                               "units (probability where assessed, else raw score); not a measured error bar")
+    range: list[float] = Field(description="[lowest, highest] value across the preprocessing ensemble, in the "
+                               "value's units")
     threshold: float | None
     positive: bool
     skill: dict[str, Any] = Field(description="the measured basis: AUROC and interval, or why not assessed")
     members: dict[str, float] = Field(description="raw score of each prompt x preprocessing ensemble member")
+    variants: dict[str, float] = Field(description="raw prompt-ensemble score of each preprocessing variant")
 
 
 class Finding(Strict):
     pathology: str
     probability: float
-    uncertainty: float
+    uncertainty: float = Field(description="2 SD of the probability across the preprocessing ensemble")
     threshold: float
     present: bool
+    low: float | None = Field(None, description="lowest probability across the preprocessing ensemble")
+    high: float | None = Field(None, description="highest probability across the preprocessing ensemble")
     sensitivity: float | None = Field(None, description="share of films with the finding that this threshold "
                                       "flagged on the calibration set (null: threshold set by hand)")
     specificity: float | None = Field(None, description="share of films without it that it left unflagged")

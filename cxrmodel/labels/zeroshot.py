@@ -3,14 +3,18 @@
 An ensemble *member* is one (preprocessing variant, prompt set) pair. For each member and
 pathology the probability is the two-way softmax between the image's similarity to the mean
 positive-prompt embedding and to the mean negative-prompt embedding, at the model's own
-temperature. The label's probability is the weighted mean over members; its uncertainty is the
-weighted spread (2 x standard deviation, so it lies in [0, 1]).
+temperature. The label's value is the weighted mean over the prompt sets of the image as the model sees
+it (what the index stores). Its uncertainty is the weighted spread (2 x standard deviation, so it lies in
+[0, 1]) of that same prompt-ensemble value across the preprocessing variants, in the units shown: raw
+scores stay raw, and a calibration maps every variant's value before the spread is taken. The prompt
+sets' disagreement is not counted: each set sits at its own level for every image (one set's scores run
+high, another's low), so their spread measures the templates, not the image.
 """
 
 from __future__ import annotations
 
 import threading
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -49,6 +53,19 @@ class LabelScore:
     assessed: bool = False  # True only through `apply_calibration`, where a calibration showed skill
     skill: dict = field(default_factory=dict)
     raw: float | None = None  # the uncalibrated score (what the index stores)
+    # the raw prompt-ensemble value of each preprocessing variant (uncalibrated, like `raw`) and its weight
+    variants: dict[str, float] = field(default_factory=dict)
+    variant_weights: dict[str, float] = field(default_factory=dict)
+    low_high: tuple[float, float] | None = None  # the lowest and highest variant value, in the units shown
+
+    @property
+    def spread_range(self) -> tuple[float, float]:
+        """The lowest and highest value across the weighted preprocessing variants, in the units of
+        `probability`; without variants, the value -/+ half the uncertainty."""
+        if self.low_high is not None:
+            return self.low_high
+        half = self.uncertainty / 2
+        return max(0.0, self.probability - half), min(1.0, self.probability + half)
 
     @property
     def positive(self) -> bool:
@@ -63,15 +80,18 @@ class LabelScore:
         return {"pathology": self.pathology, "kind": self.kind, "assessed": self.assessed,
                 "probability" if self.assessed else "score": round(self.probability, 4),
                 "raw_score": round(self.raw if self.raw is not None else self.probability, 4),
-                "uncertainty": round(self.uncertainty, 4), "threshold": self.threshold if self.assessed else None,
+                "uncertainty": round(self.uncertainty, 4), "range": [round(x, 4) for x in self.spread_range],
+                "threshold": self.threshold if self.assessed else None,
                 "positive": self.positive, "skill": self.skill,
-                "members": {k: round(v, 4) for k, v in self.members.items()}}
+                "members": {k: round(v, 4) for k, v in self.members.items()},
+                "variants": {k: round(v, 4) for k, v in self.variants.items()}}
 
 
 def apply_calibration(scores: list[LabelScore], calibration) -> list[LabelScore]:
     """Scores as a calibration says they may be read: assessed pathologies get their calibrated
-    probability and threshold; the others (and every one, without a calibration) stay raw scores,
-    marked not assessed with the measured reason. Pure: new objects."""
+    probability, threshold and an uncertainty in probability units (every variant's value mapped); the
+    others (and every one, without a calibration) stay raw scores, marked not assessed with the measured
+    reason. Pure: new objects, read from each score's raw values (`read_through`)."""
     out = []
     for s in scores:
         raw = s.raw if s.raw is not None else s.probability
@@ -79,18 +99,38 @@ def apply_calibration(scores: list[LabelScore], calibration) -> list[LabelScore]
         if cal is None:
             reason = ("no calibration for this model: its scores are uncalibrated (run `radlens calibrate`)"
                       if calibration is None else "not in this model's calibration")
-            out.append(LabelScore(s.pathology, raw, s.uncertainty, s.threshold, s.members, False,
-                                  {"reason": reason}, raw))
+            out.append(read_through(replace(s, raw=raw), None, skill={"reason": reason}))
             continue
         skill = {"reason": cal.reason, "auroc": cal.auroc, "auroc_95ci": [cal.auroc_low, cal.auroc_high],
                  "positives": cal.positives, "negatives": cal.negatives}
         if cal.assessed:
             skill.update(sensitivity=cal.sensitivity, specificity=cal.specificity, threshold=float(cal.threshold))
-            out.append(LabelScore(s.pathology, float(cal.probability(raw)), s.uncertainty, float(cal.threshold),
-                                  s.members, True, skill, raw))
+            out.append(read_through(replace(s, raw=raw, threshold=float(cal.threshold)), cal.probability,
+                                    skill=skill))
         else:
-            out.append(LabelScore(s.pathology, raw, s.uncertainty, s.threshold, s.members, False, skill, raw))
+            out.append(read_through(replace(s, raw=raw), None, skill=skill))
     return out
+
+
+def read_through(score: LabelScore, to_probability=None, skill: dict | None = None) -> LabelScore:
+    """`score` in the units it is shown in: through the monotone map `to_probability` (assessed), or as its
+    raw score (None). Value, spread and range are all taken from the raw values, so units never mix; a score
+    without variants maps its band, raw -/+ half its spread."""
+    raw = score.raw if score.raw is not None else score.probability
+    shown = to_probability or (lambda x: x)
+    names = [k for k in score.variants if score.variant_weights.get(k, 0.0) > 0]
+    if names:
+        values = np.array([float(shown(score.variants[k])) for k in names])
+        spread = float(combine(values, np.array([score.variant_weights[k] for k in names]))[1])
+        low_high = (float(min(values.min(), shown(raw))), float(max(values.max(), shown(raw))))
+    elif to_probability is not None:
+        half = score.uncertainty / 2
+        low_high = (float(shown(max(0.0, raw - half))), float(shown(min(1.0, raw + half))))
+        spread = low_high[1] - low_high[0]
+    else:
+        spread, low_high = score.uncertainty, None
+    return replace(score, probability=float(shown(raw)), uncertainty=spread, low_high=low_high,
+                   assessed=to_probability is not None, skill=skill if skill is not None else score.skill)
 
 
 def _mean_direction(vectors: np.ndarray) -> np.ndarray:
@@ -199,13 +239,13 @@ def image_variants(image: Image.Image, names) -> dict[str, Image.Image]:
 
 
 def label_image(encoder, image: Image.Image, config: LabelConfig) -> list[LabelScore]:
-    """Raw scores of one image, with the preprocessing x prompt-set ensemble as their uncertainty.
+    """Raw scores of one image, with the preprocessing ensemble as their uncertainty.
 
     The value is the prompt ensemble of the image as the model sees it -- exactly what the index stores
     for an indexed image (`score_vectors` of its one embedding), so grid, page, JSON, filters and
-    reports show one number. The preprocessing variants (equalised, CLAHE, contrast) only widen the
-    uncertainty: the weighted spread over every (variant, prompt set) member. The variants are made
-    from the image at the model's input size, so a 9000 x 9000 upload costs four small images.
+    reports show one number. The preprocessing variants (equalised, CLAHE, contrast) only give the
+    uncertainty: the weighted spread of the same prompt-ensemble value over the variants. The variants are
+    made from the image at the model's input size, so a 9000 x 9000 upload costs four small images.
     """
     bank = prompt_bank(encoder, config)
     model_view = encoder.preprocess.resize(image)
@@ -214,12 +254,12 @@ def label_image(encoder, image: Image.Image, config: LabelConfig) -> list[LabelS
     vectors = encoder.encode_images(list(variants.values()))
     probs = member_probabilities(vectors, bank)  # (variants, sets, P)
     set_weights = np.array([config.prompt_sets[s].weight for s in bank.set_names])
-    value, _ = combine(probs[0], set_weights)  # variant 0 is the original
+    by_variant = np.stack([combine(probs[i], set_weights)[0] for i in range(len(variants))])  # (variants, P)
+    weights = {v: max(config.variants.get(v, 0.0), 1e-9 if v == "original" else 0.0) for v in variants}
     names = [f"{v}/{s}" for v in variants for s in bank.set_names]
-    weights = np.array([max(config.variants.get(v, 0.0), 1e-9 if v == "original" else 0.0)
-                        * config.prompt_sets[s].weight for v in variants for s in bank.set_names])
     flat = probs.reshape(len(names), len(bank.pathologies))
-    _, spread = combine(flat, weights)
-    return [LabelScore(p, float(value[j]), float(spread[j]), float(config.thresholds.get(p, 0.5)),
-                       {n: float(flat[i, j]) for i, n in enumerate(names)}, raw=float(value[j]))
+    return [read_through(LabelScore(p, float(by_variant[0, j]), 0.0, float(config.thresholds.get(p, 0.5)),
+                                    {n: float(flat[i, j]) for i, n in enumerate(names)}, raw=float(by_variant[0, j]),
+                                    variants={v: float(by_variant[i, j]) for i, v in enumerate(variants)},
+                                    variant_weights=dict(weights)))
             for j, p in enumerate(bank.pathologies)]

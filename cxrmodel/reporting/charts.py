@@ -37,7 +37,8 @@ def _save(plt, fig, fmt: str) -> bytes:
 
 
 def probability_chart(scores: list[LabelScore], fmt: str = "png", threshold: float | None = None) -> bytes:
-    """Horizontal bars of the pathology probabilities with uncertainty whiskers and thresholds."""
+    """Horizontal bars of the pathology probabilities, whiskers over their range across the preprocessing
+    ensemble, and thresholds."""
     _check(fmt)
     plt, fig, ax = _figure(6.5, 4.8)
     ordered = sorted((s for s in scores if s.assessed), key=lambda s: s.probability)
@@ -49,12 +50,14 @@ def probability_chart(scores: list[LabelScore], fmt: str = "png", threshold: flo
     probs = [s.probability for s in ordered]
     limits = [threshold if threshold is not None else s.threshold for s in ordered]
     colours = ["#c0392b" if p >= t else "#2c7fb8" for p, t in zip(probs, limits, strict=True)]
-    ax.barh([s.pathology.replace("_", " ") for s in ordered], probs,
-            xerr=[s.uncertainty / 2 for s in ordered], color=colours, ecolor="#555", capsize=2)
+    below_above = [[s.probability - s.spread_range[0] for s in ordered],
+                   [s.spread_range[1] - s.probability for s in ordered]]
+    ax.barh([s.pathology.replace("_", " ") for s in ordered], probs, xerr=below_above, color=colours, ecolor="#555",
+            capsize=2)
     for y, t in enumerate(limits):
         ax.plot([t, t], [y - 0.4, y + 0.4], color="black", lw=1)
     ax.set_xlim(0, 1)
-    ax.set_xlabel("calibrated probability (bar), ensemble spread (whisker), threshold (tick)")
+    ax.set_xlabel("calibrated probability (bar), range across preprocessings (whisker), threshold (tick)")
     ax.set_title(f"RadLens zero-shot findings {TITLE_NOTE}", fontsize=10)
     fig.tight_layout()
     return _save(plt, fig, fmt)
@@ -117,8 +120,9 @@ def summary_lines(scores: list[LabelScore], decision=None, top: int = 3) -> list
     else:
         for s in sorted((s for s in scores if s.assessed), key=lambda s: -s.probability)[:top]:
             flag = "above" if s.positive else "below"
-            lines.append(f"{s.pathology.replace('_', ' ')}: p={s.probability:.2f} +/- {s.uncertainty:.2f} "
-                         f"({flag} {s.threshold:.2f})")
+            low, high = s.spread_range
+            lines.append(f"{s.pathology.replace('_', ' ')}: p={s.probability:.2f} ({low:.2f}-{high:.2f}; "
+                         f"{flag} {s.threshold:.2f})")
     return lines
 
 

@@ -53,6 +53,21 @@ class Finding:
     # measured by the calibration at this threshold (None when a threshold was set by hand or not measured)
     sensitivity: float | None = None
     specificity: float | None = None
+    # the lowest and highest probability across the preprocessing ensemble (None: the value itself)
+    low: float | None = None
+    high: float | None = None
+
+    @property
+    def low_high(self) -> tuple[float, float]:
+        """(low, high), the value itself standing in for a bound not given."""
+        low = self.probability if self.low is None else self.low
+        return low, self.probability if self.high is None else self.high
+
+    @property
+    def borderline(self) -> bool:
+        """The decision differs between preprocessings: the threshold falls inside their range."""
+        low, high = self.low_high
+        return low < self.threshold <= high
 
 
 @dataclass
@@ -146,14 +161,13 @@ def _name(pathology: str, t: dict) -> str:
 
 
 def confidence_statement(findings: list[Finding], t: dict) -> str:
-    """Summarise ensemble disagreement as low / moderate / high confidence."""
+    """What the assessed probabilities' spread across the preprocessing ensemble is -- a dependence on
+    preprocessing, not a measured error bar -- and which findings' decisions it changes (borderline)."""
     if not findings:
         return t["confidence_none"]
     mean_u = sum(f.uncertainty for f in findings) / len(findings)
-    level = "high" if mean_u < 0.1 else "moderate" if mean_u < 0.25 else "low"
-    text = t["confidence_text"].format(level=t["confidence_levels"][level], spread=mean_u)
-    borderline = [_name(f.pathology, t) for f in findings
-                  if abs(f.probability - f.threshold) < max(f.uncertainty, 0.05)]
+    text = t["confidence_text"].format(spread=mean_u)
+    borderline = [_name(f.pathology, t) for f in findings if f.borderline]
     if borderline:
         text += " " + t["borderline"].format(names=", ".join(sorted(borderline)))
     return text
@@ -186,8 +200,8 @@ def compose_report(scores: list[LabelScore], metadata: dict, config: LabelConfig
         nothing = t["uncalibrated"] if not calibrated else t["none_assessed"]
         return Report(findings={}, impression=[nothing], confidence=nothing, recommendations=[],
                       not_assessed=not_assessed, calibrated=calibrated, **common)
-    impression = [t["impression_item"].format(name=_name(f.pathology, t), p=f.probability, u=f.uncertainty)
-                  for f in present] or [t["no_finding"]]
+    impression = [t["impression_item"].format(name=_name(f.pathology, t), p=f.probability, lo=f.low_high[0],
+                                              hi=f.low_high[1]) for f in present] or [t["no_finding"]]
     recommendations = [f"{_name(f.pathology, t)}: {t['recommendations'][f.pathology]}"
                        for f in present if f.pathology in t["recommendations"]] or [t["recommendation_none"]]
     return Report(findings=by_region, impression=impression, confidence=confidence_statement(findings, t),
@@ -199,8 +213,10 @@ def _finding(score: LabelScore, threshold: float) -> Finding:
     the calibration measured there (none when the threshold is another one, e.g. set by hand)."""
     skill = score.skill
     measured = skill.get("threshold") is not None and abs(skill["threshold"] - threshold) < 1e-9
+    sens_spec = (skill.get("sensitivity"), skill.get("specificity")) if measured else (None, None)
+    low, high = score.spread_range
     return Finding(score.pathology, score.probability, score.uncertainty, threshold, score.probability >= threshold,
-                   *((skill.get("sensitivity"), skill.get("specificity")) if measured else ()))
+                   *sens_spec, low=low, high=high)
 
 
 def region_sentence(items: list[Finding], t: dict) -> str:
@@ -217,9 +233,10 @@ def finding_sentence(f: Finding, t: dict) -> str:
     """A finding above its threshold, with what that threshold means where the calibration measured it:
     the share of films with the finding, and of films without it, that it flags."""
     name = _name(f.pathology, t)
+    low, high = f.low_high
     if f.sensitivity is None or f.specificity is None:
-        return t["above_set_threshold"].format(name=name, p=f.probability, u=f.uncertainty, thr=f.threshold)
-    return t["above_threshold"].format(name=name, name_lower=name.lower(), p=f.probability, u=f.uncertainty,
+        return t["above_set_threshold"].format(name=name, p=f.probability, lo=low, hi=high, thr=f.threshold)
+    return t["above_threshold"].format(name=name, name_lower=name.lower(), p=f.probability, lo=low, hi=high,
                                        thr=f.threshold, sens=f.sensitivity, fpr=1.0 - f.specificity)
 
 
@@ -328,18 +345,19 @@ def to_pdf(report: Report, context: PdfContext | None = None) -> bytes:
 
 def findings_csv(scores: list[LabelScore], threshold: float | None = None) -> str:
     """One row per pathology: pathology, kind ('probability' where calibrated and assessed, else the raw
-    'score'), value, uncertainty, threshold and positive (assessed pathologies only), and the skill reason."""
+    'score'), value, uncertainty, threshold and positive (assessed pathologies only), the skill reason, and the
+    lowest and highest value across the preprocessing ensemble."""
     import csv
     import io
 
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
-    writer.writerow(["pathology", "kind", "value", "uncertainty", "threshold", "positive", "skill"])
+    writer.writerow(["pathology", "kind", "value", "uncertainty", "threshold", "positive", "skill", "low", "high"])
     for s in scores:
         limit = threshold if threshold is not None else s.threshold
         writer.writerow([s.pathology, s.kind, f"{s.probability:.4f}", f"{s.uncertainty:.4f}",
                          f"{limit:.4f}" if s.assessed else "", int(s.assessed and s.probability >= limit),
-                         s.skill.get("reason", "")])
+                         s.skill.get("reason", ""), *(f"{x:.4f}" for x in s.spread_range)])
     return buf.getvalue()
 
 

@@ -94,10 +94,13 @@ def _print_hits(title: str, hits, args, extra: dict) -> None:
     for rank, hit in enumerate(hits, 1):
         img = hit.image
         desc = " ".join(str(img[k]) for k in ("modality", "body_part", "view") if img.get(k))
-        chips = ", ".join(f"{p} {v:.2f}" for p, v in hit.top_pathologies())
-        verdict = f" [{hit.match.verdict} match]" if hit.match is not None else ""
-        print(f"{rank:>3}. id={hit.id:<6} score={hit.score:.4f}{verdict}  {img['file_name']}  {desc}"
+        chips = ", ".join(f"{p} p={v:.2f}" for p, v in hit.top_pathologies())
+        verdict = f" [{hit.match.words}]" if hit.match is not None else ""
+        print(f"{rank:>3}. id={hit.id:<6} cosine={hit.score:.4f}{verdict}  {img['file_name']}  {desc}"
               + (f"  [{chips}]" if chips else ""))
+    if any(hit.top_pathologies() for hit in hits):
+        print("  p = calibrated probability, shown for the pathologies this model assesses "
+              "(`radlens label` gives each one's measured AUROC)")
 
 
 def run_search(args) -> int:
@@ -135,8 +138,9 @@ def _print_scores(scores) -> None:
     assessed = sorted((s for s in scores if s.assessed), key=lambda s: -s.probability)
     for s in assessed:
         mark = "*" if s.positive else " "
-        print(f" {mark} {s.pathology:<20} probability {s.probability:.3f} +/- {s.uncertainty:.3f} "
-              f"(threshold {s.threshold:.2f}; {s.skill.get('reason', '')})")
+        low, high = s.spread_range
+        print(f" {mark} {s.pathology:<20} probability {s.probability:.3f} ({low:.2f}-{high:.2f} across preprocessings; "
+              f"threshold {s.threshold:.2f}; {s.skill.get('reason', '')})")
     others = [s for s in scores if not s.assessed]
     if others:
         print("  not assessed by this model (raw zero-shot scores, not probabilities; never findings):"
