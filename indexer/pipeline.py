@@ -39,7 +39,7 @@ from cxrmodel.labels.zeroshot import prompt_bank, score_vectors
 from .dicomweb import is_dicomweb
 from .faults import checkpoint
 from .metadata import remove_legacy_salt, row_fields
-from .prepare import Prepared, PrepareTask, available_cores, prepare_all
+from .prepare import CHANGED_UNREADABLE, Prepared, PrepareTask, available_cores, prepare_all
 from .pseudonyms import PatientKeyConfig, Pseudonymizer
 from .schedule import PlanTrial, ScheduleConfig
 from .sources import ManifestProblem, SourceRecord, check_sources, iter_sources
@@ -540,7 +540,7 @@ class ChunkWriter:
         now = utcnow()
         with Session(self.db) as session, session.begin():
             revision = next_revision(session, self.generation)
-            errors = {item.path: dict(path=item.path, kind="file", reason=item.error, at=now)
+            errors = {item.path: dict(path=item.path, kind=item.skip_kind, reason=item.error, at=now)
                       for item in chunk if item.error is not None}
             upsert_skipped(session, errors)
             summary.skipped += len(errors)
@@ -646,11 +646,13 @@ def _gone(path: str, remote: RemoteListing | None) -> bool:
 
 
 def prune_missing(db, data_dir: Path | None = None, remote: RemoteListing | None = None) -> int:
-    """Delete rows (and their vectors, scores and cached thumbnails) of files that no longer exist and of
-    archived instances that this run's DICOMweb sources no longer list; returns how many."""
+    """Delete rows (and their vectors, scores and cached thumbnails) of files that no longer exist, of
+    archived instances that this run's DICOMweb sources no longer list, and of indexed files whose content
+    changed into something that does not decode (skipped as "changed"); returns how many."""
     with Session(db) as session, session.begin():
+        changed = set(session.scalars(select(SkippedRow.path).where(SkippedRow.kind == "changed")))
         gone_rows = [row for row in session.execute(select(ImageRow.id, ImageRow.path, ImageRow.content_hash))
-                     if _gone(row.path, remote)]
+                     if row.path in changed or _gone(row.path, remote)]
         gone = [row.id for row in gone_rows]
         for start in range(0, len(gone), 500):
             ids = gone[start : start + 500]
@@ -658,10 +660,15 @@ def prune_missing(db, data_dir: Path | None = None, remote: RemoteListing | None
             session.execute(delete(DecisionRow).where(DecisionRow.image_id.in_(ids)))
             session.execute(delete(EmbeddingRow).where(EmbeddingRow.image_id.in_(ids)))
             session.execute(delete(ImageRow).where(ImageRow.id.in_(ids)))
-        skipped_gone = [p for p in session.scalars(select(SkippedRow.path).where(SkippedRow.kind == "file"))
-                        if _gone(p, remote)]
+        files = select(SkippedRow.path).where(SkippedRow.kind.in_(("file", "changed")))
+        skipped_gone = [p for p in session.scalars(files) if _gone(p, remote)]
         if skipped_gone:
             session.execute(delete(SkippedRow).where(SkippedRow.path.in_(skipped_gone)))
+        for path, reason in session.execute(select(SkippedRow.path, SkippedRow.reason)
+                                            .where(SkippedRow.kind == "changed")).all():
+            # no row holds their earlier content now: they are plain unreadable files
+            session.execute(update(SkippedRow).where(SkippedRow.path == path).values(
+                kind="file", reason=reason.replace(f"; {CHANGED_UNREADABLE}", "")))
         session.flush()
         checkpoint("prune")
         hashes = {row.content_hash for row in gone_rows}

@@ -39,6 +39,12 @@ class Prepared:
     format: str = ""
     metadata: dict[str, str] = field(default_factory=dict)
     error: str | None = None
+    changed_unreadable: bool = False  # an indexed file whose new content does not decode: its row is stale
+
+    @property
+    def skip_kind(self) -> str:
+        """The `skipped` table's kind for this file's error."""
+        return "changed" if self.changed_unreadable else "file"
 
     @property
     def needs_vector(self) -> bool:
@@ -52,6 +58,10 @@ class PrepareTask:
 
     path: str
     known_hash: str | None = None
+
+
+CHANGED_UNREADABLE = ("changed since it was indexed: the index still holds the earlier content, "
+                      "which `radlens index --prune` removes")
 
 
 def file_hash(data: bytes) -> str:
@@ -94,6 +104,9 @@ def _prepare_bytes(out: Prepared, data: bytes, task: PrepareTask, preprocess: Im
         decoded = decode_bytes(data, name=Path(task.path).name, limits=limits, model_side=preprocess.decode_side)
     except ImageDecodeError as exc:
         out.error = str(exc)
+        if task.known_hash is not None:  # its row holds content the file no longer has
+            out.changed_unreadable = True
+            out.error += f"; {CHANGED_UNREADABLE}"
         return out
     (out.width, out.height), out.format = decoded.file_size, decoded.format
     out.metadata = decoded.metadata

@@ -26,7 +26,8 @@ from .prepare import Prepared, PrepareTask, prepare
 
 log = logging.getLogger(__name__)
 
-_SCALARS = ("path", "size_bytes", "mtime_ns", "content_hash", "unchanged", "width", "height", "format", "error")
+_SCALARS = ("path", "size_bytes", "mtime_ns", "content_hash", "unchanged", "width", "height", "format", "error",
+            "changed_unreadable")
 
 
 @dataclass(frozen=True)
@@ -139,4 +140,5 @@ def _prepared(batch: dict, i: int) -> Prepared:
                     mtime_ns=int(batch["mtime_ns"][i]), content_hash=str(batch["content_hash"][i]),
                     unchanged=bool(batch["unchanged"][i]), width=int(batch["width"][i]),
                     height=int(batch["height"][i]), format=str(batch["format"][i]),
-                    metadata=json.loads(str(batch["metadata"][i])), error=str(batch["error"][i]) or None)
+                    metadata=json.loads(str(batch["metadata"][i])), error=str(batch["error"][i]) or None,
+                    changed_unreadable=bool(batch["changed_unreadable"][i]))

@@ -399,3 +399,44 @@ def test_a_wrong_source_is_refused_before_the_data_dir_is_made(tmp_path, tiny_en
     with pytest.raises(DataError, match="no path column"):
         run_index(IndexJob(sources=[str(manifest)], data_dir=tmp_path / "d", workers=0, progress=False), tiny_encoder)
     assert not (tmp_path / "d").exists()
+
+
+@pytest.mark.parametrize("index", [IndexConfig(index_type="Flat"), IndexConfig(index_type="IVF"),
+                                   IndexConfig(index_type="IVF4,PQ8x4", target_recall=0.9)],
+                         ids=["Flat", "IVF", "IVFPQ"])
+def test_an_indexed_file_that_changes_into_an_unreadable_one_is_said_stale_and_pruned(tmp_path, tiny_encoder, index):
+    """A file overwritten by a truncated copy keeps its row (nothing indexed is lost by a bad file), but the
+    run says that row now holds content the file no longer has, and `--prune` removes it from every index
+    type; a plainly unreadable new file is not called changed. Before, the stale row was kept silently and
+    forever (`--prune` only removed files that no longer exist)."""
+    from search.engine import Engine, EngineConfig
+
+    src = gray_folder(tmp_path / "src", 300)
+    data = tmp_path / "data"
+    run_index(_job(src, data, index=index), tiny_encoder)
+    victim = sorted(src.glob("*.png"))[7]
+    victim.write_bytes(victim.read_bytes()[:-40])  # truncated in place
+    (src / "new-broken.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\0" * 40)
+    kept = run_index(_job(src, data, index=index), tiny_encoder)
+    assert kept.skipped == 2 and kept.pruned == 0 and _check_ok(data).vectors == 300
+    db = open_db(default_db_url(data))
+    with Session(db) as s:
+        skipped = {Path(p).name: (k, r) for p, k, r in s.execute(select(SkippedRow.path, SkippedRow.kind,
+                                                                          SkippedRow.reason))}
+        victim_id = s.scalar(select(ImageRow.id).where(ImageRow.path == str(victim.resolve())))
+    assert skipped[victim.name][0] == "changed" and "--prune" in skipped[victim.name][1]
+    assert skipped["new-broken.png"][0] == "file" and "changed" not in skipped["new-broken.png"][1]
+    pruned = run_index(_job(src, data, index=index, prune=True), tiny_encoder)
+    assert pruned.pruned == 1 and _check_ok(data).vectors == 299
+    with Session(db) as s:
+        assert s.get(ImageRow, victim_id) is None
+        kind, reason = s.execute(select(SkippedRow.kind, SkippedRow.reason)
+                                 .where(SkippedRow.path == str(victim.resolve()))).one()
+    db.dispose()
+    assert kind == "file" and "--prune" not in reason  # still unreadable, and no longer said to be indexed
+    engine = Engine.open(EngineConfig(data_dir=data, reload_interval=0.0), encoder=tiny_encoder)
+    try:
+        assert engine.stats()["vectors"] == 299
+        assert victim_id not in {h.id for h in engine.text("x", k=299)}
+    finally:
+        engine.close()
