@@ -69,7 +69,8 @@ def test_model_path_decides_with_arranged_prompts(tiny_encoder, image, chest):
     decision = decide_from_model(tiny_encoder, tiny_encoder.encode_images([image]), config)[0]
     assert decision.applicable is chest and decision.source == "model" and 0.5 <= decision.confidence <= 1.0
     assert decision.view is None  # an uncalibrated view guess is not shown
-    assert ("view not assessed" in decision.reason) if chest else ("looks like" in decision.reason)
+    assert ("view not assessed" in decision.reason) if chest else ("closest class" in decision.reason)
+    assert "looks like" not in decision.reason and "not calibrated" in decision.reason  # a guess, said as one
 
 
 def test_indexing_stores_not_applicable_without_scores_and_filters_skip_them(tmp_path, tiny_encoder):

@@ -150,12 +150,16 @@ def decide_from_model(encoder, image_vectors: np.ndarray, config: ApplicabilityC
     for share, best, view in zip(shares.chest, shares.best, shares.view, strict=True):
         p_chest = float(calibration.probability(share)) if calibrated else float(share)
         if p_chest >= 0.5:
-            out.append(Decision(True, source, p_chest, "looks like a chest radiograph" + measured + view_note,
+            found = "a chest radiograph" + measured if calibrated else \
+                "closest to a chest radiograph among the model's zero-shot classes (not calibrated)"
+            out.append(Decision(True, source, p_chest, found + view_note,
                                 view=view if view_known else None, kind="chest radiograph"))
         else:
             closest = config.kind_words.get(best, best.replace("_", " "))
+            # the class named is the nearest prompt; no calibration measured how often it is right
             reason = (f"not a chest radiograph{measured}; closest zero-shot class: {closest} (not calibrated)"
-                      if calibrated else f"looks like {closest}, not a chest radiograph")
+                      if calibrated else f"not a chest radiograph by the model's zero-shot classes (not calibrated); "
+                                         f"closest class: {closest}")
             out.append(Decision(False, source, 1.0 - p_chest, reason, kind=best))
     return out
 
