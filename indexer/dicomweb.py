@@ -257,3 +257,19 @@ def fetch(locator: str, max_bytes: int | None = None) -> bytes:
     if max_bytes is not None and len(data) > max_bytes:
         raise DataError(f"instance is {len(data)} bytes, over the {max_bytes}-byte limit")
     return data
+
+
+def instance_header(locator: str, keywords) -> object:
+    """The attributes `keywords` of one archived instance, from its WADO-RS metadata (no pixels fetched), as a
+    pydicom Dataset; DataError when the archive fails or refuses."""
+    from pydicom import Dataset
+    from pydicom.datadict import tag_for_keyword
+
+    where = Locator.parse(locator)
+    client = client_for(where.source)
+    answer = _request(client.retrieve_instance_metadata, where.source, where.study, where.series, where.instance)
+    wanted = {f"{tag_for_keyword(k):08X}" for k in keywords}
+    try:
+        return Dataset.from_json({tag: value for tag, value in answer.items() if tag.upper() in wanted})
+    except (TypeError, ValueError, KeyError, AttributeError) as exc:
+        raise DataError(f"the archive's metadata of {where.instance} is malformed ({exc})") from None

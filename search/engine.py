@@ -19,13 +19,22 @@ from sqlalchemy.orm import Session
 
 from cxrmodel.constants import DEFAULT_DATA_DIR, THUMBS_DIR
 from cxrmodel.errors import DataError, ModelLoadError, NotFoundError
-from cxrmodel.imaging.decode import DecodedImage, ImageLimits, decode_bytes, file_facts, load_image, shrink_to_fit
+from cxrmodel.imaging.decode import (
+    FACT_TAGS,
+    DecodedImage,
+    ImageLimits,
+    dataset_facts,
+    decode_bytes,
+    file_facts,
+    load_image,
+    shrink_to_fit,
+)
 from cxrmodel.imaging.plausibility import assess_image
 from cxrmodel.labels.applicability import Decision
 from cxrmodel.labels.prompts import LabelConfig, load_label_config
 from cxrmodel.labels.zeroshot import LabelScore
 from cxrmodel.reporting.report import Report
-from indexer.dicomweb import fetch, is_dicomweb
+from indexer.dicomweb import fetch, instance_header, is_dicomweb
 from indexer.skipped import skipped_count
 from indexer.store import Generation, active_generation, default_db_url, has_database, open_db
 
@@ -397,9 +406,15 @@ class Engine:
 
     def _file_facts(self, image_id: int) -> dict:
         """What a report says of an indexed file beyond its pixels: its frame count and lossy compression, read
-        from its header (`cxrmodel.imaging.decode.file_facts`); an archived instance is not fetched again for it."""
+        from its header (`cxrmodel.imaging.decode.file_facts`), or for an archived instance from the archive's
+        metadata of it (no pixels fetched; {} when the archive does not answer)."""
         path = self.catalog.path(image_id)
-        return {} if is_dicomweb(path) else file_facts(path)
+        if not is_dicomweb(path):
+            return file_facts(path)
+        try:
+            return dataset_facts(instance_header(path, FACT_TAGS))
+        except DataError:
+            return {}
 
     def priors(self, image_id: int) -> dict:
         """The same patient's indexed studies in date order, with stored scores and the change per pathology."""

@@ -207,3 +207,32 @@ def test_a_jpeg_lossless_instance_is_fetched_as_stored_and_decoded_to_its_pixels
     assert fetched == pydicom.uid.JPEGLosslessSV1
     assert np.array_equal(np.asarray(decode_bytes(data, "x.dcm").image),
                           np.asarray(decode_bytes(raw.read_bytes(), "raw.dcm").image))
+
+
+def test_a_report_on_an_archived_instance_says_its_frames_and_lossy_compression(tmp_path, credentials, tiny_encoder):
+    """The archive is asked for the instance's metadata (no pixels), so a hit indexed over DICOMweb is reported
+    with the same caveats as a file: only the first of its frames assessed, and the loss its header records.
+    Before, an archived instance's report said neither."""
+    from pydicom.uid import generate_uid
+
+    from search.engine import Engine, EngineConfig
+
+    frames = np.stack([film12()] * 3)
+    path = write_dicom(tmp_path / "lossy.dcm", frames, Modality="CR", BodyPartExamined="CHEST", ViewPosition="PA",
+                       StudyInstanceUID=generate_uid(), SeriesInstanceUID=generate_uid(), LossyImageCompression="01",
+                       LossyImageCompressionRatio="12.5", LossyImageCompressionMethod="ISO_10918_1")
+    (tmp_path / "orthanc").mkdir()
+    with orthanc_server(tmp_path / "orthanc", ORTHANC) as server:
+        server.upload(path)
+        data = tmp_path / "data"
+        run_index(IndexJob(sources=[server.source], data_dir=data, workers=0, progress=False), tiny_encoder)
+        engine = Engine.open(EngineConfig(data_dir=data), encoder=tiny_encoder)
+        try:
+            (hit,) = engine.text("a chest radiograph", k=1)
+            report, _, _, _ = engine.report_for_id(hit.id)
+        finally:
+            engine.close()
+    assert report.metadata["frames"] == 3
+    assert report.metadata["lossy"] == "JPEG" and report.metadata["lossy_ratio"] == "12.5:1"
+    limitations = " ".join(report.limitations)
+    assert "3 frames" in limitations and "compressed with loss (JPEG, ratio 12.5:1)" in limitations

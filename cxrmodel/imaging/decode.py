@@ -487,6 +487,15 @@ def frame_count(source) -> int:
     return max(1, int(value or 1))
 
 
+FACT_TAGS = ("NumberOfFrames", "LossyImageCompression", "LossyImageCompressionRatio", "LossyImageCompressionMethod")
+
+
+def dataset_facts(ds) -> dict:
+    """`file_facts` of a DICOM header (a pydicom Dataset, from a file or an archive's metadata)."""
+    frames = frame_count(ds)
+    return {**({"frames": frames} if frames > 1 else {}), **dicom_compression(ds)}
+
+
 def file_facts(path: str | Path) -> dict:
     """What a report says of a file beyond its pixels, read from its header alone: {"frames": N} when it holds
     N > 1 frames (only the first is ever decoded) and {"lossy": ..., "lossy_ratio": ...} when its pixels are
@@ -498,10 +507,8 @@ def file_facts(path: str | Path) -> dict:
         if looks_like_dicom(head) or path.suffix.lower() in DICOM_EXTENSIONS:
             import pydicom
 
-            ds = pydicom.dcmread(path, force=True, stop_before_pixels=True, specific_tags=[
-                "NumberOfFrames", "LossyImageCompression", "LossyImageCompressionRatio",
-                "LossyImageCompressionMethod"])
-            frames, facts = frame_count(ds), dicom_compression(ds)
+            return dataset_facts(pydicom.dcmread(path, force=True, stop_before_pixels=True,
+                                                 specific_tags=list(FACT_TAGS)))
         else:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", Image.DecompressionBombWarning)
