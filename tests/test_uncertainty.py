@@ -107,3 +107,6 @@ def test_the_report_says_what_the_spread_is_and_which_decisions_it_changes(lang)
     assert any("0.40-0.52" in line for line in lines) and not any("+/-" in line for line in lines)
     (finding,) = [f for items in flips.findings.values() for f in items]
     assert (finding.low, finding.high) == (0.40, 0.52)
+    # follow-up advice for a finding flagged at a measured, imperfect operating point is conditional on review
+    (advice,) = flips.recommendations
+    assert ("if a radiologist confirms it:" if lang == "en" else "falls radiologisch bestätigt:") in advice

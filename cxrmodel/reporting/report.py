@@ -202,8 +202,9 @@ def compose_report(scores: list[LabelScore], metadata: dict, config: LabelConfig
                       not_assessed=not_assessed, calibrated=calibrated, **common)
     impression = [t["impression_item"].format(name=_name(f.pathology, t), p=f.probability, lo=f.low_high[0],
                                               hi=f.low_high[1]) for f in present] or [t["no_finding"]]
-    recommendations = [f"{_name(f.pathology, t)}: {t['recommendations'][f.pathology]}"
-                       for f in present if f.pathology in t["recommendations"]] or [t["recommendation_none"]]
+    advice = t["recommendations"]
+    recommendations = [t["recommendation_item"].format(name=_name(f.pathology, t), text=advice[f.pathology])
+                       for f in present if f.pathology in advice] or [t["recommendation_none"]]
     return Report(findings=by_region, impression=impression, confidence=confidence_statement(findings, t),
                   recommendations=recommendations, not_assessed=not_assessed, calibrated=calibrated, **common)
 
