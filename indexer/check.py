@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -9,7 +10,8 @@ import numpy as np
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from .store import EmbeddingRow, ImageRow, active_generation, open_db
+from .dicomweb import is_dicomweb
+from .store import EmbeddingRow, ImageRow, SkippedRow, active_generation, open_db
 from .vectors import index_ids, read_index
 
 
@@ -93,3 +95,64 @@ def query_tower_note(data_dir: str | Path, identity: dict) -> str:
         return f"text queries: torch -- {exc}; `radlens index` exports it again"
     return (f"text queries: ONNX query tower, sha256 verified (min cosine to torch fp32 at export "
             f"{tower.manifest.min_cosine:.6f})")
+
+
+@dataclass
+class FileCheck:
+    """Indexed files as they are on disk now, against what the index recorded of them."""
+
+    checked: int = 0
+    archived: int = 0  # DICOMweb instances: immutable by UID, not checked here
+    missing: list[str] = field(default_factory=list)
+    changed: list[str] = field(default_factory=list)  # size or modification time differ: not embedded as they are
+    unreadable_now: list[str] = field(default_factory=list)  # changed into something that does not decode
+
+    @property
+    def ok(self) -> bool:
+        return not (self.missing or self.changed or self.unreadable_now)
+
+    def lines(self, first: int = 10) -> list[str]:
+        """Human-readable result, first line a verdict, each group with what fixes it."""
+        out = [f"{'OK' if self.ok else 'FILES CHANGED'}: {self.checked} indexed files checked on disk"
+               + (f" ({self.archived} archived instances not checked)" if self.archived else "")]
+        for paths, what in ((self.missing, "no longer exist; `radlens index SRC --prune` removes their rows"),
+                            (self.changed, "changed since they were indexed; `radlens index SRC` re-embeds them"),
+                            (self.unreadable_now, "changed into files that do not decode; their rows hold the "
+                                                  "earlier content, which `radlens index SRC --prune` removes")):
+            if paths:
+                out.append(f"{len(paths)} {what}:")
+                out += [f"  {path}" for path in paths[:first]]
+                if len(paths) > first:
+                    out.append(f"  ... and {len(paths) - first} more")
+        return out
+
+
+def check_files(db_url: str) -> FileCheck:
+    """Stat every indexed file: the ones gone, the ones whose size or modification time differ from what the
+    index recorded (so their vectors may not describe them), and the ones a run found changed and unreadable."""
+    report = FileCheck()
+    db = open_db(db_url, create=False)
+    try:
+        with Session(db) as session:
+            stale = set(session.scalars(select(SkippedRow.path).where(SkippedRow.kind == "changed")))
+            rows = session.execute(select(ImageRow.path, ImageRow.size_bytes, ImageRow.mtime_ns)
+                                   .order_by(ImageRow.path).execution_options(yield_per=5_000))
+            for path, size, mtime in rows:
+                if is_dicomweb(path):
+                    report.archived += 1
+                    continue
+                report.checked += 1
+                try:
+                    st = os.stat(path)
+                except FileNotFoundError:
+                    report.missing.append(path)
+                    continue
+                except OSError:
+                    continue  # unreadable metadata here (permissions): nothing is known
+                if path in stale:
+                    report.unreadable_now.append(path)
+                elif st.st_size != size or st.st_mtime_ns != mtime:
+                    report.changed.append(path)
+    finally:
+        db.dispose()
+    return report

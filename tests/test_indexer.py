@@ -440,3 +440,30 @@ def test_an_indexed_file_that_changes_into_an_unreadable_one_is_said_stale_and_p
         assert victim_id not in {h.id for h in engine.text("x", k=299)}
     finally:
         engine.close()
+
+
+def test_check_files_says_which_indexed_files_are_gone_changed_or_unreadable(tmp_path, tiny_encoder, capsys):
+    """`radlens check --files` compares the disk with the index: a deleted file, one changed after the last
+    run, and one a run found changed into something that does not decode are each listed with what fixes
+    them, and the command exits 1; after `index --prune` it is clean again."""
+    from radlens.cli import main
+
+    src = gray_folder(tmp_path / "src", 6)
+    data = tmp_path / "data"
+    run_index(_job(src, data), tiny_encoder)
+    assert main(["check", "--data-dir", str(data), "--files"]) == 0
+    assert "OK: 6 indexed files checked on disk" in capsys.readouterr().out
+    unreadable = src / "g2.png"
+    unreadable.write_bytes(unreadable.read_bytes()[:-40])
+    run_index(_job(src, data), tiny_encoder)
+    (src / "g0.png").unlink()
+    gray_image(99).save(src / "g1.png")  # changed after the last run
+    assert main(["check", "--data-dir", str(data), "--files"]) == 1
+    out = capsys.readouterr().out
+    assert "FILES CHANGED: 6 indexed files checked on disk" in out
+    for name, what in (("g0.png", "1 no longer exist"), ("g1.png", "1 changed since they were indexed"),
+                       ("g2.png", "1 changed into files that do not decode")):
+        assert what in out and str(src / name) in out.split(what, 1)[1].splitlines()[1]
+    run_index(_job(src, data, prune=True), tiny_encoder)
+    assert main(["check", "--data-dir", str(data), "--files"]) == 0
+    assert "OK: 4 indexed files checked on disk" in capsys.readouterr().out

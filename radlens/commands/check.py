@@ -9,10 +9,14 @@ from .common import add_data_dir
 
 def register(sub) -> None:
     p = sub.add_parser("check", help="verify that the DB and the FAISS index agree",
-                       description="Compare DB rows with FAISS ids of the served index; exit 1 on drift.")
+                       description="Compare DB rows with FAISS ids of the served index (and with --files, the "
+                                   "indexed files on disk); exit 1 on drift.")
     add_data_dir(p)
     p.add_argument("--skipped", action="store_true",
                    help="list every file and manifest row the indexer could not use, with its reason")
+    p.add_argument("--files", action="store_true",
+                   help="also stat every indexed file: exit 1 when some no longer exist, changed since they were "
+                        "indexed, or changed into files that do not decode")
     p.set_defaults(run=run)
 
 
@@ -28,7 +32,15 @@ def run(args) -> int:
     report = check_data_dir(args.data_dir, url)
     for line in report.lines():
         print(line)
-    return 0 if report.ok else 1
+    ok = report.ok
+    if args.files:
+        from indexer.check import check_files
+
+        files = check_files(url)
+        for line in files.lines():
+            print(line)
+        ok = ok and files.ok
+    return 0 if ok else 1
 
 
 def _list_skipped(url: str) -> int:
