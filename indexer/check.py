@@ -11,7 +11,8 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from .dicomweb import is_dicomweb
-from .store import EmbeddingRow, ImageRow, SkippedRow, active_generation, open_db
+from .skipped import stale_paths
+from .store import EmbeddingRow, ImageRow, active_generation, open_db
 from .vectors import index_ids, read_index
 
 
@@ -134,7 +135,7 @@ def check_files(db_url: str) -> FileCheck:
     db = open_db(db_url, create=False)
     try:
         with Session(db) as session:
-            stale = set(session.scalars(select(SkippedRow.path).where(SkippedRow.kind == "changed")))
+            stale = stale_paths(session)
             rows = session.execute(select(ImageRow.path, ImageRow.size_bytes, ImageRow.mtime_ns)
                                    .order_by(ImageRow.path).execution_options(yield_per=5_000))
             for path, size, mtime in rows:

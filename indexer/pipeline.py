@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
-from sqlalchemy import bindparam, delete, select, update
+from sqlalchemy import bindparam, delete, func, select, update
 from sqlalchemy.orm import Session
 
 from cxrmodel.constants import DEFAULT_DATA_DIR, THUMBS_DIR
@@ -42,6 +42,7 @@ from .metadata import remove_legacy_salt, row_fields
 from .prepare import CHANGED_UNREADABLE, Prepared, PrepareTask, available_cores, prepare_all
 from .pseudonyms import PatientKeyConfig, Pseudonymizer
 from .schedule import PlanTrial, ScheduleConfig
+from .skipped import stale_paths
 from .sources import ManifestProblem, SourceRecord, check_sources, iter_sources
 from .store import (
     DecisionRow,
@@ -650,7 +651,7 @@ def prune_missing(db, data_dir: Path | None = None, remote: RemoteListing | None
     archived instances that this run's DICOMweb sources no longer list, and of indexed files whose content
     changed into something that does not decode (skipped as "changed"); returns how many."""
     with Session(db) as session, session.begin():
-        changed = set(session.scalars(select(SkippedRow.path).where(SkippedRow.kind == "changed")))
+        changed = stale_paths(session)
         gone_rows = [row for row in session.execute(select(ImageRow.id, ImageRow.path, ImageRow.content_hash))
                      if row.path in changed or _gone(row.path, remote)]
         gone = [row.id for row in gone_rows]
@@ -664,11 +665,9 @@ def prune_missing(db, data_dir: Path | None = None, remote: RemoteListing | None
         skipped_gone = [p for p in session.scalars(files) if _gone(p, remote)]
         if skipped_gone:
             session.execute(delete(SkippedRow).where(SkippedRow.path.in_(skipped_gone)))
-        for path, reason in session.execute(select(SkippedRow.path, SkippedRow.reason)
-                                            .where(SkippedRow.kind == "changed")).all():
-            # no row holds their earlier content now: they are plain unreadable files
-            session.execute(update(SkippedRow).where(SkippedRow.path == path).values(
-                kind="file", reason=reason.replace(f"; {CHANGED_UNREADABLE}", "")))
+        # no row holds their earlier content now: they are plain unreadable files
+        session.execute(update(SkippedRow).where(SkippedRow.kind == "changed").values(
+            kind="file", reason=func.replace(SkippedRow.reason, f"; {CHANGED_UNREADABLE}", "")))
         session.flush()
         checkpoint("prune")
         hashes = {row.content_hash for row in gone_rows}

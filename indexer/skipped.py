@@ -36,6 +36,11 @@ def skipped_files(db: Engine, limit: int | None = None) -> Iterator[Skipped]:
             yield Skipped(*row)
 
 
+def stale_paths(session: Session) -> set[str]:
+    """Indexed files a run found changed into something that does not decode: their rows hold earlier content."""
+    return set(session.scalars(select(SkippedRow.path).where(SkippedRow.kind == "changed")))
+
+
 def skipped_count(db: Engine) -> int:
     """How many files and manifest rows are skipped now."""
     with Session(db) as session:

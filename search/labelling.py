@@ -68,8 +68,8 @@ class Labeller:
         for s in scores:
             value = stored.get(s.pathology, s.raw)
             variants = {**s.variants, "original": value} if s.variants else {}
-            raw.append(replace(s, probability=value, raw=value, variants=variants, assessed=False, skill={},
-                               low_high=None, threshold=float(self.labels.thresholds.get(s.pathology, 0.5))))
+            raw.append(replace(s, raw=value, variants=variants,
+                               threshold=float(self.labels.thresholds.get(s.pathology, 0.5))))
         return apply_calibration(raw, self.calibration(encoder))
 
     def stored(self, encoder, scores: dict[str, float]) -> dict[str, float]:

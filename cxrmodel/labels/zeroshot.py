@@ -94,21 +94,18 @@ def apply_calibration(scores: list[LabelScore], calibration) -> list[LabelScore]
     reason. Pure: new objects, read from each score's raw values (`read_through`)."""
     out = []
     for s in scores:
-        raw = s.raw if s.raw is not None else s.probability
         cal = calibration.pathologies.get(s.pathology) if calibration is not None else None
         if cal is None:
-            reason = ("no calibration for this model: its scores are uncalibrated (run `radlens calibrate`)"
-                      if calibration is None else "not in this model's calibration")
-            out.append(read_through(replace(s, raw=raw), None, skill={"reason": reason}))
-            continue
-        skill = {"reason": cal.reason, "auroc": cal.auroc, "auroc_95ci": [cal.auroc_low, cal.auroc_high],
-                 "positives": cal.positives, "negatives": cal.negatives}
-        if cal.assessed:
-            skill.update(sensitivity=cal.sensitivity, specificity=cal.specificity, threshold=float(cal.threshold))
-            out.append(read_through(replace(s, raw=raw, threshold=float(cal.threshold)), cal.probability,
-                                    skill=skill))
+            skill = {"reason": "no calibration for this model: its scores are uncalibrated (run `radlens calibrate`)"
+                     if calibration is None else "not in this model's calibration"}
         else:
-            out.append(read_through(replace(s, raw=raw), None, skill=skill))
+            skill = {"reason": cal.reason, "auroc": cal.auroc, "auroc_95ci": [cal.auroc_low, cal.auroc_high],
+                     "positives": cal.positives, "negatives": cal.negatives}
+        if cal is not None and cal.assessed:
+            skill.update(sensitivity=cal.sensitivity, specificity=cal.specificity, threshold=float(cal.threshold))
+            out.append(read_through(replace(s, threshold=float(cal.threshold)), cal.probability, skill))
+        else:
+            out.append(read_through(s, None, skill))
     return out
 
 
@@ -129,7 +126,7 @@ def read_through(score: LabelScore, to_probability=None, skill: dict | None = No
         spread = low_high[1] - low_high[0]
     else:
         spread, low_high = score.uncertainty, None
-    return replace(score, probability=float(shown(raw)), uncertainty=spread, low_high=low_high,
+    return replace(score, probability=float(shown(raw)), uncertainty=spread, low_high=low_high, raw=raw,
                    assessed=to_probability is not None, skill=skill if skill is not None else score.skill)
 
 
